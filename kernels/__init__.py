@@ -1,0 +1,55 @@
+"""Numba kernels for GGUF block types, keyed by `gguf.GGMLQuantizationType`.
+
+Every kernel works on a weight matrix kept in its stored form: a C-contiguous uint8 array of shape
+(rows, row_bytes), one row per output unit, blocks tiling the row along the input axis.
+
+- dequantize(blocks u8[rows, row_bytes], out f32[rows, cols]) -> None
+- matvec(blocks u8[rows, row_bytes], x f32[cols], y f32[rows]) -> None          y = W x
+- matmul(blocks u8[rows, row_bytes], x f32[n, cols], y f32[n, rows]) -> None    Y = X W^T
+- quantize(x f32[rows, cols], out u8[rows, row_bytes]) -> None                   (None where not provided)
+
+Kernels compile lazily on first call (`cache=True`), so a file only pays for the types it holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+
+@dataclass(frozen=True)
+class BlockKernels:
+    qtype: GGMLQuantizationType
+    dequantize: Callable[..., None]
+    matvec: Callable[..., None]
+    matmul: Callable[..., None]
+    quantize: Callable[..., None] | None = None
+
+    @property
+    def block_size(self) -> int:
+        return GGML_QUANT_SIZES[self.qtype][0]
+
+    @property
+    def type_size(self) -> int:
+        return GGML_QUANT_SIZES[self.qtype][1]
+
+    def row_bytes(self, cols: int) -> int:
+        return cols // self.block_size * self.type_size
+
+
+KERNELS: dict[GGMLQuantizationType, BlockKernels] = {}
+
+
+def register(kernels: BlockKernels) -> None:
+    KERNELS[kernels.qtype] = kernels
+
+
+def kernels_for(qtype: GGMLQuantizationType) -> BlockKernels:
+    """The kernels of a block type; KeyError when the type is not supported."""
+    return KERNELS[qtype]
+
+
+# The family modules register their types on import.
+from kernels import floats, kquants, legacy  # noqa: E402, F401
