@@ -1,0 +1,186 @@
+"""The `gpt2` command line: parse, call, render. Every user-facing failure is one line and exit code 2."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Annotated
+
+import click
+import typer
+
+from gpt2cli.errors import Gpt2Error
+
+app = typer.Typer(
+    name="gpt2",
+    help="Generate text, quantize and measure perplexity with the GPT-2 family on the CPU.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+)
+
+ModelOption = Annotated[
+    str,
+    typer.Option(
+        "--model", "-m", help="A registry name with an optional type (distilgpt2:q4_k_m) or a .gguf path."
+    ),
+]
+
+
+def say(message: str) -> None:
+    """A status line on stderr, so stdout carries only the text or JSON."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def load_model(spec: str, verbose: bool = False):
+    from gpt2cli.gguf_file import ModelFile
+    from gpt2cli.model import GPT2Model
+    from gpt2cli.registry import resolve_gguf
+
+    t0 = time.perf_counter()
+    path = resolve_gguf(spec)
+    mf = ModelFile(path)
+    model = GPT2Model(mf.weights, mf.config)
+    if verbose:
+        types = ", ".join(sorted(q.name for q in mf.qtypes))
+        say(
+            f"model: {path} ({types}; {mf.config.n_layer} layers, {mf.config.n_embd} wide) "
+            f"loaded in {time.perf_counter() - t0:.2f} s"
+        )
+    return mf, model
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="The text to continue ('' starts from <|endoftext|>).")],
+    model: ModelOption = "distilgpt2",
+    max_new_tokens: Annotated[
+        int | None, typer.Option(help="Tokens to generate (wins over --max-length).")
+    ] = None,
+    max_length: Annotated[int | None, typer.Option(help="Prompt plus generated tokens, as in HF.")] = None,
+    temperature: Annotated[float, typer.Option(help="0 means greedy.")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens (0: off).")] = 50,
+    top_p: Annotated[float, typer.Option(help="Keep the smallest set with this much probability.")] = 1.0,
+    repetition_penalty: Annotated[float, typer.Option(help="HF's CTRL-style penalty (1.0: off).")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="Makes the output identical from run to run.")] = None,
+    num_return_sequences: Annotated[int, typer.Option("--num-return-sequences", "-n")] = 1,
+    truncate_prompt: Annotated[
+        bool, typer.Option(help="Keep the tail of a prompt longer than the context instead of failing.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per sequence.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Speeds on stderr.")] = False,
+) -> None:
+    """Continue PROMPT, streaming the text as it is generated."""
+    from gpt2cli.generate import GenerationSettings, prompt_ids
+    from gpt2cli.generate import generate as run_generate
+    from gpt2cli.sampling import SamplingConfig
+
+    if max_new_tokens is None and max_length is None:
+        max_new_tokens = 50
+    settings = GenerationSettings(
+        max_new_tokens=max_new_tokens,
+        max_length=max_length,
+        num_return_sequences=num_return_sequences,
+        seed=seed,
+        truncate_prompt=truncate_prompt,
+        sampling=SamplingConfig(
+            temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty
+        ),
+    )
+    settings.validate()
+    mf, gpt2 = load_model(model, verbose)
+    tokenizer = mf.tokenizer
+    ids = prompt_ids(tokenizer, prompt, settings, mf.config.n_ctx)
+    shown_prompt = tokenizer.decode(ids)
+
+    def on_prefill(seconds: float) -> None:
+        if verbose:
+            say(f"prompt: {len(ids)} tokens in {seconds:.3f} s ({len(ids) / seconds:.1f} tokens/s)")
+
+    def on_text(index: int, piece: str) -> None:
+        if not as_json:
+            if not started[index]:
+                started[index] = True
+                sys.stdout.write(("\n\n" if index else "") + shown_prompt)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
+    started = [False] * settings.num_return_sequences
+    try:
+        results = run_generate(gpt2, tokenizer, ids, settings, on_text, on_prefill)
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        say("interrupted")
+        raise typer.Exit(130) from None
+    for gen in results:
+        if as_json:
+            print(
+                json.dumps(
+                    {
+                        "index": gen.index,
+                        "prompt": shown_prompt,
+                        "text": gen.text,
+                        "generated_text": shown_prompt + gen.text,
+                        "prompt_tokens": len(gen.prompt_ids),
+                        "generated_tokens": len(gen.token_ids),
+                        "token_ids": gen.token_ids,
+                        "finish_reason": gen.finish_reason,
+                    },
+                    ensure_ascii=False,
+                )
+            )
+        elif not started[gen.index]:
+            sys.stdout.write(("\n\n" if gen.index else "") + shown_prompt)
+        if verbose and gen.seconds > 0:
+            say(
+                f"sequence {gen.index}: {len(gen.token_ids)} tokens in {gen.seconds:.3f} s "
+                f"({len(gen.token_ids) / gen.seconds:.1f} tokens/s), stopped by {gen.finish_reason}"
+            )
+    if not as_json:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+
+@app.command()
+def models() -> None:
+    """List the registry's models and which of their files are already on disk."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from gpt2cli.registry import list_models
+
+    table = Table("model", "type", "on disk", "path", "size")
+    for row in list_models():
+        table.add_row(*(str(v) for v in row.as_strings()))
+    Console().print(table)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: click's own errors and Gpt2Error become one line on stderr and exit code 2."""
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=argv, prog_name="gpt2", standalone_mode=False)
+    except click.UsageError as e:
+        code = _fail(e.format_message(), 2)
+    except click.ClickException as e:
+        code = _fail(e.format_message(), e.exit_code)
+    except Gpt2Error as e:
+        code = _fail(str(e), 2)
+    except (KeyboardInterrupt, click.Abort):
+        code = 130
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        code = _fail(f"{where}{e.strerror or e}", 2)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fail(message: str, code: int) -> int:
+    say("gpt2: error: " + " ".join(str(message).split()))
+    return code
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""The GPT-2 forward pass on the CPU: batched prefill and a one-token decode step sharing a KV cache.
+
+Compute is f32. A single token multiplies straight from the stored blocks (`matvec`); a batch either uses the
+fused block kernels (`matmul`) or, for long batches, dequantizes a tile of rows at a time into scratch
+and lets numpy's BLAS do the product, whichever was measured faster for that batch size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from gpt2cli.errors import Gpt2Error
+from gpt2cli.gguf_file import GPT2Config, GPT2Weights, LayerWeights, WeightMatrix
+
+# Batches at least this long dequantize into scratch and use BLAS (see benchmarks/bench_prefill.py).
+BLAS_MIN_TOKENS = 16
+# Scratch for one dequantized tile of a weight matrix: bounds the extra memory of a BLAS prefill.
+SCRATCH_BYTES = 16 << 20
+
+
+class KVCache:
+    """Keys and values of every layer for the positions seen so far."""
+
+    def __init__(self, config: GPT2Config, max_len: int | None = None) -> None:
+        self.max_len = config.n_ctx if max_len is None else min(max_len, config.n_ctx)
+        shape = (config.n_layer, config.n_head, self.max_len, config.head_dim)
+        self.k = np.zeros(shape, dtype=np.float32)
+        self.v = np.zeros(shape, dtype=np.float32)
+        self.length = 0
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:  # [n, e] -> [n, e]
+    mean = x.mean(axis=-1, keepdims=True)
+    centered = x - mean
+    var = np.mean(centered * centered, axis=-1, keepdims=True)
+    return centered / np.sqrt(var + eps) * w + b
+
+
+def gelu(x: np.ndarray) -> np.ndarray:  # HF's gelu_new, the tanh form GPT-2 was trained with
+    return 0.5 * x * (1.0 + np.tanh(np.float32(0.7978845608028654) * (x + np.float32(0.044715) * x * x * x)))
+
+
+def softmax_rows(x: np.ndarray) -> np.ndarray:
+    x = np.exp(x - x.max(axis=-1, keepdims=True))
+    return x / x.sum(axis=-1, keepdims=True)
+
+
+class GPT2Model:
+    def __init__(self, weights: GPT2Weights, config: GPT2Config) -> None:
+        self.w = weights
+        self.config = config
+        self._scratch = np.empty(SCRATCH_BYTES // 4, dtype=np.float32)
+
+    def new_cache(self, max_len: int | None = None) -> KVCache:
+        return KVCache(self.config, max_len)
+
+    def linear(self, x: np.ndarray, w: WeightMatrix, b: np.ndarray | None = None) -> np.ndarray:
+        """[n, cols] -> [n, rows]: x W^T + b, W read from its blocks."""
+        n = x.shape[0]
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        y = np.empty((n, w.rows), dtype=np.float32)
+        if n == 1:
+            w.kernels.matvec(w.blocks, x[0], y[0])
+        elif n < BLAS_MIN_TOKENS:
+            w.kernels.matmul(w.blocks, x, y)
+        else:
+            tile_rows = max(1, min(w.rows, self._scratch.size // w.cols))
+            for r0 in range(0, w.rows, tile_rows):
+                r1 = min(r0 + tile_rows, w.rows)
+                tile = self._scratch[: (r1 - r0) * w.cols].reshape(r1 - r0, w.cols)
+                w.kernels.dequantize(w.blocks[r0:r1], tile)
+                np.matmul(x, tile.T, out=y[:, r0:r1])
+        if b is not None:
+            y += b
+        return y
+
+    def attention(self, x: np.ndarray, layer: int, lw: LayerWeights, cache: KVCache) -> np.ndarray:
+        """[n, e] -> [n, e]: causal self-attention over the cached positions and these n."""
+        c = self.config
+        n, p0 = x.shape[0], cache.length
+        qkv = self.linear(x, lw.attn_qkv, lw.attn_qkv_b)  # [n, 3e]
+        q, k, v = (
+            qkv[:, i * c.n_embd : (i + 1) * c.n_embd].reshape(n, c.n_head, c.head_dim) for i in range(3)
+        )
+        cache.k[layer, :, p0 : p0 + n] = k.transpose(1, 0, 2)
+        cache.v[layer, :, p0 : p0 + n] = v.transpose(1, 0, 2)
+        keys = cache.k[layer, :, : p0 + n]  # [h, p0+n, hd]
+        values = cache.v[layer, :, : p0 + n]
+        scores = np.matmul(q.transpose(1, 0, 2), keys.transpose(0, 2, 1))  # [h, n, p0+n]
+        scores *= np.float32(1.0 / np.sqrt(c.head_dim))
+        if n > 1:
+            future = np.arange(p0 + n)[None, :] > (p0 + np.arange(n))[:, None]  # [n, p0+n]
+            scores[:, future] = -np.inf
+        out = np.matmul(softmax_rows(scores), values)  # [h, n, hd]
+        return self.linear(out.transpose(1, 0, 2).reshape(n, c.n_embd), lw.attn_output, lw.attn_output_b)
+
+    def mlp(self, x: np.ndarray, lw: LayerWeights) -> np.ndarray:  # [n, e] -> [n, e]
+        return self.linear(gelu(self.linear(x, lw.ffn_up, lw.ffn_up_b)), lw.ffn_down, lw.ffn_down_b)
+
+    def forward(self, ids: Sequence[int] | np.ndarray, cache: KVCache, last_only: bool = False) -> np.ndarray:
+        """Run n new tokens after the cached ones; logits [n, vocab] (or [1, vocab] with last_only)."""
+        c, w = self.config, self.w
+        ids = np.asarray(ids, dtype=np.int64)
+        n, p0 = len(ids), cache.length
+        if n == 0:
+            raise ValueError("forward needs at least one token")
+        if p0 + n > cache.max_len:
+            raise Gpt2Error(f"{p0 + n} tokens do not fit the context of {cache.max_len}")
+        if ids.min() < 0 or ids.max() >= c.n_vocab:
+            raise Gpt2Error(f"token id out of range for a vocabulary of {c.n_vocab}")
+        x = w.token_embd.dequantize_rows(ids) + w.position_embd[p0 : p0 + n]  # [n, e]
+        for i, lw in enumerate(w.layers):
+            x = x + self.attention(
+                layer_norm(x, lw.attn_norm_w, lw.attn_norm_b, c.layer_norm_eps), i, lw, cache
+            )
+            x = x + self.mlp(layer_norm(x, lw.ffn_norm_w, lw.ffn_norm_b, c.layer_norm_eps), lw)
+        cache.length = p0 + n
+        if last_only:
+            x = x[-1:]
+        return self.linear(layer_norm(x, w.output_norm_w, w.output_norm_b, c.layer_norm_eps), w.output)
