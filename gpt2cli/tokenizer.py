@@ -1,0 +1,226 @@
+"""GPT-2 byte-level BPE: the vocabulary of a GGUF file or of the original encoder.json + vocab.bpe.
+
+Tokens are strings in GPT-2's byte-level alphabet (each byte is one printable character, a space is `Ġ`);
+merges are `"a b"` strings whose index is their rank. Encoding splits the text with GPT-2's pre-tokenizer
+regex, maps each piece to its bytes, and merges the lowest-ranked adjacent pair until none is left, as
+OpenAI's encoder.py, HF's GPT2Tokenizer and llama.cpp do.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import gguf
+import regex
+
+from gpt2cli.errors import Gpt2Error
+
+PRETOKENIZE_PATTERN = regex.compile(
+    r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+)
+ENDOFTEXT = "<|endoftext|>"
+TOKEN_TYPE_NORMAL = 1
+TOKEN_TYPE_CONTROL = 3
+# Bounds the per-piece cache so a long-running process fed arbitrary text cannot grow it without limit;
+# natural text has far fewer distinct pieces (WikiText-2 test: 21k).
+MAX_CACHED_PIECES = 200_000
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> character map: printable Latin-1 bytes map to themselves, the rest to U+0100 on."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    chars = list(printable)
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(printable, chars, strict=True)}
+
+
+BYTE_TO_CHAR = bytes_to_unicode()
+CHAR_TO_BYTE = {c: b for b, c in BYTE_TO_CHAR.items()}
+
+
+def token_text_to_bytes(token: str) -> bytes:
+    """The bytes a byte-level token string stands for; characters outside the alphabet are taken as UTF-8."""
+    if all(c in CHAR_TO_BYTE for c in token):
+        return bytes(CHAR_TO_BYTE[c] for c in token)
+    return token.encode("utf-8")
+
+
+class Tokenizer:
+    """GPT-2 byte-level BPE. `tokens` in id order, `merges` as `"a b"` in rank order."""
+
+    def __init__(self, tokens: list[str], merges: list[str], eos_id: int = 50256) -> None:
+        if not 0 <= eos_id < len(tokens):
+            raise Gpt2Error(f"eos token id {eos_id} is outside the vocabulary of {len(tokens)} tokens")
+        self.tokens = list(tokens)
+        self.merges = list(merges)
+        self.eos_id = eos_id
+        self.token_to_id = {t: i for i, t in enumerate(self.tokens)}
+        self._token_bytes = [token_text_to_bytes(t) for t in self.tokens]
+
+        byte_ids = [self.token_to_id.get(BYTE_TO_CHAR[b]) for b in range(256)]
+        if None in byte_ids:
+            missing = byte_ids.index(None)
+            raise Gpt2Error(f"vocabulary has no token for byte 0x{missing:02x}: not byte-level BPE")
+        self._byte_ids: list[int] = byte_ids
+
+        # (left id, right id) -> (rank, left id, right id, merged id): the merge loop works on ids.
+        self._merge_ranks: dict[tuple[int, int], tuple[int, int, int, int]] = {}
+        for rank, merge in enumerate(self.merges):
+            split = merge.find(" ", 1)
+            left, right = merge[:split], merge[split + 1 :]
+            ids = tuple(self.token_to_id.get(t) for t in (left, right, left + right))
+            if split < 0 or None in ids:
+                raise Gpt2Error(f"merge {rank} {merge!r} does not join two vocabulary tokens into a third")
+            # A repeated pair keeps its first, lowest rank.
+            self._merge_ranks.setdefault((ids[0], ids[1]), (rank, *ids))
+
+        self.special_text = self.tokens[eos_id]
+        self._cache: dict[str, tuple[int, ...]] = {}
+
+    @property
+    def n_vocab(self) -> int:
+        return len(self.tokens)
+
+    @classmethod
+    def from_gguf(cls, reader: gguf.GGUFReader) -> Tokenizer:
+        """The vocabulary of a GGUF file (`tokenizer.ggml.*`); Gpt2Error unless it is GPT-2 byte-level BPE."""
+        model = _gguf_field(reader, "tokenizer.ggml.model")
+        if model is None:
+            raise Gpt2Error("GGUF file has no tokenizer (tokenizer.ggml.model is missing)")
+        if model != "gpt2":
+            raise Gpt2Error(f"GGUF tokenizer is {model!r}, not GPT-2 byte-level BPE ('gpt2')")
+        tokens = _gguf_field(reader, "tokenizer.ggml.tokens")
+        merges = _gguf_field(reader, "tokenizer.ggml.merges")
+        if tokens is None or merges is None:
+            raise Gpt2Error("GGUF file lacks tokenizer.ggml.tokens or tokenizer.ggml.merges")
+        eos_id = _gguf_field(reader, "tokenizer.ggml.eos_token_id")
+        return cls(tokens, merges, 50256 if eos_id is None else int(eos_id))
+
+    @classmethod
+    def from_hf_dir(cls, path: str | Path) -> Tokenizer:
+        """`vocab.json` + `merges.txt` (HF) or `encoder.json` + `vocab.bpe` (OpenAI) in directory `path`."""
+        path = Path(path)
+        for vocab_name, merges_name in (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe")):
+            if (path / vocab_name).is_file() and (path / merges_name).is_file():
+                break
+        else:
+            raise Gpt2Error(f"no vocab.json + merges.txt or encoder.json + vocab.bpe in {path}")
+        vocab: dict[str, int] = json.loads((path / vocab_name).read_text(encoding="utf-8"))
+        tokens = sorted(vocab, key=vocab.__getitem__)
+        if [vocab[t] for t in tokens] != list(range(len(tokens))):
+            raise Gpt2Error(f"{path / vocab_name}: token ids are not 0..{len(tokens) - 1}")
+        if ENDOFTEXT not in vocab:
+            raise Gpt2Error(f"{path / vocab_name}: no {ENDOFTEXT} token")
+        lines = (path / merges_name).read_text(encoding="utf-8").split("\n")
+        merges = [line for line in lines if line and not line.startswith("#version")]
+        return cls(tokens, merges, vocab[ENDOFTEXT])
+
+    def add_to_gguf(self, writer: gguf.GGUFWriter) -> None:
+        """Write the `tokenizer.ggml.*` keys llama.cpp's converter writes for GPT-2."""
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("gpt-2")
+        writer.add_token_list(self.tokens)
+        writer.add_token_types(self.token_types())
+        writer.add_token_merges(self.merges)
+        # llama.cpp falls back to id 11 for a gpt2 vocab without these keys: always write them.
+        writer.add_bos_token_id(self.eos_id)
+        writer.add_eos_token_id(self.eos_id)
+
+    def token_types(self) -> list[int]:
+        types = [TOKEN_TYPE_NORMAL] * self.n_vocab
+        types[self.eos_id] = TOKEN_TYPE_CONTROL
+        return types
+
+    def encode(self, text: str, *, allow_special: bool = True) -> list[int]:
+        """Token ids of `text`; with `allow_special` a literal `<|endoftext|>` is the eos id, else text."""
+        if not allow_special:
+            return self._encode_ordinary(text)
+        ids: list[int] = []
+        for i, segment in enumerate(text.split(self.special_text)):
+            if i:
+                ids.append(self.eos_id)
+            ids.extend(self._encode_ordinary(segment))
+        return ids
+
+    def _encode_ordinary(self, text: str) -> list[int]:
+        ids: list[int] = []
+        cache = self._cache
+        for piece in PRETOKENIZE_PATTERN.findall(text):
+            piece_ids = cache.get(piece)
+            if piece_ids is None:
+                piece_ids = self._bpe(piece)
+                if len(cache) >= MAX_CACHED_PIECES:
+                    cache.clear()
+                cache[piece] = piece_ids
+            ids.extend(piece_ids)
+        return ids
+
+    def _bpe(self, piece: str) -> tuple[int, ...]:
+        """Merge the lowest-ranked adjacent pair (each occurrence, left to right) until no pair is ranked."""
+        byte_ids = self._byte_ids
+        ids = [byte_ids[b] for b in piece.encode("utf-8")]
+        merge_ranks = self._merge_ranks
+        no_merge = (len(self.merges), -1, -1, -1)
+        while len(ids) > 1:
+            _, left, right, merged = min(
+                merge_ranks.get(pair, no_merge) for pair in zip(ids, ids[1:], strict=False)
+            )
+            if merged < 0:
+                break
+            out: list[int] = []
+            i = 0
+            n = len(ids)
+            while i < n:
+                if i + 1 < n and ids[i] == left and ids[i + 1] == right:
+                    out.append(merged)
+                    i += 2
+                else:
+                    out.append(ids[i])
+                    i += 1
+            ids = out
+        return tuple(ids)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self._token_bytes[token_id]
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        token_bytes = self._token_bytes
+        return b"".join(token_bytes[i] for i in ids)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+
+class StreamDecoder:
+    """Turns generated ids into text as they come, holding back a UTF-8 character split across tokens."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        # Emits the longest complete prefix, keeps an unfinished trailing sequence, replaces invalid bytes.
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        return self._utf8.decode(self.tokenizer.token_bytes(token_id))
+
+    def flush(self) -> str:
+        """The held-back bytes (as U+FFFD if they never completed a character); the decoder starts afresh."""
+        text = self._utf8.decode(b"", final=True)
+        self._utf8.reset()
+        return text
+
+
+def _gguf_field(reader: gguf.GGUFReader, key: str) -> object | None:
+    field = reader.get_field(key)
+    return None if field is None else field.contents()
