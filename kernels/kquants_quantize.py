@@ -1,0 +1,529 @@
+"""ggml's reference K-quant quantizers (no importance matrix), ported to Numba.
+
+Ports of `quantize_row_q{2,3,4,5,6}_K_ref` and their helpers from ggml/src/ggml-quants.c (llama.cpp commit
+01243c587feceaa5d6a6c2305535ef2f549c48b8), written to give the same bytes: every intermediate is float32
+in C's order of operations (ints are converted to float32 before they meet a float, since Numba would
+otherwise promote to float64), there is no fastmath, and f16 rounding follows GGML_FP32_TO_FP16.
+
+Public kernels: quantize_q*_k(x f32[rows, cols], out u8[rows, cols // 256 * type_size]), cols % 256 == 0.
+Block layouts are those of the design doc, section 2.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import prange
+
+QK_K = 256
+GROUP_MAX_EPS = np.float32(1e-15)
+
+f32 = np.float32
+
+
+@numba.njit(cache=True)
+def nearest_int(fval: np.float32) -> int:
+    # ggml's magic-number rounding: adding 1.5 * 2**23 in float32 rounds half to even and leaves the
+    # integer in the low mantissa bits (valid for |fval| <= 4194303, like ggml's assert).
+    bits = np.int64(f32(fval + f32(12582912.0)).view(np.uint32))
+    return (bits & 0x007FFFFF) - 0x00400000
+
+
+@numba.njit(cache=True)
+def fp32_to_fp16(f: np.float32) -> int:
+    """GGML_FP32_TO_FP16: round to nearest even, overflow to inf, NaN to 0x7E00 (the sign kept)."""
+    base = (abs(f) * f32(2.0**112)) * f32(2.0**-110)
+    w = np.int64(f32(f).view(np.uint32))
+    shl1_w = (w + w) & 0xFFFFFFFF
+    sign = w & 0x80000000
+    bias = shl1_w & 0xFF000000
+    if bias < 0x71000000:
+        bias = 0x71000000
+    base = np.uint32((bias >> 1) + 0x07800000).view(np.float32) + base
+    bits = np.int64(f32(base).view(np.uint32))
+    exp_bits = (bits >> 13) & 0x00007C00
+    mantissa_bits = bits & 0x00000FFF
+    nonsign = exp_bits + mantissa_bits
+    return (sign >> 16) | (0x7E00 if shl1_w > 0xFF000000 else nonsign)
+
+
+@numba.njit(cache=True)
+def fp16_to_fp32(h: int) -> np.float32:
+    # Every f16 is exactly representable in float32, so the float64 detour is exact.
+    sign = -1.0 if h & 0x8000 else 1.0
+    exponent = (h >> 10) & 0x1F
+    mantissa = h & 0x3FF
+    if exponent == 0:
+        return f32(sign * mantissa * 2.0**-24)
+    if exponent == 31:
+        return f32(sign * np.inf) if mantissa == 0 else f32(np.nan)
+    return f32(sign * (1024 + mantissa) * 2.0 ** (exponent - 25))
+
+
+@numba.njit(cache=True)
+def store_fp16(block: np.ndarray, offset: int, value: np.float32) -> np.float32:
+    """Stores value as little-endian f16 at block[offset:offset + 2]; returns the stored value as f32."""
+    h = fp32_to_fp16(value)
+    block[offset] = h & 0xFF
+    block[offset + 1] = h >> 8
+    return fp16_to_fp32(h)
+
+
+@numba.njit(cache=True)
+def get_scale_min_k4(j: int, q: np.ndarray) -> tuple[int, int]:
+    """Sub-block j's 6-bit (scale, min) from the 12 packed bytes q of Q4_K/Q5_K."""
+    if j < 4:
+        return np.int64(q[j]) & 63, np.int64(q[j + 4]) & 63
+    lo = np.int64(q[j + 4])
+    return (lo & 0xF) | ((np.int64(q[j - 4]) >> 6) << 4), (lo >> 4) | ((np.int64(q[j]) >> 6) << 4)
+
+
+@numba.njit(cache=True)
+def pack_scales_mins_k4(scales: np.ndarray, mins: np.ndarray, max_scale, max_min, q: np.ndarray) -> None:
+    """The 8 sub-block scales and mins of Q4_K/Q5_K as 6-bit integers in the 12 bytes q."""
+    inv_scale = f32(63.0) / max_scale if max_scale > 0 else f32(0.0)
+    inv_min = f32(63.0) / max_min if max_min > 0 else f32(0.0)
+    for j in range(8):
+        # ggml stores nearest_int into a uint8_t before clamping: keep the wrap-around.
+        ls = min(63, nearest_int(inv_scale * scales[j]) & 0xFF)
+        lm = min(63, nearest_int(inv_min * mins[j]) & 0xFF)
+        if j < 4:
+            q[j] = ls
+            q[j + 4] = lm
+        else:
+            q[j + 4] = (ls & 0xF) | ((lm & 0xF) << 4)
+            q[j - 4] |= (ls >> 4) << 6
+            q[j] |= (lm >> 4) << 6
+
+
+@numba.njit(cache=True)
+def make_qkx2_quants(
+    n: int,
+    nmax: int,
+    x: np.ndarray,
+    weights: np.ndarray,
+    L: np.ndarray,
+    Laux: np.ndarray,
+    rmin: np.float32,
+    rdelta: np.float32,
+    nstep: int,
+    use_mad: bool,
+) -> tuple[np.float32, np.float32]:
+    """Asymmetric quantization of x f32[n] to L in [0, nmax]: returns (scale, -min), x ~ scale L + min."""
+    xmin = x[0]
+    xmax = x[0]
+    sum_w = weights[0]
+    sum_x = sum_w * x[0]
+    for i in range(1, n):
+        if x[i] < xmin:
+            xmin = x[i]
+        if x[i] > xmax:
+            xmax = x[i]
+        w = weights[i]
+        sum_w += w
+        sum_x += w * x[i]
+    if xmin > 0:
+        xmin = f32(0.0)
+    if xmax == xmin:
+        for i in range(n):
+            L[i] = 0
+        return f32(0.0), -xmin
+    iscale = f32(nmax) / (xmax - xmin)
+    scale = f32(1.0) / iscale
+    best_error = f32(0.0)
+    for i in range(n):
+        L[i] = max(0, min(nmax, nearest_int(iscale * (x[i] - xmin))))
+        diff = scale * f32(L[i]) + xmin - x[i]
+        diff = abs(diff) if use_mad else diff * diff
+        best_error += weights[i] * diff
+    for step in range(nstep + 1):
+        iscale = (rmin + rdelta * f32(step) + f32(nmax)) / (xmax - xmin)
+        sum_l = f32(0.0)
+        sum_l2 = f32(0.0)
+        sum_xl = f32(0.0)
+        for i in range(n):
+            li = max(0, min(nmax, nearest_int(iscale * (x[i] - xmin))))
+            Laux[i] = li
+            w = weights[i]
+            fl = f32(li)
+            sum_l += w * fl
+            sum_l2 += w * fl * fl
+            sum_xl += w * fl * x[i]
+        D = sum_w * sum_l2 - sum_l * sum_l
+        if D > 0:
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+            if this_min > 0:
+                this_min = f32(0.0)
+                this_scale = sum_xl / sum_l2
+            cur_error = f32(0.0)
+            for i in range(n):
+                diff = this_scale * f32(Laux[i]) + this_min - x[i]
+                diff = abs(diff) if use_mad else diff * diff
+                cur_error += weights[i] * diff
+            if cur_error < best_error:
+                for i in range(n):
+                    L[i] = Laux[i]
+                best_error = cur_error
+                scale = this_scale
+                xmin = this_min
+    return scale, -xmin
+
+
+@numba.njit(cache=True)
+def make_qx_quants(n: int, nmax: int, x: np.ndarray, L: np.ndarray) -> np.float32:
+    """Symmetric quantization of x f32[n] to L in [0, 2 nmax), weights x^2 (ggml's rmse_type 1, no qw)."""
+    xmax = f32(0.0)
+    amax = f32(0.0)
+    for i in range(n):
+        ax = abs(x[i])
+        if ax > amax:
+            amax = ax
+            xmax = x[i]
+    if amax < GROUP_MAX_EPS:
+        for i in range(n):
+            L[i] = 0
+        return f32(0.0)
+    iscale = f32(-nmax) / xmax
+    sumlx = f32(0.0)
+    suml2 = f32(0.0)
+    for i in range(n):
+        li = max(-nmax, min(nmax - 1, nearest_int(iscale * x[i])))
+        L[i] = li + nmax
+        w = x[i] * x[i]
+        fl = f32(li)
+        sumlx += w * x[i] * fl
+        suml2 += w * fl * fl
+    scale = sumlx / suml2 if suml2 != 0 else f32(0.0)
+    best = scale * sumlx
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        iscale = -(f32(nmax) + f32(0.1) * f32(step)) / xmax
+        sumlx = f32(0.0)
+        suml2 = f32(0.0)
+        for i in range(n):
+            li = max(-nmax, min(nmax - 1, nearest_int(iscale * x[i])))
+            w = x[i] * x[i]
+            fl = f32(li)
+            sumlx += w * x[i] * fl
+            suml2 += w * fl * fl
+        if suml2 > 0 and sumlx * sumlx > best * suml2:
+            for i in range(n):
+                L[i] = nmax + max(-nmax, min(nmax - 1, nearest_int(iscale * x[i])))
+            scale = sumlx / suml2
+            best = scale * sumlx
+    return scale
+
+
+@numba.njit(cache=True)
+def make_q3_quants(n: int, nmax: int, x: np.ndarray, L: np.ndarray) -> np.float32:
+    """Symmetric quantization of x f32[n] to L in [0, 2 nmax) by coordinate descent on the x^2-weighted
+    error (ggml's do_rmse path). An all-zero x leaves L = 0, not nmax, as in ggml."""
+    xmax = f32(0.0)
+    amax = f32(0.0)
+    for i in range(n):
+        ax = abs(x[i])
+        if ax > amax:
+            amax = ax
+            xmax = x[i]
+    if amax < GROUP_MAX_EPS:
+        for i in range(n):
+            L[i] = 0
+        return f32(0.0)
+    iscale = f32(-nmax) / xmax
+    sumlx = f32(0.0)
+    suml2 = f32(0.0)
+    for i in range(n):
+        li = max(-nmax, min(nmax - 1, nearest_int(iscale * x[i])))
+        L[i] = li
+        w = x[i] * x[i]
+        fl = f32(li)
+        sumlx += w * x[i] * fl
+        suml2 += w * fl * fl
+    for _ in range(5):
+        n_changed = 0
+        for i in range(n):
+            w = x[i] * x[i]
+            fl = f32(L[i])
+            slx = sumlx - w * x[i] * fl
+            if slx > 0:
+                sl2 = suml2 - w * fl * fl
+                new_l = max(-nmax, min(nmax - 1, nearest_int(x[i] * sl2 / slx)))
+                if new_l != L[i]:
+                    fnew = f32(new_l)
+                    slx += w * x[i] * fnew
+                    sl2 += w * fnew * fnew
+                    if sl2 > 0 and slx * slx * suml2 > sumlx * sumlx * sl2:
+                        L[i] = new_l
+                        sumlx = slx
+                        suml2 = sl2
+                        n_changed += 1
+        if n_changed == 0:
+            break
+    for i in range(n):
+        L[i] += nmax
+    return sumlx / suml2 if suml2 > 0 else f32(0.0)
+
+
+@numba.njit(cache=True)
+def pack_2bit(L: np.ndarray, qs: np.ndarray) -> None:
+    # Byte 32h + k holds elements 128h + k + 32j in bits 2j (Q2_K and Q3_K low bits).
+    for h in range(2):
+        for k in range(32):
+            e = 128 * h + k
+            qs[32 * h + k] = L[e] | (L[e + 32] << 2) | (L[e + 64] << 4) | (L[e + 96] << 6)
+
+
+@numba.njit(cache=True)
+def quantize_block_q2_k(x: np.ndarray, y: np.ndarray) -> None:
+    """x f32[256] -> y u8[84]: scales[16], qs[64], d:f16, dmin:f16."""
+    L = np.empty(QK_K, np.int32)
+    Laux = np.empty(16, np.int32)
+    weights = np.empty(16, np.float32)
+    scales = np.empty(16, np.float32)
+    mins = np.empty(16, np.float32)
+    max_scale = f32(0.0)
+    max_min = f32(0.0)
+    for j in range(16):
+        xs = x[16 * j : 16 * j + 16]
+        for k in range(16):
+            weights[k] = abs(xs[k])
+        scales[j], mins[j] = make_qkx2_quants(
+            16, 3, xs, weights, L[16 * j : 16 * j + 16], Laux, f32(-0.5), f32(0.1), 15, True
+        )
+        if scales[j] > max_scale:
+            max_scale = scales[j]
+        if mins[j] > max_min:
+            max_min = mins[j]
+
+    sc = y[0:16]
+    if max_scale > 0:
+        iscale = f32(15.0) / max_scale
+        for j in range(16):
+            sc[j] = nearest_int(iscale * scales[j]) & 0xFF
+        d = store_fp16(y, 80, max_scale / f32(15.0))
+    else:
+        sc[:] = 0
+        d = store_fp16(y, 80, f32(0.0))
+    if max_min > 0:
+        iscale = f32(15.0) / max_min
+        for j in range(16):
+            sc[j] = (sc[j] | (nearest_int(iscale * mins[j]) << 4)) & 0xFF
+        dmin = store_fp16(y, 82, max_min / f32(15.0))
+    else:
+        dmin = store_fp16(y, 82, f32(0.0))
+
+    for j in range(16):
+        s = np.int64(sc[j])
+        dj = d * f32(s & 0xF)
+        if dj == 0:
+            continue
+        dm = dmin * f32(s >> 4)
+        for ii in range(16):
+            L[16 * j + ii] = max(0, min(3, nearest_int((x[16 * j + ii] + dm) / dj)))
+    pack_2bit(L, y[16:80])
+
+
+@numba.njit(cache=True)
+def quantize_block_q3_k(x: np.ndarray, y: np.ndarray) -> None:
+    """x f32[256] -> y u8[110]: hmask[32], qs[64], scales[12], d:f16."""
+    L = np.empty(QK_K, np.int32)
+    scales = np.empty(16, np.float32)
+    max_scale = f32(0.0)
+    amax = f32(0.0)
+    for j in range(16):
+        scales[j] = make_q3_quants(16, 4, x[16 * j : 16 * j + 16], L[16 * j : 16 * j + 16])
+        scale = abs(scales[j])
+        if scale > amax:
+            amax = scale
+            max_scale = scales[j]
+
+    # 16 signed 6-bit scales: low nibbles in bytes 0-7, high 2-bit pairs in bytes 8-11.
+    sc = y[96:108]
+    sc[:] = 0
+    if max_scale != 0:
+        iscale = f32(-32.0) / max_scale
+        for j in range(16):
+            q = max(-32, min(31, nearest_int(iscale * scales[j]))) + 32
+            if j < 8:
+                sc[j] = q & 0xF
+            else:
+                sc[j - 8] |= (q & 0xF) << 4
+            sc[j % 4 + 8] |= (q >> 4) << (2 * (j // 4))
+        d = store_fp16(y, 108, f32(1.0) / iscale)
+    else:
+        d = store_fp16(y, 108, f32(0.0))
+
+    for j in range(16):
+        lo = np.int64(sc[j]) & 0xF if j < 8 else np.int64(sc[j - 8]) >> 4
+        hi = (np.int64(sc[8 + j % 4]) >> (2 * (j // 4))) & 3
+        dj = d * f32((lo | (hi << 4)) - 32)
+        if dj == 0:
+            continue
+        for ii in range(16):
+            L[16 * j + ii] = max(-4, min(3, nearest_int(x[16 * j + ii] / dj))) + 4
+
+    # The high bit of element j goes to hmask[j % 32], bit j // 32.
+    hmask = y[0:32]
+    hmask[:] = 0
+    for j in range(QK_K):
+        if L[j] > 3:
+            hmask[j % 32] |= 1 << (j // 32)
+            L[j] -= 4
+    pack_2bit(L, y[32:96])
+
+
+@numba.njit(cache=True)
+def quantize_subblocks_k4(
+    x: np.ndarray, y: np.ndarray, nmax: int, rmin: np.float32, nstep: int
+) -> np.ndarray:
+    """Q4_K/Q5_K shared part: fills d, dmin and scales (y[0:16]); returns L i32[256] in [0, nmax]."""
+    L = np.empty(QK_K, np.int32)
+    Laux = np.empty(32, np.int32)
+    weights = np.empty(32, np.float32)
+    scales = np.empty(8, np.float32)
+    mins = np.empty(8, np.float32)
+    max_scale = f32(0.0)
+    max_min = f32(0.0)
+    for j in range(8):
+        xs = x[32 * j : 32 * j + 32]
+        sum_x2 = f32(0.0)
+        for k in range(32):
+            sum_x2 += xs[k] * xs[k]
+        av_x = np.sqrt(sum_x2 / f32(32.0))
+        for k in range(32):
+            weights[k] = av_x + abs(xs[k])
+        scales[j], mins[j] = make_qkx2_quants(
+            32, nmax, xs, weights, L[32 * j : 32 * j + 32], Laux, rmin, f32(0.1), nstep, False
+        )
+        if scales[j] > max_scale:
+            max_scale = scales[j]
+        if mins[j] > max_min:
+            max_min = mins[j]
+
+    q = y[4:16]
+    pack_scales_mins_k4(scales, mins, max_scale, max_min, q)
+    d = store_fp16(y, 0, max_scale / f32(63.0))
+    dmin = store_fp16(y, 2, max_min / f32(63.0))
+    for j in range(8):
+        sc, m = get_scale_min_k4(j, q)
+        dj = d * f32(sc)
+        if dj == 0:
+            continue
+        dm = dmin * f32(m)
+        for ii in range(32):
+            L[32 * j + ii] = max(0, min(nmax, nearest_int((x[32 * j + ii] + dm) / dj)))
+    return L
+
+
+@numba.njit(cache=True)
+def quantize_block_q4_k(x: np.ndarray, y: np.ndarray) -> None:
+    """x f32[256] -> y u8[144]: d:f16, dmin:f16, scales[12], qs[128]."""
+    L = quantize_subblocks_k4(x, y, 15, f32(-1.0), 20)
+    for c in range(4):
+        for k in range(32):
+            y[16 + 32 * c + k] = L[64 * c + k] | (L[64 * c + k + 32] << 4)
+
+
+@numba.njit(cache=True)
+def quantize_block_q5_k(x: np.ndarray, y: np.ndarray) -> None:
+    """x f32[256] -> y u8[176]: d:f16, dmin:f16, scales[12], qh[32], qs[128]."""
+    L = quantize_subblocks_k4(x, y, 31, f32(-0.5), 15)
+    qh = y[16:48]
+    qh[:] = 0
+    for c in range(4):
+        for k in range(32):
+            l1 = L[64 * c + k]
+            if l1 > 15:
+                l1 -= 16
+                qh[k] |= 1 << (2 * c)
+            l2 = L[64 * c + k + 32]
+            if l2 > 15:
+                l2 -= 16
+                qh[k] |= 2 << (2 * c)
+            y[48 + 32 * c + k] = l1 | (l2 << 4)
+
+
+@numba.njit(cache=True)
+def quantize_block_q6_k(x: np.ndarray, y: np.ndarray) -> None:
+    """x f32[256] -> y u8[210]: ql[128], qh[64], scales[16] int8, d:f16."""
+    L = np.empty(QK_K, np.int32)
+    scales = np.empty(16, np.float32)
+    max_scale = f32(0.0)
+    max_abs_scale = f32(0.0)
+    for ib in range(16):
+        scales[ib] = make_qx_quants(16, 32, x[16 * ib : 16 * ib + 16], L[16 * ib : 16 * ib + 16])
+        abs_scale = abs(scales[ib])
+        if abs_scale > max_abs_scale:
+            max_abs_scale = abs_scale
+            max_scale = scales[ib]
+
+    if max_abs_scale < GROUP_MAX_EPS:
+        y[:] = 0
+        return
+
+    iscale = f32(-128.0) / max_scale
+    d = store_fp16(y, 208, f32(1.0) / iscale)
+    for ib in range(16):
+        # int8 storage of min(127, q): wrap to [-128, 127] as the C assignment does.
+        s = ((min(127, nearest_int(iscale * scales[ib])) + 128) & 0xFF) - 128
+        y[192 + ib] = s & 0xFF
+        dj = d * f32(s)
+        if dj == 0:
+            continue
+        for ii in range(16):
+            L[16 * ib + ii] = max(-32, min(31, nearest_int(x[16 * ib + ii] / dj))) + 32
+
+    for h in range(2):
+        for k in range(32):
+            e = 128 * h + k
+            ql = 64 * h + k
+            y[ql] = (L[e] & 0xF) | ((L[e + 64] & 0xF) << 4)
+            y[ql + 32] = (L[e + 32] & 0xF) | ((L[e + 96] & 0xF) << 4)
+            y[128 + 32 * h + k] = (
+                (L[e] >> 4) | ((L[e + 32] >> 4) << 2) | ((L[e + 64] >> 4) << 4) | ((L[e + 96] >> 4) << 6)
+            )
+
+
+# Row kernels: rows are independent, blocks tile each row.
+
+
+@numba.njit(cache=True, parallel=True)
+def quantize_q2_k(x: np.ndarray, out: np.ndarray) -> None:
+    """x f32[rows, cols] -> out u8[rows, cols // 256 * 84]."""
+    for r in prange(x.shape[0]):
+        for b in range(x.shape[1] // QK_K):
+            quantize_block_q2_k(x[r, b * QK_K : (b + 1) * QK_K], out[r, b * 84 : (b + 1) * 84])
+
+
+@numba.njit(cache=True, parallel=True)
+def quantize_q3_k(x: np.ndarray, out: np.ndarray) -> None:
+    """x f32[rows, cols] -> out u8[rows, cols // 256 * 110]."""
+    for r in prange(x.shape[0]):
+        for b in range(x.shape[1] // QK_K):
+            quantize_block_q3_k(x[r, b * QK_K : (b + 1) * QK_K], out[r, b * 110 : (b + 1) * 110])
+
+
+@numba.njit(cache=True, parallel=True)
+def quantize_q4_k(x: np.ndarray, out: np.ndarray) -> None:
+    """x f32[rows, cols] -> out u8[rows, cols // 256 * 144]."""
+    for r in prange(x.shape[0]):
+        for b in range(x.shape[1] // QK_K):
+            quantize_block_q4_k(x[r, b * QK_K : (b + 1) * QK_K], out[r, b * 144 : (b + 1) * 144])
+
+
+@numba.njit(cache=True, parallel=True)
+def quantize_q5_k(x: np.ndarray, out: np.ndarray) -> None:
+    """x f32[rows, cols] -> out u8[rows, cols // 256 * 176]."""
+    for r in prange(x.shape[0]):
+        for b in range(x.shape[1] // QK_K):
+            quantize_block_q5_k(x[r, b * QK_K : (b + 1) * QK_K], out[r, b * 176 : (b + 1) * 176])
+
+
+@numba.njit(cache=True, parallel=True)
+def quantize_q6_k(x: np.ndarray, out: np.ndarray) -> None:
+    """x f32[rows, cols] -> out u8[rows, cols // 256 * 210]."""
+    for r in prange(x.shape[0]):
+        for b in range(x.shape[1] // QK_K):
+            quantize_block_q6_k(x[r, b * QK_K : (b + 1) * QK_K], out[r, b * 210 : (b + 1) * 210])
