@@ -83,7 +83,7 @@ def generate(
     wanted = settings.max_new_tokens if settings.max_new_tokens is not None else budget
     cache = model.new_cache(len(ids) + budget)
     t0 = time.perf_counter()
-    prompt_logits = model.forward(ids, cache, last_only=True)[0]
+    prompt_logits = model.forward(ids, cache, logits_from=len(ids) - 1)[0]
     if on_prefill is not None:
         on_prefill(time.perf_counter() - t0)
     samplers = Sampler(settings.sampling, settings.seed).spawn(settings.num_return_sequences)

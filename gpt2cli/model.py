@@ -102,8 +102,12 @@ class GPT2Model:
     def mlp(self, x: np.ndarray, lw: LayerWeights) -> np.ndarray:  # [n, e] -> [n, e]
         return self.linear(gelu(self.linear(x, lw.ffn_up, lw.ffn_up_b)), lw.ffn_down, lw.ffn_down_b)
 
-    def forward(self, ids: Sequence[int] | np.ndarray, cache: KVCache, last_only: bool = False) -> np.ndarray:
-        """Run n new tokens after the cached ones; logits [n, vocab] (or [1, vocab] with last_only)."""
+    def forward(self, ids: Sequence[int] | np.ndarray, cache: KVCache, logits_from: int = 0) -> np.ndarray:
+        """Run n new tokens after the cached ones; logits [n - logits_from, vocab] of the later positions.
+
+        Scoring only some positions (the last one when generating, the scored half of a perplexity chunk)
+        skips most of the output head, the largest matrix of the small models.
+        """
         c, w = self.config, self.w
         ids = np.asarray(ids, dtype=np.int64)
         n, p0 = len(ids), cache.length
@@ -120,6 +124,5 @@ class GPT2Model:
             )
             x = x + self.mlp(layer_norm(x, lw.ffn_norm_w, lw.ffn_norm_b, c.layer_norm_eps), lw)
         cache.length = p0 + n
-        if last_only:
-            x = x[-1:]
+        x = x[min(logits_from, n - 1) :]
         return self.linear(layer_norm(x, w.output_norm_w, w.output_norm_b, c.layer_norm_eps), w.output)

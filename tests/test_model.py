@@ -78,12 +78,12 @@ def test_blas_prefill_path_matches_fused(tmp_path, monkeypatch):
         assert rel_err(model.forward(IDS, model.new_cache()), ref) < RTOL
 
 
-def test_last_only_and_context_overflow(tmp_path):
+def test_logits_from_and_context_overflow(tmp_path):
     path = tmp_path / "m.gguf"
     build_gguf(path)
     _, model = load(path)
     full = model.forward(IDS, model.new_cache())
-    last = model.forward(IDS, model.new_cache(), last_only=True)
+    last = model.forward(IDS, model.new_cache(), logits_from=len(IDS) - 1)
     np.testing.assert_allclose(last[0], full[-1], rtol=1e-5, atol=1e-6)
     from gpt2cli.errors import Gpt2Error
 
