@@ -61,6 +61,7 @@ CHECKPOINT_FILES = ("model.safetensors", "config.json", "vocab.json", "merges.tx
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 LOCAL_FILE_HINT = "pass a local file with --model path/to/file.gguf"
+LOCAL_CHECKPOINT_HINT = "pass a local Hugging Face directory holding model.safetensors"
 _TRUE_VALUES = {"1", "ON", "YES", "TRUE"}  # as huggingface_hub reads its boolean variables
 
 
@@ -189,7 +190,8 @@ def resolve_gguf(spec: str) -> Path:
             local_files_only=offline,
         )
     except _hub_errors() as error:
-        raise Gpt2Error(_hub_error_message(error, what, offline, entry, qtype)) from error
+        missing_hint = f"; make it with `gpt2 quantize {name} --type {qtype}`"
+        raise Gpt2Error(_hub_error_message(error, what, offline, LOCAL_FILE_HINT, missing_hint)) from error
     return Path(path)
 
 
@@ -215,7 +217,7 @@ def fetch_checkpoint(name_or_dir: str) -> Path:
             local_files_only=offline,
         )
     except _hub_errors() as error:
-        raise Gpt2Error(_hub_error_message(error, what, offline)) from error
+        raise Gpt2Error(_hub_error_message(error, what, offline, LOCAL_CHECKPOINT_HINT)) from error
     return _checked_checkpoint_dir(Path(snapshot), entry.checkpoint)
 
 
@@ -298,26 +300,22 @@ def _hub_errors() -> tuple[type[BaseException], ...]:
 
 
 def _hub_error_message(
-    error: Exception, what: str, offline: bool, entry: ModelEntry | None = None, qtype: str | None = None
+    error: Exception, what: str, offline: bool, local_hint: str, missing_hint: str = ""
 ) -> str:
     """One line for a failed Hub download. Order matters: the classes overlap (see huggingface_hub.errors)."""
     if isinstance(error, (LocalEntryNotFoundError, OfflineModeIsEnabled)) and offline:
-        return (
-            f"{what} is not in the model directory or the Hugging Face cache, and HF_HUB_OFFLINE is set: "
-            f"unset it to download, or {LOCAL_FILE_HINT}"
-        )
+        return f"{what} is not on disk and HF_HUB_OFFLINE is set: unset it to download, or {local_hint}"
     if isinstance(error, (LocalEntryNotFoundError, OfflineModeIsEnabled, *_network_errors())):
         return (
             f"cannot download {what}: the Hub is unreachable (no network?) and it is not cached; "
-            f"{LOCAL_FILE_HINT} (HF_HUB_OFFLINE=1 uses the cache only)"
+            f"{local_hint} (HF_HUB_OFFLINE=1 uses the cache only)"
         )
     if isinstance(error, RepositoryNotFoundError):
         return f"cannot download {what}: the Hub has no such repository (or it is gated or private)"
     if isinstance(error, RevisionNotFoundError):
         return f"cannot download {what}: the pinned revision is not on the Hub"
     if isinstance(error, EntryNotFoundError):
-        hint = f"; make it with `gpt2 quantize {entry.name} --type {qtype}`" if entry and qtype else ""
-        return f"cannot download {what}: the file is not in the repository{hint}"
+        return f"cannot download {what}: the file is not in the repository{missing_hint}"
     if isinstance(error, HfHubHTTPError):
         return f"cannot download {what}: {_first_line(error)}"
     return f"cannot save {what}: {_first_line(error)}"
