@@ -152,9 +152,12 @@ def models() -> None:
 
     from gpt2cli.registry import list_models
 
-    table = Table("model", "type", "on disk", "path", "size")
+    table = Table("model", "type", "published", "on disk", "size", "path")
     for row in list_models():
-        table.add_row(*(str(v) for v in row.as_strings()))
+        size = f"{row.size / 1e6:.1f} MB" if row.size is not None else ""
+        table.add_row(
+            row.name, row.qtype, "yes" if row.published else "", row.source or "", size, str(row.path or "")
+        )
     Console().print(table)
 
 

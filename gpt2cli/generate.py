@@ -25,14 +25,13 @@ class GenerationSettings:
     truncate_prompt: bool = False  # keep the prompt's tail when it does not fit the context
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
-    def validate(self) -> None:
+    def validate(self) -> None:  # SamplingConfig validates itself on construction
         if self.max_new_tokens is not None and self.max_new_tokens < 0:
             raise Gpt2Error(f"--max-new-tokens must be >= 0, got {self.max_new_tokens}")
         if self.max_length is not None and self.max_length < 1:
             raise Gpt2Error(f"--max-length must be >= 1, got {self.max_length}")
         if self.num_return_sequences < 1:
             raise Gpt2Error(f"--num-return-sequences must be >= 1, got {self.num_return_sequences}")
-        self.sampling.validate()
 
 
 @dataclass

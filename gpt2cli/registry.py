@@ -76,7 +76,7 @@ class ModelEntry:
 
 
 @dataclass(frozen=True)
-class ModelFile:
+class ModelListing:
     """One (model, type) row of `gpt2 models`."""
 
     name: str
@@ -221,7 +221,7 @@ def fetch_checkpoint(name_or_dir: str) -> Path:
     return _checked_checkpoint_dir(Path(snapshot), entry.checkpoint)
 
 
-def list_models() -> list[ModelFile]:
+def list_models() -> list[ModelListing]:
     """Every registry model and type that is published or on disk, model by model, smallest type first."""
     rows = []
     cache_dir = hf_cache_dir()
@@ -241,7 +241,7 @@ def list_models() -> list[ModelFile]:
                 if isinstance(cached, str):
                     source, path = "HF cache", Path(cached)
             rows.append(
-                ModelFile(
+                ModelListing(
                     name=entry.name,
                     qtype=qtype,
                     published=qtype in entry.gguf_files,

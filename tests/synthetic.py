@@ -79,8 +79,12 @@ def build_gguf(
     embd_qtype: GGMLQuantizationType | None = None,
     seed: int = 0,
     skip: tuple[str, ...] = (),
+    shape_override: dict[str, tuple[int, ...]] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Write a random GPT-2 to `path`; return every tensor's stored value in f64 by GGUF name."""
+    """Write a random GPT-2 to `path`; return every tensor's stored value in f64 by GGUF name.
+
+    `skip` leaves tensors out and `shape_override` gives some a wrong shape, to make broken files.
+    """
     rng = np.random.default_rng(seed)
     c = config
     e, f = c.n_embd, c.n_ff
@@ -108,6 +112,7 @@ def build_gguf(
         }
     if not tied:
         shapes["output.weight"] = (c.n_vocab, e)
+    shapes |= shape_override or {}
 
     tensors, values = [], {}
     for name, shape in shapes.items():

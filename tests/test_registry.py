@@ -351,14 +351,14 @@ def test_list_models_shows_what_is_on_disk():
 
     assert {name for name, _ in rows} == set(registry.load_registry())
     assert len([key for key in rows if key[0] == "distilgpt2"]) == 14
-    assert rows["distilgpt2", "Q4_K_M"] == registry.ModelFile(
+    assert rows["distilgpt2", "Q4_K_M"] == registry.ModelListing(
         "distilgpt2", "Q4_K_M", True, "model dir", local, 10
     )
-    assert rows["gpt2", "Q8_0"] == registry.ModelFile("gpt2", "Q8_0", True, "HF cache", cached, 7)
-    assert rows["gpt2-large", "Q5_K_M"] == registry.ModelFile(
+    assert rows["gpt2", "Q8_0"] == registry.ModelListing("gpt2", "Q8_0", True, "HF cache", cached, 7)
+    assert rows["gpt2-large", "Q5_K_M"] == registry.ModelListing(
         "gpt2-large", "Q5_K_M", False, "model dir", made, 3
     )
-    assert rows["gpt2-xl", "Q8_0"] == registry.ModelFile("gpt2-xl", "Q8_0", True, None, None, None)
+    assert rows["gpt2-xl", "Q8_0"] == registry.ModelListing("gpt2-xl", "Q8_0", True, None, None, None)
     large_types = [qtype for name, qtype in rows if name == "gpt2-large"]
     assert large_types == ["Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q5_K_M", "Q8_0", "F16"]
 

@@ -1,0 +1,114 @@
+"""`gpt2 generate` and `gpt2 models` end to end through the entry point."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from cli_helpers import run_cli
+from synthetic import T, build_gguf
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "tiny.gguf"
+    build_gguf(path, T.Q8_0)
+    return path
+
+
+def generate(path, *args: str) -> tuple[int, str, str]:
+    return run_cli(["generate", "Hello, I'm a language model", "--model", str(path), *args])
+
+
+def test_generate_streams_prompt_and_continuation(tiny_gguf):
+    code, out, err = generate(tiny_gguf, "--seed", "42", "--max-new-tokens", "8")
+    assert code == 0, err
+    assert out.startswith("Hello, I'm a language model") and len(out) > len("Hello, I'm a language model")
+
+
+def test_seed_makes_output_identical(tiny_gguf):
+    first = generate(tiny_gguf, "--seed", "7", "--max-new-tokens", "12")
+    second = generate(tiny_gguf, "--seed", "7", "--max-new-tokens", "12")
+    other = generate(tiny_gguf, "--seed", "8", "--max-new-tokens", "12")
+    assert first == second
+    assert first[1] != other[1]
+
+
+def test_json_one_object_per_sequence(tiny_gguf):
+    code, out, err = generate(tiny_gguf, "--seed", "1", "--max-new-tokens", "5", "-n", "3", "--json")
+    assert code == 0, err
+    objects = [json.loads(line) for line in out.splitlines()]
+    assert [o["index"] for o in objects] == [0, 1, 2]
+    for o in objects:
+        assert o["prompt_tokens"] == 7 and o["generated_tokens"] <= 5
+        assert o["generated_text"] == o["prompt"] + o["text"]
+    assert len({tuple(o["token_ids"]) for o in objects}) > 1  # independent samples
+
+
+def test_greedy_is_deterministic_without_seed(tiny_gguf):
+    a = generate(tiny_gguf, "--temperature", "0", "--max-new-tokens", "6", "--json")
+    b = generate(tiny_gguf, "--temperature", "0", "--max-new-tokens", "6", "--json")
+    assert a == b and a[0] == 0
+
+
+def test_max_length_counts_the_prompt(tiny_gguf):
+    code, out, _ = generate(tiny_gguf, "--temperature", "0", "--max-length", "10", "--json")
+    obj = json.loads(out)
+    assert code == 0 and obj["prompt_tokens"] + obj["generated_tokens"] <= 10
+
+
+def test_verbose_reports_speeds_on_stderr(tiny_gguf):
+    code, out, err = generate(tiny_gguf, "--max-new-tokens", "3", "--verbose", "--json")
+    assert code == 0
+    assert "tokens/s" in err and "tokens/s" not in out
+
+
+def test_prompt_longer_than_context(tiny_gguf):
+    long_prompt = "word " * 200  # 200 tokens, the tiny model's context is 64
+    code, _, err = run_cli(["generate", long_prompt, "--model", str(tiny_gguf)])
+    assert code == 2 and "context" in err and err.count("\n") == 1
+    code, out, err = run_cli(
+        [
+            "generate",
+            long_prompt,
+            "--model",
+            str(tiny_gguf),
+            "--truncate-prompt",
+            "--max-new-tokens",
+            "4",
+            "--json",
+        ]
+    )
+    assert code == 0, err
+    obj = json.loads(out)
+    assert obj["prompt_tokens"] + obj["generated_tokens"] <= 64
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        ["--temperature", "-1"],
+        ["--top-p", "1.5"],
+        ["--top-k", "-3"],
+        ["--repetition-penalty", "0"],
+        ["--max-new-tokens", "-1"],
+        ["--num-return-sequences", "0"],
+        ["--max-new-tokens", "many"],
+    ],
+)
+def test_out_of_range_options(tiny_gguf, option):
+    code, out, err = generate(tiny_gguf, *option)
+    assert code == 2
+    assert err.startswith("gpt2: error:") and err.count("\n") == 1
+    assert "Traceback" not in err
+
+
+def test_unknown_model_name():
+    code, _, err = run_cli(["generate", "hi", "--model", "gpt5"])
+    assert code == 2 and "gpt5" in err and err.count("\n") == 1
+
+
+def test_empty_prompt_starts_from_endoftext(tiny_gguf):
+    code, out, err = run_cli(["generate", "", "--model", str(tiny_gguf), "--max-new-tokens", "3", "--json"])
+    assert code == 0, err
+    assert json.loads(out)["prompt_tokens"] == 1
