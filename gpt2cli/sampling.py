@@ -56,9 +56,9 @@ def apply_repetition_penalty(logits: np.ndarray, context_ids: np.ndarray, penalt
 def softmax64(scores: np.ndarray) -> np.ndarray:
     """f32[n] -> f64[n] probabilities; -inf scores get probability 0.
 
-    The exponentials are float32, as in HF (and numpy's float32 exp is ~15x faster on 50257 values); the
-    normalising sum, and the cumulative sums downstream, are float64 so that 50257 small terms add up exactly
-    enough."""
+    The exponentials are float32, as in HF (numpy's float32 exp is also ~15x faster than its float64 one);
+    the normalising sum and the cumulative sums downstream are float64, where 50257 small terms lose nothing
+    that matters."""
     z = np.exp(scores - scores.max()).astype(np.float64)
     z /= z.sum()
     return z
@@ -86,7 +86,10 @@ def top_p_keep(scores: np.ndarray, probs: np.ndarray, top_p: float, mass_below: 
 
 
 class Sampler:
-    """Chooses next tokens for one sequence; holds the config and a numpy Generator seeded once."""
+    """Chooses next tokens for one sequence; holds the config and a numpy Generator seeded once.
+
+    With seed=None the OS supplies the entropy; `seed_sequence.entropy` is then the int seed that
+    reproduces the run."""
 
     def __init__(self, config: SamplingConfig, seed: int | np.random.SeedSequence | None = None) -> None:
         self.config = config
@@ -127,7 +130,7 @@ class Sampler:
             if config.top_p == 1.0:
                 return np.arange(vocab, dtype=np.int64), probs
             # Tokens under (1 - top_p) / vocab hold less than 1 - top_p in all and are the lowest ranked, so
-            # top-p removes every one of them: only the rest needs sorting (a sort of 50257 takes ~1 ms).
+            # top-p removes every one of them: only the rest needs sorting (a sort of 50257 takes ~0.8 ms).
             ids = np.flatnonzero(probs >= (1.0 - config.top_p) / vocab)
             probs = probs[ids]
             mass_below = 1.0 - probs.sum()

@@ -188,6 +188,16 @@ def test_same_seed_same_tokens_other_seed_other_tokens() -> None:
     assert run(42) != run(43)
 
 
+def test_an_unseeded_sampler_reports_the_seed_that_reproduces_it() -> None:
+    logits = np.zeros(1000, dtype=np.float32)
+    config = SamplingConfig(top_k=0)
+    unseeded = Sampler(config)
+    reseeded = Sampler(config, seed=unseeded.seed_sequence.entropy)
+    assert [unseeded.next_token(logits, []) for _ in range(20)] == [
+        reseeded.next_token(logits, []) for _ in range(20)
+    ]
+
+
 def test_spawned_samplers_are_reproducible_and_independent() -> None:
     logits = np.zeros(1000, dtype=np.float32)
     config = SamplingConfig(top_k=0)
