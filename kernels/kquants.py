@@ -1,1 +1,491 @@
-"""placeholder, filled in by the kernels work."""
+"""Kernels for the K-quant block types Q2_K, Q3_K, Q4_K, Q5_K and Q6_K (256 weights per block).
+
+Dequantization copies gguf-py's arithmetic (gguf/quants.py) step for step in f32: the sub-block scale is
+formed as `d * sc` (and `dmin * m`) in f32 first, then `scale * q - min`, with no fused multiply-add, so the
+output is bit-identical to `gguf.quants.dequantize`.
+
+matvec keeps the activations in f32 and decodes the weights on the fly: per sub-block it sums `q * x` over
+16 or 32 contiguous elements, applies the integer sub-block scale once, and handles the `- dmin * m` terms
+with precomputed per-sub-block sums of x. (Quantizing x to int8 per 256-block, as llama.cpp's Q8_K does, was
+measured slower here: numba's integer dot products do not reach VNNI speed.)
+
+matmul dequantizes a tile of rows once into a thread-local f32 buffer and multiplies it with every token.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from gguf import GGMLQuantizationType
+
+from kernels import BlockKernels, register
+from kernels.common import read_f16
+
+QK_K = 256
+# Rows of W dequantized together by matmul: 32 rows x 3072 cols x 4 bytes = 384 KiB, within L2.
+MATMUL_TILE_ROWS = 32
+# Rows of W per matmul micro-kernel step, and tokens per step: 4 x 4 accumulators stay in registers.
+MICRO_ROWS = 4
+MICRO_TOKENS = 4
+
+Q2_K_BYTES = 84
+Q3_K_BYTES = 110
+Q4_K_BYTES = 144
+Q5_K_BYTES = 176
+Q6_K_BYTES = 210
+
+
+@numba.njit(inline="always")
+def _byte(row: np.ndarray, i: int) -> int:
+    # numba widens uint8 arithmetic to mixed signed/unsigned 64-bit; one signed type avoids float promotion
+    return np.int64(row[i])
+
+
+@numba.njit(inline="always")
+def _signed_byte(row: np.ndarray, i: int) -> int:
+    v = np.int64(row[i])
+    return v - 256 if v > 127 else v
+
+
+@numba.njit(inline="always")
+def _scale_min_k4(row: np.ndarray, o: int, j: int) -> tuple[int, int]:
+    """Sub-block j's 6-bit scale and min from the 12 packed bytes at row[o:o + 12] (ggml get_scale_min_k4)."""
+    if j < 4:
+        return _byte(row, o + j) & 63, _byte(row, o + j + 4) & 63
+    sc = (_byte(row, o + j + 4) & 15) | ((_byte(row, o + j - 4) >> 6) << 4)
+    m = (_byte(row, o + j + 4) >> 4) | ((_byte(row, o + j) >> 6) << 4)
+    return sc, m
+
+
+@numba.njit(inline="always")
+def _scale_q3_k(row: np.ndarray, o: int, s: int) -> int:
+    """Sub-block s's signed 6-bit scale from the 12 packed bytes at row[o:o + 12]."""
+    low = (_byte(row, o + s) & 15) if s < 8 else (_byte(row, o + s - 8) >> 4)
+    high = (_byte(row, o + 8 + s % 4) >> (2 * (s // 4))) & 3
+    return (low | (high << 4)) - 32
+
+
+# --- one row of blocks -> f32 (exact); shared by dequantize and matmul -------------------------------------
+
+
+@numba.njit(cache=True)
+def _dequantize_row_q2_k(row: np.ndarray, y: np.ndarray) -> None:
+    for b in range(row.shape[0] // Q2_K_BYTES):
+        o = b * Q2_K_BYTES
+        d = read_f16(row, o + 80)
+        dmin = read_f16(row, o + 82)
+        for h in range(2):
+            for j in range(4):
+                for half in range(2):
+                    sc = _byte(row, o + 8 * h + 2 * j + half)
+                    dl = d * np.float32(sc & 15)
+                    ml = dmin * np.float32(sc >> 4)
+                    qs = row[o + 16 + 32 * h + 16 * half : o + 32 + 32 * h + 16 * half]
+                    out = y[
+                        QK_K * b + 128 * h + 32 * j + 16 * half : QK_K * b + 128 * h + 32 * j + 16 * half + 16
+                    ]
+                    for e in range(16):
+                        out[e] = dl * np.float32((np.int64(qs[e]) >> (2 * j)) & 3) - ml
+
+
+@numba.njit(cache=True)
+def _dequantize_row_q3_k(row: np.ndarray, y: np.ndarray) -> None:
+    for b in range(row.shape[0] // Q3_K_BYTES):
+        o = b * Q3_K_BYTES
+        d = read_f16(row, o + 108)
+        hmask = row[o : o + 32]
+        for h in range(2):
+            for j in range(4):
+                for half in range(2):
+                    dl = d * np.float32(_scale_q3_k(row, o + 96, 8 * h + 2 * j + half))
+                    qs = row[o + 32 + 32 * h + 16 * half : o + 48 + 32 * h + 16 * half]
+                    hm = hmask[16 * half : 16 * half + 16]
+                    out = y[
+                        QK_K * b + 128 * h + 32 * j + 16 * half : QK_K * b + 128 * h + 32 * j + 16 * half + 16
+                    ]
+                    for e in range(16):
+                        # the high bit set means no offset: q in [-4, 3]
+                        low = (np.int64(qs[e]) >> (2 * j)) & 3
+                        high = (np.int64(hm[e]) >> (4 * h + j)) & 1
+                        out[e] = dl * np.float32(low - 4 + 4 * high)
+
+
+@numba.njit(cache=True)
+def _dequantize_row_q4_k(row: np.ndarray, y: np.ndarray) -> None:
+    for b in range(row.shape[0] // Q4_K_BYTES):
+        o = b * Q4_K_BYTES
+        d = read_f16(row, o)
+        dmin = read_f16(row, o + 2)
+        for c in range(4):
+            sc1, m1 = _scale_min_k4(row, o + 4, 2 * c)
+            sc2, m2 = _scale_min_k4(row, o + 4, 2 * c + 1)
+            d1 = d * np.float32(sc1)
+            dm1 = dmin * np.float32(m1)
+            d2 = d * np.float32(sc2)
+            dm2 = dmin * np.float32(m2)
+            qs = row[o + 16 + 32 * c : o + 48 + 32 * c]
+            out = y[QK_K * b + 64 * c : QK_K * b + 64 * c + 64]
+            for e in range(32):
+                out[e] = d1 * np.float32(np.int64(qs[e]) & 15) - dm1
+            for e in range(32):
+                out[32 + e] = d2 * np.float32(np.int64(qs[e]) >> 4) - dm2
+
+
+@numba.njit(cache=True)
+def _dequantize_row_q5_k(row: np.ndarray, y: np.ndarray) -> None:
+    for b in range(row.shape[0] // Q5_K_BYTES):
+        o = b * Q5_K_BYTES
+        d = read_f16(row, o)
+        dmin = read_f16(row, o + 2)
+        qh = row[o + 16 : o + 48]
+        for c in range(4):
+            sc1, m1 = _scale_min_k4(row, o + 4, 2 * c)
+            sc2, m2 = _scale_min_k4(row, o + 4, 2 * c + 1)
+            d1 = d * np.float32(sc1)
+            dm1 = dmin * np.float32(m1)
+            d2 = d * np.float32(sc2)
+            dm2 = dmin * np.float32(m2)
+            qs = row[o + 48 + 32 * c : o + 80 + 32 * c]
+            out = y[QK_K * b + 64 * c : QK_K * b + 64 * c + 64]
+            for e in range(32):
+                q = (np.int64(qs[e]) & 15) | (((np.int64(qh[e]) >> (2 * c)) & 1) << 4)
+                out[e] = d1 * np.float32(q) - dm1
+            for e in range(32):
+                q = (np.int64(qs[e]) >> 4) | (((np.int64(qh[e]) >> (2 * c + 1)) & 1) << 4)
+                out[32 + e] = d2 * np.float32(q) - dm2
+
+
+@numba.njit(cache=True)
+def _dequantize_row_q6_k(row: np.ndarray, y: np.ndarray) -> None:
+    for b in range(row.shape[0] // Q6_K_BYTES):
+        o = b * Q6_K_BYTES
+        d = read_f16(row, o + 208)
+        for h in range(2):
+            ql = row[o + 64 * h : o + 64 * h + 64]
+            qh = row[o + 128 + 32 * h : o + 160 + 32 * h]
+            for j in range(4):
+                # element 32j + e of this half: nibble j // 2 of ql[32 (j % 2) + e], 2 bits j of qh[e]
+                shift = 4 * (j // 2)
+                for half in range(2):
+                    sc = _signed_byte(row, o + 192 + 8 * h + 2 * j + half)
+                    dl = d * np.float32(sc)
+                    lo = ql[32 * (j % 2) + 16 * half : 32 * (j % 2) + 16 * half + 16]
+                    hi = qh[16 * half : 16 * half + 16]
+                    out = y[
+                        QK_K * b + 128 * h + 32 * j + 16 * half : QK_K * b + 128 * h + 32 * j + 16 * half + 16
+                    ]
+                    for e in range(16):
+                        q = ((np.int64(lo[e]) >> shift) & 15) | (((np.int64(hi[e]) >> (2 * j)) & 3) << 4)
+                        out[e] = dl * np.float32(q - 32)
+
+
+@numba.njit(cache=True, parallel=True)
+def dequantize_q2_k(blocks: np.ndarray, out: np.ndarray) -> None:
+    for r in numba.prange(blocks.shape[0]):
+        _dequantize_row_q2_k(blocks[r], out[r])
+
+
+@numba.njit(cache=True, parallel=True)
+def dequantize_q3_k(blocks: np.ndarray, out: np.ndarray) -> None:
+    for r in numba.prange(blocks.shape[0]):
+        _dequantize_row_q3_k(blocks[r], out[r])
+
+
+@numba.njit(cache=True, parallel=True)
+def dequantize_q4_k(blocks: np.ndarray, out: np.ndarray) -> None:
+    for r in numba.prange(blocks.shape[0]):
+        _dequantize_row_q4_k(blocks[r], out[r])
+
+
+@numba.njit(cache=True, parallel=True)
+def dequantize_q5_k(blocks: np.ndarray, out: np.ndarray) -> None:
+    for r in numba.prange(blocks.shape[0]):
+        _dequantize_row_q5_k(blocks[r], out[r])
+
+
+@numba.njit(cache=True, parallel=True)
+def dequantize_q6_k(blocks: np.ndarray, out: np.ndarray) -> None:
+    for r in numba.prange(blocks.shape[0]):
+        _dequantize_row_q6_k(blocks[r], out[r])
+
+
+# --- matvec: y[rows] = W x, weights decoded in registers ----------------------------------------------------
+
+
+@numba.njit(cache=True, fastmath=True)
+def _sub_block_sums(x: np.ndarray, size: int) -> np.ndarray:
+    """x f32[cols] -> f32[cols // size], the sums the `- dmin * m` terms multiply."""
+    sums = np.empty(x.shape[0] // size, np.float32)
+    for s in range(sums.shape[0]):
+        total = np.float32(0)
+        for e in range(size):
+            total += x[size * s + e]
+        sums[s] = total
+    return sums
+
+
+@numba.njit(cache=True, parallel=True, fastmath=True)
+def matvec_q2_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
+    n_blocks = blocks.shape[1] // Q2_K_BYTES
+    x_sums = _sub_block_sums(x, 16)
+    for r in numba.prange(blocks.shape[0]):
+        row = blocks[r]
+        acc = np.float32(0)
+        for b in range(n_blocks):
+            o = b * Q2_K_BYTES
+            scaled = np.float32(0)
+            mins = np.float32(0)
+            for h in range(2):
+                qs = row[o + 16 + 32 * h : o + 48 + 32 * h]
+                for j in range(4):
+                    xs = x[QK_K * b + 128 * h + 32 * j : QK_K * b + 128 * h + 32 * j + 32]
+                    s0 = np.float32(0)
+                    s1 = np.float32(0)
+                    for e in range(16):
+                        s0 += np.float32((np.int64(qs[e]) >> (2 * j)) & 3) * xs[e]
+                        s1 += np.float32((np.int64(qs[16 + e]) >> (2 * j)) & 3) * xs[16 + e]
+                    sc0 = _byte(row, o + 8 * h + 2 * j)
+                    sc1 = _byte(row, o + 8 * h + 2 * j + 1)
+                    scaled += np.float32(sc0 & 15) * s0 + np.float32(sc1 & 15) * s1
+                    s = 16 * b + 8 * h + 2 * j
+                    mins += np.float32(sc0 >> 4) * x_sums[s] + np.float32(sc1 >> 4) * x_sums[s + 1]
+            acc += read_f16(row, o + 80) * scaled - read_f16(row, o + 82) * mins
+        y[r] = acc
+
+
+@numba.njit(cache=True, parallel=True, fastmath=True)
+def matvec_q3_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
+    n_blocks = blocks.shape[1] // Q3_K_BYTES
+    for r in numba.prange(blocks.shape[0]):
+        row = blocks[r]
+        acc = np.float32(0)
+        for b in range(n_blocks):
+            o = b * Q3_K_BYTES
+            hmask = row[o : o + 32]
+            scaled = np.float32(0)
+            for h in range(2):
+                qs = row[o + 32 + 32 * h : o + 64 + 32 * h]
+                for j in range(4):
+                    xs = x[QK_K * b + 128 * h + 32 * j : QK_K * b + 128 * h + 32 * j + 32]
+                    bit = 4 * h + j
+                    s0 = np.float32(0)
+                    s1 = np.float32(0)
+                    for e in range(16):
+                        q0 = ((np.int64(qs[e]) >> (2 * j)) & 3) - 4 + 4 * ((np.int64(hmask[e]) >> bit) & 1)
+                        q1 = (
+                            ((np.int64(qs[16 + e]) >> (2 * j)) & 3)
+                            - 4
+                            + 4 * ((np.int64(hmask[16 + e]) >> bit) & 1)
+                        )
+                        s0 += np.float32(q0) * xs[e]
+                        s1 += np.float32(q1) * xs[16 + e]
+                    scaled += np.float32(_scale_q3_k(row, o + 96, 8 * h + 2 * j)) * s0
+                    scaled += np.float32(_scale_q3_k(row, o + 96, 8 * h + 2 * j + 1)) * s1
+            acc += read_f16(row, o + 108) * scaled
+        y[r] = acc
+
+
+@numba.njit(cache=True, parallel=True, fastmath=True)
+def matvec_q4_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
+    n_blocks = blocks.shape[1] // Q4_K_BYTES
+    x_sums = _sub_block_sums(x, 32)
+    for r in numba.prange(blocks.shape[0]):
+        row = blocks[r]
+        acc = np.float32(0)
+        for b in range(n_blocks):
+            o = b * Q4_K_BYTES
+            scaled = np.float32(0)
+            mins = np.float32(0)
+            for c in range(4):
+                qs = row[o + 16 + 32 * c : o + 48 + 32 * c]
+                xs = x[QK_K * b + 64 * c : QK_K * b + 64 * c + 64]
+                s0 = np.float32(0)
+                s1 = np.float32(0)
+                for e in range(32):
+                    s0 += np.float32(np.int64(qs[e]) & 15) * xs[e]
+                    s1 += np.float32(np.int64(qs[e]) >> 4) * xs[32 + e]
+                sc0, m0 = _scale_min_k4(row, o + 4, 2 * c)
+                sc1, m1 = _scale_min_k4(row, o + 4, 2 * c + 1)
+                scaled += np.float32(sc0) * s0 + np.float32(sc1) * s1
+                mins += np.float32(m0) * x_sums[8 * b + 2 * c] + np.float32(m1) * x_sums[8 * b + 2 * c + 1]
+            acc += read_f16(row, o) * scaled - read_f16(row, o + 2) * mins
+        y[r] = acc
+
+
+@numba.njit(cache=True, parallel=True, fastmath=True)
+def matvec_q5_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
+    n_blocks = blocks.shape[1] // Q5_K_BYTES
+    x_sums = _sub_block_sums(x, 32)
+    for r in numba.prange(blocks.shape[0]):
+        row = blocks[r]
+        acc = np.float32(0)
+        for b in range(n_blocks):
+            o = b * Q5_K_BYTES
+            qh = row[o + 16 : o + 48]
+            scaled = np.float32(0)
+            mins = np.float32(0)
+            for c in range(4):
+                qs = row[o + 48 + 32 * c : o + 80 + 32 * c]
+                xs = x[QK_K * b + 64 * c : QK_K * b + 64 * c + 64]
+                s0 = np.float32(0)
+                s1 = np.float32(0)
+                for e in range(32):
+                    q0 = (np.int64(qs[e]) & 15) | (((np.int64(qh[e]) >> (2 * c)) & 1) << 4)
+                    q1 = (np.int64(qs[e]) >> 4) | (((np.int64(qh[e]) >> (2 * c + 1)) & 1) << 4)
+                    s0 += np.float32(q0) * xs[e]
+                    s1 += np.float32(q1) * xs[32 + e]
+                sc0, m0 = _scale_min_k4(row, o + 4, 2 * c)
+                sc1, m1 = _scale_min_k4(row, o + 4, 2 * c + 1)
+                scaled += np.float32(sc0) * s0 + np.float32(sc1) * s1
+                mins += np.float32(m0) * x_sums[8 * b + 2 * c] + np.float32(m1) * x_sums[8 * b + 2 * c + 1]
+            acc += read_f16(row, o) * scaled - read_f16(row, o + 2) * mins
+        y[r] = acc
+
+
+@numba.njit(cache=True, parallel=True, fastmath=True)
+def matvec_q6_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
+    n_blocks = blocks.shape[1] // Q6_K_BYTES
+    for r in numba.prange(blocks.shape[0]):
+        row = blocks[r]
+        acc = np.float32(0)
+        for b in range(n_blocks):
+            o = b * Q6_K_BYTES
+            scaled = np.float32(0)
+            for h in range(2):
+                ql = row[o + 64 * h : o + 64 * h + 64]
+                qh = row[o + 128 + 32 * h : o + 160 + 32 * h]
+                xs = x[QK_K * b + 128 * h : QK_K * b + 128 * h + 128]
+                for half in range(2):
+                    s0 = np.float32(0)
+                    s1 = np.float32(0)
+                    s2 = np.float32(0)
+                    s3 = np.float32(0)
+                    for i in range(16):
+                        e = 16 * half + i
+                        low = np.int64(ql[e])
+                        high = np.int64(ql[32 + e])
+                        bits = np.int64(qh[e])
+                        s0 += np.float32(((low & 15) | ((bits & 3) << 4)) - 32) * xs[e]
+                        s1 += np.float32(((high & 15) | (((bits >> 2) & 3) << 4)) - 32) * xs[32 + e]
+                        s2 += np.float32(((low >> 4) | (((bits >> 4) & 3) << 4)) - 32) * xs[64 + e]
+                        s3 += np.float32(((high >> 4) | ((bits >> 6) << 4)) - 32) * xs[96 + e]
+                    s = o + 192 + 8 * h + half
+                    scaled += (
+                        np.float32(_signed_byte(row, s)) * s0 + np.float32(_signed_byte(row, s + 2)) * s1
+                    )
+                    scaled += (
+                        np.float32(_signed_byte(row, s + 4)) * s2 + np.float32(_signed_byte(row, s + 6)) * s3
+                    )
+            acc += read_f16(row, o + 208) * scaled
+        y[r] = acc
+
+
+# --- matmul: Y[n, rows] = X W^T, one dequantized tile of W at a time -------------------------------------
+
+
+@numba.njit(cache=True, fastmath=True)
+def _multiply_tile(w: np.ndarray, x: np.ndarray, y: np.ndarray, r0: int) -> None:
+    """y[:, r0:r0 + len(w)] = x @ w.T for a dequantized tile w f32[tile_rows, cols], x f32[n, cols]."""
+    tile_rows, cols = w.shape
+    n = x.shape[0]
+    for i0 in range(0, n, MICRO_TOKENS):
+        for j0 in range(0, tile_rows, MICRO_ROWS):
+            if i0 + MICRO_TOKENS <= n and j0 + MICRO_ROWS <= tile_rows:
+                # 4 tokens x 4 rows: each x and w load feeds four multiply-adds
+                x0, x1, x2, x3 = x[i0], x[i0 + 1], x[i0 + 2], x[i0 + 3]
+                w0, w1, w2, w3 = w[j0], w[j0 + 1], w[j0 + 2], w[j0 + 3]
+                a00 = a01 = a02 = a03 = np.float32(0)
+                a10 = a11 = a12 = a13 = np.float32(0)
+                a20 = a21 = a22 = a23 = np.float32(0)
+                a30 = a31 = a32 = a33 = np.float32(0)
+                for k in range(cols):
+                    a00 += x0[k] * w0[k]
+                    a01 += x0[k] * w1[k]
+                    a02 += x0[k] * w2[k]
+                    a03 += x0[k] * w3[k]
+                    a10 += x1[k] * w0[k]
+                    a11 += x1[k] * w1[k]
+                    a12 += x1[k] * w2[k]
+                    a13 += x1[k] * w3[k]
+                    a20 += x2[k] * w0[k]
+                    a21 += x2[k] * w1[k]
+                    a22 += x2[k] * w2[k]
+                    a23 += x2[k] * w3[k]
+                    a30 += x3[k] * w0[k]
+                    a31 += x3[k] * w1[k]
+                    a32 += x3[k] * w2[k]
+                    a33 += x3[k] * w3[k]
+                r = r0 + j0
+                y[i0, r], y[i0, r + 1], y[i0, r + 2], y[i0, r + 3] = a00, a01, a02, a03
+                y[i0 + 1, r], y[i0 + 1, r + 1], y[i0 + 1, r + 2], y[i0 + 1, r + 3] = a10, a11, a12, a13
+                y[i0 + 2, r], y[i0 + 2, r + 1], y[i0 + 2, r + 2], y[i0 + 2, r + 3] = a20, a21, a22, a23
+                y[i0 + 3, r], y[i0 + 3, r + 1], y[i0 + 3, r + 2], y[i0 + 3, r + 3] = a30, a31, a32, a33
+            else:
+                for i in range(i0, min(n, i0 + MICRO_TOKENS)):
+                    for j in range(j0, min(tile_rows, j0 + MICRO_ROWS)):
+                        total = np.float32(0)
+                        for k in range(cols):
+                            total += x[i, k] * w[j, k]
+                        y[i, r0 + j] = total
+
+
+@numba.njit(cache=True, parallel=True)
+def matmul_q2_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
+    rows = blocks.shape[0]
+    for t in numba.prange((rows + MATMUL_TILE_ROWS - 1) // MATMUL_TILE_ROWS):
+        r0 = t * MATMUL_TILE_ROWS
+        w = np.empty((min(MATMUL_TILE_ROWS, rows - r0), x.shape[1]), np.float32)
+        for j in range(w.shape[0]):
+            _dequantize_row_q2_k(blocks[r0 + j], w[j])
+        _multiply_tile(w, x, y, r0)
+
+
+@numba.njit(cache=True, parallel=True)
+def matmul_q3_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
+    rows = blocks.shape[0]
+    for t in numba.prange((rows + MATMUL_TILE_ROWS - 1) // MATMUL_TILE_ROWS):
+        r0 = t * MATMUL_TILE_ROWS
+        w = np.empty((min(MATMUL_TILE_ROWS, rows - r0), x.shape[1]), np.float32)
+        for j in range(w.shape[0]):
+            _dequantize_row_q3_k(blocks[r0 + j], w[j])
+        _multiply_tile(w, x, y, r0)
+
+
+@numba.njit(cache=True, parallel=True)
+def matmul_q4_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
+    rows = blocks.shape[0]
+    for t in numba.prange((rows + MATMUL_TILE_ROWS - 1) // MATMUL_TILE_ROWS):
+        r0 = t * MATMUL_TILE_ROWS
+        w = np.empty((min(MATMUL_TILE_ROWS, rows - r0), x.shape[1]), np.float32)
+        for j in range(w.shape[0]):
+            _dequantize_row_q4_k(blocks[r0 + j], w[j])
+        _multiply_tile(w, x, y, r0)
+
+
+@numba.njit(cache=True, parallel=True)
+def matmul_q5_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
+    rows = blocks.shape[0]
+    for t in numba.prange((rows + MATMUL_TILE_ROWS - 1) // MATMUL_TILE_ROWS):
+        r0 = t * MATMUL_TILE_ROWS
+        w = np.empty((min(MATMUL_TILE_ROWS, rows - r0), x.shape[1]), np.float32)
+        for j in range(w.shape[0]):
+            _dequantize_row_q5_k(blocks[r0 + j], w[j])
+        _multiply_tile(w, x, y, r0)
+
+
+@numba.njit(cache=True, parallel=True)
+def matmul_q6_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
+    rows = blocks.shape[0]
+    for t in numba.prange((rows + MATMUL_TILE_ROWS - 1) // MATMUL_TILE_ROWS):
+        r0 = t * MATMUL_TILE_ROWS
+        w = np.empty((min(MATMUL_TILE_ROWS, rows - r0), x.shape[1]), np.float32)
+        for j in range(w.shape[0]):
+            _dequantize_row_q6_k(blocks[r0 + j], w[j])
+        _multiply_tile(w, x, y, r0)
+
+
+register(BlockKernels(GGMLQuantizationType.Q2_K, dequantize_q2_k, matvec_q2_k, matmul_q2_k))
+register(BlockKernels(GGMLQuantizationType.Q3_K, dequantize_q3_k, matvec_q3_k, matmul_q3_k))
+register(BlockKernels(GGMLQuantizationType.Q4_K, dequantize_q4_k, matvec_q4_k, matmul_q4_k))
+register(BlockKernels(GGMLQuantizationType.Q5_K, dequantize_q5_k, matvec_q5_k, matmul_q5_k))
+register(BlockKernels(GGMLQuantizationType.Q6_K, dequantize_q6_k, matvec_q6_k, matmul_q6_k))

@@ -1,0 +1,143 @@
+"""K-quant kernels against gguf-py: dequantize bit for bit, matvec/matmul within a stated tolerance.
+
+Blocks are random bytes with finite f16 scales (gguf-py has no K-quant quantizer): every bit pattern of the
+quantized fields is valid, so random bytes cover the format; the f16 fields are drawn from all finite halves
+(zero, subnormal, negative, up to 65504) and from the magnitudes real GPT-2 weights give (1e-4 .. 1e-1).
+
+Tolerance of matvec/matmul: |y - y_exact| <= 1e-4 * sum_k (|w_k| + |min_k|) |x_k| per output, where y_exact
+is the f64 product of gguf-py's dequantized weights and min_k the `dmin * m` part of w_k (summation order
+differs from a plain dot product, and the `- dmin * m` terms are applied through per-sub-block sums of x).
+"""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kernels import kernels_for, kquants
+
+# byte offsets of the f16 fields (d, dmin) inside each block, and of the quantized values (zeroed to isolate
+# the `- dmin * m` part of each weight)
+F16_OFFSETS = {
+    GGMLQuantizationType.Q2_K: (80, 82),
+    GGMLQuantizationType.Q3_K: (108,),
+    GGMLQuantizationType.Q4_K: (0, 2),
+    GGMLQuantizationType.Q5_K: (0, 2),
+    GGMLQuantizationType.Q6_K: (208,),
+}
+QUANT_RANGES = {
+    GGMLQuantizationType.Q2_K: ((16, 80),),
+    GGMLQuantizationType.Q4_K: ((16, 144),),
+    GGMLQuantizationType.Q5_K: ((16, 176),),
+}
+QTYPES = list(F16_OFFSETS)
+RTOL = 1e-4
+
+
+def make_blocks(
+    qtype: GGMLQuantizationType, rows: int, n_blocks: int, seed: int, realistic: bool
+) -> np.ndarray:
+    """u8[rows, n_blocks * type_size]: random block bytes with finite f16 scale fields."""
+    rng = np.random.default_rng(seed)
+    type_size = GGML_QUANT_SIZES[qtype][1]
+    blocks = rng.integers(0, 256, (rows, n_blocks, type_size), dtype=np.uint8)
+    for offset in F16_OFFSETS[qtype]:
+        if realistic:
+            halves = (
+                rng.uniform(1e-4, 1e-1, (rows, n_blocks)) * rng.choice([-1, 1], (rows, n_blocks))
+            ).astype(np.float16)
+        else:
+            bits = rng.integers(0, 1 << 16, (rows, n_blocks), dtype=np.uint16)
+            bits[(bits & 0x7C00) == 0x7C00] &= 0xBFFF  # inf/nan exponent -> a finite one
+            halves = bits.view(np.float16)
+        blocks[:, :, offset : offset + 2] = halves.view(np.uint8).reshape(rows, n_blocks, 2)
+    return blocks.reshape(rows, n_blocks * type_size)
+
+
+def kernels_of(qtype: GGMLQuantizationType):
+    name = qtype.name.lower()
+    return (
+        getattr(kquants, f"dequantize_{name}"),
+        getattr(kquants, f"matvec_{name}"),
+        getattr(kquants, f"matmul_{name}"),
+    )
+
+
+def weight_magnitudes(qtype: GGMLQuantizationType, blocks: np.ndarray) -> np.ndarray:
+    """f64[rows, cols]: |w| + |dmin * m|, the scale of each weight's terms before they cancel."""
+    weights = gguf.quants.dequantize(blocks, qtype).astype(np.float64)
+    magnitudes = np.abs(weights)
+    if qtype in QUANT_RANGES:
+        no_quants = blocks.reshape(blocks.shape[0], -1, GGML_QUANT_SIZES[qtype][1]).copy()
+        for start, stop in QUANT_RANGES[qtype]:
+            no_quants[:, :, start:stop] = 0
+        mins = gguf.quants.dequantize(no_quants.reshape(blocks.shape), qtype)
+        magnitudes += np.abs(mins)
+    return magnitudes
+
+
+@pytest.mark.parametrize("qtype", QTYPES, ids=lambda q: q.name)
+def test_registered(qtype: GGMLQuantizationType) -> None:
+    kernels = kernels_for(qtype)
+    assert (kernels.dequantize, kernels.matvec, kernels.matmul) == kernels_of(qtype)
+
+
+@pytest.mark.parametrize("qtype", QTYPES, ids=lambda q: q.name)
+@settings(max_examples=25, deadline=None)
+@given(
+    rows=st.integers(1, 20),
+    n_blocks=st.integers(1, 4),
+    seed=st.integers(0, 2**32 - 1),
+    realistic=st.booleans(),
+)
+def test_dequantize_bit_exact(
+    qtype: GGMLQuantizationType, rows: int, n_blocks: int, seed: int, realistic: bool
+):
+    blocks = make_blocks(qtype, rows, n_blocks, seed, realistic)
+    dequantize, _, _ = kernels_of(qtype)
+    out = np.empty((rows, n_blocks * 256), np.float32)
+    dequantize(blocks, out)
+    expected = gguf.quants.dequantize(blocks, qtype)
+    assert out.dtype == expected.dtype
+    assert np.array_equal(out, expected)
+
+
+@pytest.mark.parametrize("qtype", QTYPES, ids=lambda q: q.name)
+def test_dequantize_gpt2_shape(qtype: GGMLQuantizationType) -> None:
+    blocks = make_blocks(qtype, 300, 3, seed=7, realistic=True)
+    dequantize, _, _ = kernels_of(qtype)
+    out = np.empty((300, 768), np.float32)
+    dequantize(blocks, out)
+    assert np.array_equal(out, gguf.quants.dequantize(blocks, qtype))
+
+
+@pytest.mark.parametrize("qtype", QTYPES, ids=lambda q: q.name)
+@settings(max_examples=25, deadline=None)
+@given(
+    rows=st.integers(1, 70),
+    n_blocks=st.integers(1, 4),
+    n_tokens=st.integers(1, 9),
+    seed=st.integers(0, 2**32 - 1),
+    realistic=st.booleans(),
+)
+def test_matvec_matmul_match_dequantized(
+    qtype: GGMLQuantizationType, rows: int, n_blocks: int, n_tokens: int, seed: int, realistic: bool
+):
+    blocks = make_blocks(qtype, rows, n_blocks, seed, realistic)
+    _, matvec, matmul = kernels_of(qtype)
+    x = np.random.default_rng(seed + 1).standard_normal((n_tokens, n_blocks * 256)).astype(np.float32)
+    weights = gguf.quants.dequantize(blocks, qtype).astype(np.float64)
+    expected = x.astype(np.float64) @ weights.T
+    tolerance = RTOL * (np.abs(x).astype(np.float64) @ weight_magnitudes(qtype, blocks).T) + 1e-30
+
+    y = np.empty(rows, np.float32)
+    matvec(blocks, x[0], y)
+    assert np.all(np.abs(y - expected[0]) <= tolerance[0])
+
+    out = np.empty((n_tokens, rows), np.float32)
+    matmul(blocks, x, out)
+    assert np.all(np.abs(out - expected) <= tolerance)
