@@ -9,6 +9,7 @@ OpenAI's encoder.py, HF's GPT2Tokenizer and llama.cpp do.
 from __future__ import annotations
 
 import codecs
+import heapq
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -168,29 +169,42 @@ class Tokenizer:
         return ids
 
     def _bpe(self, piece: str) -> tuple[int, ...]:
-        """Merge the lowest-ranked adjacent pair (each occurrence, left to right) until no pair is ranked."""
-        byte_ids = self._byte_ids
-        ids = [byte_ids[b] for b in piece.encode("utf-8")]
+        """Merge the lowest-ranked adjacent pair, leftmost first, until no pair is ranked.
+
+        A heap of (rank, ..., position) over a linked list of symbols keeps this O(n log n), so a long piece
+        (a run of digits) stays fast. It gives OpenAI's result (merge every occurrence of the best pair, then
+        look again) because a merge only creates pairs of higher rank than its own in a trained BPE.
+        """
+        ids = [self._byte_ids[b] for b in piece.encode("utf-8")]
+        n = len(ids)
         merge_ranks = self._merge_ranks
-        no_merge = (len(self.merges), -1, -1, -1)
-        while len(ids) > 1:
-            _, left, right, merged = min(
-                merge_ranks.get(pair, no_merge) for pair in zip(ids, ids[1:], strict=False)
-            )
-            if merged < 0:
-                break
-            out: list[int] = []
-            i = 0
-            n = len(ids)
-            while i < n:
-                if i + 1 < n and ids[i] == left and ids[i + 1] == right:
-                    out.append(merged)
-                    i += 2
-                else:
-                    out.append(ids[i])
-                    i += 1
-            ids = out
-        return tuple(ids)
+        heap = [
+            (*merge_ranks[pair], i)
+            for i, pair in enumerate(zip(ids, ids[1:], strict=False))
+            if pair in merge_ranks
+        ]
+        if not heap:
+            return tuple(ids)
+        heapq.heapify(heap)
+        next_pos = list(range(1, n + 1))
+        prev_pos = list(range(-1, n - 1))
+        while heap:
+            _, left, right, merged, i = heapq.heappop(heap)
+            j = next_pos[i]
+            # Entries go stale when a neighbour merges first; the pair must still be there.
+            if ids[i] != left or j == n or ids[j] != right:
+                continue
+            ids[i] = merged
+            ids[j] = -1
+            k = next_pos[i] = next_pos[j]
+            if k < n:
+                prev_pos[k] = i
+                if (pair := (merged, ids[k])) in merge_ranks:
+                    heapq.heappush(heap, (*merge_ranks[pair], i))
+            h = prev_pos[i]
+            if h >= 0 and (pair := (ids[h], merged)) in merge_ranks:
+                heapq.heappush(heap, (*merge_ranks[pair], h))
+        return tuple(t for t in ids if t >= 0)
 
     def token_bytes(self, token_id: int) -> bytes:
         return self._token_bytes[token_id]

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gpt2cli.errors import Gpt2Error
-from gpt2cli.tokenizer import BYTE_TO_CHAR, ENDOFTEXT, StreamDecoder, Tokenizer
+from gpt2cli.tokenizer import BYTE_TO_CHAR, ENDOFTEXT, PRETOKENIZE_PATTERN, StreamDecoder, Tokenizer
 
 VECTOR_SEPARATOR = "\n__ggml_vocab_test__\n"
 
@@ -86,6 +86,67 @@ text_with_specials = st.lists(
 def test_round_trip(gguf_tokenizer: Tokenizer, text: str) -> None:
     assert gguf_tokenizer.decode(gguf_tokenizer.encode(text)) == text
     assert gguf_tokenizer.decode(gguf_tokenizer.encode(text, allow_special=False)) == text
+
+
+@pytest.fixture(scope="module")
+def merge_ranks(gguf_tokenizer: Tokenizer) -> dict[tuple[str, str], int]:
+    splits = [(m, m.find(" ", 1)) for m in gguf_tokenizer.merges]
+    return {(m[:i], m[i + 1 :]): rank for rank, (m, i) in enumerate(splits)}
+
+
+def openai_bpe(ranks: dict[tuple[str, str], int], word: list[str]) -> list[str]:
+    """OpenAI encoder.py's loop on strings: merge every occurrence of the best pair, then look again."""
+    while len(word) > 1:
+        best = min(zip(word, word[1:], strict=False), key=lambda pair: ranks.get(pair, len(ranks)))
+        if best not in ranks:
+            break
+        merged: list[str] = []
+        i = 0
+        while i < len(word):
+            if word[i : i + 2] == list(best):
+                merged.append(best[0] + best[1])
+                i += 2
+            else:
+                merged.append(word[i])
+                i += 1
+        word = merged
+    return word
+
+
+@settings(max_examples=40, deadline=None)
+@given(text=st.one_of(st.text(), st.text(alphabet="0123456789 -abcdeé😶\n", max_size=300)))
+def test_matches_openai_merge_loop(
+    gguf_tokenizer: Tokenizer, merge_ranks: dict[tuple[str, str], int], text: str
+) -> None:
+    expected = [
+        gguf_tokenizer.token_to_id[token]
+        for piece in PRETOKENIZE_PATTERN.findall(text)
+        for token in openai_bpe(merge_ranks, [BYTE_TO_CHAR[b] for b in piece.encode()])
+    ]
+    assert gguf_tokenizer.encode(text, allow_special=False) == expected
+
+
+@pytest.fixture(scope="module")
+def llama_cpp_vocab(tokenizer_dir: Path):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (optional oracle)")
+    return llama_cpp.Llama(
+        model_path=str(tokenizer_dir / "ggml-vocab-gpt-2.gguf"), vocab_only=True, verbose=False
+    )
+
+
+@settings(max_examples=50, deadline=None)
+@given(text=text_with_specials)
+def test_matches_llama_cpp(gguf_tokenizer: Tokenizer, llama_cpp_vocab, text: str) -> None:
+    for special in (False, True):
+        expected = llama_cpp_vocab.tokenize(text.encode(), add_bos=False, special=special)
+        assert gguf_tokenizer.encode(text, allow_special=special) == expected
+
+
+def test_long_piece(gguf_tokenizer: Tokenizer) -> None:
+    digits = "".join(str(i * 7919 % 10) for i in range(20_000))
+    ids = gguf_tokenizer.encode(digits)
+    assert gguf_tokenizer.decode(ids) == digits
+    assert len(ids) < len(digits) / 2
 
 
 @settings(max_examples=25, deadline=None)
