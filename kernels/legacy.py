@@ -1,1 +1,517 @@
-"""placeholder, filled in by the kernels work."""
+"""Kernels for ggml's original 32-weight blocks: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0.
+
+Dequantization and quantization reproduce gguf-py (gguf/quants.py) bit for bit: the same f32 operations in
+the same order, never fused (no fastmath there). The matrix products keep the activations in f32 and
+dequantize each block in registers; they run with fastmath, which reorders the sums (see the tests for the
+tolerance).
+
+Block layouts (32 weights each, little-endian, f16 scales):
+    Q4_0  d, qs[16]              w = (q - 8) d
+    Q4_1  d, m, qs[16]           w = q d + m
+    Q5_0  d, qh[4], qs[16]       w = (q - 16) d, the 5th bit of weight j is bit j of qh
+    Q5_1  d, m, qh[4], qs[16]    w = q d + m
+    Q8_0  d, qs[32] int8         w = q d
+Byte j of qs holds weight j in its low nibble and weight j + 16 in its high nibble.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from gguf import GGMLQuantizationType
+from numba import prange
+
+from kernels import BlockKernels, register
+from kernels.common import f32_to_f16, read_f16, read_u32, write_u16
+
+QK = 32
+# Rows handled together by one matvec/matmul task: enough to amortize the per-task setup and, in matmul, to
+# reuse each token's activations across rows while the dequantized tile stays in L1/L2.
+ROW_TILE = 8
+MATMUL_ROW_TILE = 16
+
+# ---------------------------------------------------------------------------------------------------------
+# Per-block decoders, shared by dequantize, matvec and matmul. `o` is the block's byte offset in `row`,
+# `w` receives its 32 weights at w[k:k + 32].
+
+
+@numba.njit(inline="always")
+def _decode_q4_0(row: np.ndarray, o: int, w: np.ndarray, k: int) -> None:
+    d = read_f16(row, o)
+    for j in range(16):
+        q = np.int32(row[o + 2 + j])
+        w[k + j] = d * np.float32((q & 15) - 8)
+        w[k + j + 16] = d * np.float32((q >> 4) - 8)
+
+
+@numba.njit(inline="always")
+def _decode_q4_1(row: np.ndarray, o: int, w: np.ndarray, k: int) -> None:
+    d = read_f16(row, o)
+    m = read_f16(row, o + 2)
+    for j in range(16):
+        q = np.int32(row[o + 4 + j])
+        w[k + j] = d * np.float32(q & 15) + m
+        w[k + j + 16] = d * np.float32(q >> 4) + m
+
+
+@numba.njit(inline="always")
+def _decode_q5_0(row: np.ndarray, o: int, w: np.ndarray, k: int) -> None:
+    d = read_f16(row, o)
+    qh = np.int64(read_u32(row, o + 2))
+    for j in range(16):
+        q = np.int32(row[o + 6 + j])
+        low = (q & 15) | np.int32(((qh >> j) & 1) << 4)
+        high = (q >> 4) | np.int32(((qh >> (j + 16)) & 1) << 4)
+        w[k + j] = d * np.float32(low - 16)
+        w[k + j + 16] = d * np.float32(high - 16)
+
+
+@numba.njit(inline="always")
+def _decode_q5_1(row: np.ndarray, o: int, w: np.ndarray, k: int) -> None:
+    d = read_f16(row, o)
+    m = read_f16(row, o + 2)
+    qh = np.int64(read_u32(row, o + 4))
+    for j in range(16):
+        q = np.int32(row[o + 8 + j])
+        low = (q & 15) | np.int32(((qh >> j) & 1) << 4)
+        high = (q >> 4) | np.int32(((qh >> (j + 16)) & 1) << 4)
+        w[k + j] = d * np.float32(low) + m
+        w[k + j + 16] = d * np.float32(high) + m
+
+
+@numba.njit(inline="always")
+def _decode_q8_0(row: np.ndarray, o: int, w: np.ndarray, k: int) -> None:
+    d = read_f16(row, o)
+    for j in range(32):
+        w[k + j] = d * np.float32(np.int8(row[o + 2 + j]))
+
+
+# Per-block dot products for matvec: acc[j] += w[j] * x[k + j], one f32 lane per weight of the block, so the
+# sum over blocks needs no horizontal reduction until the row ends.
+
+
+@numba.njit(inline="always")
+def _accumulate_q4_0(row: np.ndarray, o: int, x: np.ndarray, k: int, acc: np.ndarray) -> None:
+    d = read_f16(row, o)
+    for j in range(16):
+        q = np.int32(row[o + 2 + j])
+        acc[j] += d * np.float32((q & 15) - 8) * x[k + j]
+        acc[j + 16] += d * np.float32((q >> 4) - 8) * x[k + j + 16]
+
+
+@numba.njit(inline="always")
+def _accumulate_q4_1(row: np.ndarray, o: int, x: np.ndarray, k: int, acc: np.ndarray) -> None:
+    d = read_f16(row, o)
+    m = read_f16(row, o + 2)
+    for j in range(16):
+        q = np.int32(row[o + 4 + j])
+        acc[j] += (d * np.float32(q & 15) + m) * x[k + j]
+        acc[j + 16] += (d * np.float32(q >> 4) + m) * x[k + j + 16]
+
+
+@numba.njit(inline="always")
+def _accumulate_q5_0(row: np.ndarray, o: int, x: np.ndarray, k: int, acc: np.ndarray) -> None:
+    d = read_f16(row, o)
+    qh = np.int64(read_u32(row, o + 2))
+    for j in range(16):
+        q = np.int32(row[o + 6 + j])
+        low = (q & 15) | np.int32(((qh >> j) & 1) << 4)
+        high = (q >> 4) | np.int32(((qh >> (j + 16)) & 1) << 4)
+        acc[j] += d * np.float32(low - 16) * x[k + j]
+        acc[j + 16] += d * np.float32(high - 16) * x[k + j + 16]
+
+
+@numba.njit(inline="always")
+def _accumulate_q5_1(row: np.ndarray, o: int, x: np.ndarray, k: int, acc: np.ndarray) -> None:
+    d = read_f16(row, o)
+    m = read_f16(row, o + 2)
+    qh = np.int64(read_u32(row, o + 4))
+    for j in range(16):
+        q = np.int32(row[o + 8 + j])
+        low = (q & 15) | np.int32(((qh >> j) & 1) << 4)
+        high = (q >> 4) | np.int32(((qh >> (j + 16)) & 1) << 4)
+        acc[j] += (d * np.float32(low) + m) * x[k + j]
+        acc[j + 16] += (d * np.float32(high) + m) * x[k + j + 16]
+
+
+@numba.njit(inline="always")
+def _accumulate_q8_0(row: np.ndarray, o: int, x: np.ndarray, k: int, acc: np.ndarray) -> None:
+    d = read_f16(row, o)
+    for j in range(32):
+        acc[j] += d * np.float32(np.int8(row[o + 2 + j])) * x[k + j]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shared matmul body: Y[:, r0:r0 + tile] = X tile^T for one dequantized tile of rows.
+
+
+@numba.njit(inline="always")
+def _tile_times_tokens(tile: np.ndarray, n_rows: int, x: np.ndarray, y: np.ndarray, r0: int) -> None:
+    """y[i, r0 + t] = x[i] . tile[t] for t < n_rows; four tokens at a time so each weight load feeds four
+    products."""
+    n, cols = x.shape
+    n_quads = n - n % 4
+    for i in range(0, n_quads, 4):
+        x0, x1, x2, x3 = x[i], x[i + 1], x[i + 2], x[i + 3]
+        for t in range(n_rows):
+            w = tile[t]
+            s0 = s1 = s2 = s3 = np.float32(0)
+            for k in range(cols):
+                s0 += x0[k] * w[k]
+                s1 += x1[k] * w[k]
+                s2 += x2[k] * w[k]
+                s3 += x3[k] * w[k]
+            y[i, r0 + t] = s0
+            y[i + 1, r0 + t] = s1
+            y[i + 2, r0 + t] = s2
+            y[i + 3, r0 + t] = s3
+    for i in range(n_quads, n):
+        xi = x[i]
+        for t in range(n_rows):
+            w = tile[t]
+            s = np.float32(0)
+            for k in range(cols):
+                s += xi[k] * w[k]
+            y[i, r0 + t] = s
+
+
+@numba.njit(inline="always")
+def _tiles(rows: int, tile: int) -> int:
+    return (rows + tile - 1) // tile
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Quantizers, following gguf-py's numpy code operation by operation (itself bit-exact with ggml's reference):
+# f32 arithmetic throughout, the scale computed in f32 and stored rounded to f16.
+
+
+@numba.njit(inline="always")
+def _signed_absmax(x: np.ndarray, k: int) -> np.float32:
+    """The value of largest magnitude in x[k:k + 32], the first one on ties."""
+    best = np.float32(0)
+    best_abs = np.float32(0)
+    for j in range(QK):
+        v = x[k + j]
+        if abs(v) > best_abs:
+            best_abs = abs(v)
+            best = v
+    return best
+
+
+@numba.njit(inline="always")
+def _min_max(x: np.ndarray, k: int) -> tuple[np.float32, np.float32]:
+    lo = x[k]
+    hi = x[k]
+    for j in range(1, QK):
+        lo = min(lo, x[k + j])
+        hi = max(hi, x[k + j])
+    return lo, hi
+
+
+@numba.njit(inline="always")
+def _inverse(d: np.float32) -> np.float32:
+    return np.float32(1) / d if d != 0 else np.float32(0)
+
+
+@numba.njit(inline="always")
+def _truncate_to(v: np.float32, top: int) -> np.int32:
+    """np.trunc(v).astype(uint8).clip(0, top) for the v >= 0 that the quantizers produce."""
+    return np.int32(min(np.float32(top), np.trunc(v)))
+
+
+@numba.njit(inline="always")
+def _round_away(v: np.float32) -> np.float32:
+    """gguf-py's np_roundf: halves away from zero, exact in f32."""
+    a = abs(v)
+    floored = np.floor(a)
+    rounded = floored + np.floor(np.float32(2) * (a - floored))
+    return rounded if v >= 0 else -rounded
+
+
+@numba.njit(inline="always")
+def _encode_q4_0(x: np.ndarray, k: int, row: np.ndarray, o: int) -> None:
+    d = _signed_absmax(x, k) / np.float32(-8)
+    inv = _inverse(d)
+    write_u16(row, o, f32_to_f16(d))
+    for j in range(16):
+        low = _truncate_to(x[k + j] * inv + np.float32(8.5), 15)
+        high = _truncate_to(x[k + j + 16] * inv + np.float32(8.5), 15)
+        row[o + 2 + j] = np.uint8(low | (high << 4))
+
+
+@numba.njit(inline="always")
+def _encode_q4_1(x: np.ndarray, k: int, row: np.ndarray, o: int) -> None:
+    lo, hi = _min_max(x, k)
+    d = (hi - lo) / np.float32(15)
+    inv = _inverse(d)
+    write_u16(row, o, f32_to_f16(d))
+    write_u16(row, o + 2, f32_to_f16(lo))
+    for j in range(16):
+        low = _truncate_to((x[k + j] - lo) * inv + np.float32(0.5), 15)
+        high = _truncate_to((x[k + j + 16] - lo) * inv + np.float32(0.5), 15)
+        row[o + 4 + j] = np.uint8(low | (high << 4))
+
+
+@numba.njit(inline="always")
+def _encode_q5_0(x: np.ndarray, k: int, row: np.ndarray, o: int) -> None:
+    d = _signed_absmax(x, k) / np.float32(-16)
+    inv = _inverse(d)
+    write_u16(row, o, f32_to_f16(d))
+    qh = 0
+    for j in range(16):
+        low = _truncate_to(x[k + j] * inv + np.float32(16.5), 31)
+        high = _truncate_to(x[k + j + 16] * inv + np.float32(16.5), 31)
+        row[o + 6 + j] = np.uint8((low & 15) | ((high & 15) << 4))
+        qh |= ((low >> 4) << j) | ((high >> 4) << (j + 16))
+    for i in range(4):
+        row[o + 2 + i] = np.uint8((qh >> (8 * i)) & 0xFF)
+
+
+@numba.njit(inline="always")
+def _encode_q5_1(x: np.ndarray, k: int, row: np.ndarray, o: int) -> None:
+    lo, hi = _min_max(x, k)
+    d = (hi - lo) / np.float32(31)
+    inv = _inverse(d)
+    write_u16(row, o, f32_to_f16(d))
+    write_u16(row, o + 2, f32_to_f16(lo))
+    qh = 0
+    for j in range(16):
+        low = _truncate_to((x[k + j] - lo) * inv + np.float32(0.5), 31)
+        high = _truncate_to((x[k + j + 16] - lo) * inv + np.float32(0.5), 31)
+        row[o + 8 + j] = np.uint8((low & 15) | ((high & 15) << 4))
+        qh |= ((low >> 4) << j) | ((high >> 4) << (j + 16))
+    for i in range(4):
+        row[o + 4 + i] = np.uint8((qh >> (8 * i)) & 0xFF)
+
+
+@numba.njit(inline="always")
+def _encode_q8_0(x: np.ndarray, k: int, row: np.ndarray, o: int) -> None:
+    amax = np.float32(0)
+    for j in range(QK):
+        amax = max(amax, abs(x[k + j]))
+    d = amax / np.float32(127)
+    inv = _inverse(d)
+    write_u16(row, o, f32_to_f16(d))
+    for j in range(QK):
+        row[o + 2 + j] = np.uint8(np.int32(_round_away(x[k + j] * inv)) & 0xFF)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Kernels, one set per type: numba inlines a decoder only when it sees it by name.
+
+
+@numba.njit(cache=True, parallel=True)
+def dequantize_q4_0(blocks: np.ndarray, out: np.ndarray) -> None:
+    for r in prange(blocks.shape[0]):
+        row, out_row = blocks[r], out[r]
+        for b in range(blocks.shape[1] // 18):
+            _decode_q4_0(row, b * 18, out_row, b * QK)
+
+
+@numba.njit(cache=True, parallel=True, fastmath=True)
+def matvec_q4_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
+    rows = blocks.shape[0]
+    for tile in prange(_tiles(rows, ROW_TILE)):
+        acc = np.empty(QK, np.float32)
+        for r in range(tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE)):
+            row = blocks[r]
+            acc[:] = 0
+            for b in range(blocks.shape[1] // 18):
+                _accumulate_q4_0(row, b * 18, x, b * QK, acc)
+            y[r] = acc.sum()
+
+
+@numba.njit(cache=True, parallel=True, fastmath=True)
+def matmul_q4_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
+    rows = blocks.shape[0]
+    for tile in prange(_tiles(rows, MATMUL_ROW_TILE)):
+        r0 = tile * MATMUL_ROW_TILE
+        n_rows = min(MATMUL_ROW_TILE, rows - r0)
+        weights = np.empty((n_rows, x.shape[1]), np.float32)
+        for t in range(n_rows):
+            for b in range(blocks.shape[1] // 18):
+                _decode_q4_0(blocks[r0 + t], b * 18, weights[t], b * QK)
+        _tile_times_tokens(weights, n_rows, x, y, r0)
+
+
+@numba.njit(cache=True, parallel=True)
+def quantize_q4_0(x: np.ndarray, out: np.ndarray) -> None:
+    for r in prange(x.shape[0]):
+        x_row, row = x[r], out[r]
+        for b in range(x.shape[1] // QK):
+            _encode_q4_0(x_row, b * QK, row, b * 18)
+
+
+@numba.njit(cache=True, parallel=True)
+def dequantize_q4_1(blocks: np.ndarray, out: np.ndarray) -> None:
+    for r in prange(blocks.shape[0]):
+        row, out_row = blocks[r], out[r]
+        for b in range(blocks.shape[1] // 20):
+            _decode_q4_1(row, b * 20, out_row, b * QK)
+
+
+@numba.njit(cache=True, parallel=True, fastmath=True)
+def matvec_q4_1(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
+    rows = blocks.shape[0]
+    for tile in prange(_tiles(rows, ROW_TILE)):
+        acc = np.empty(QK, np.float32)
+        for r in range(tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE)):
+            row = blocks[r]
+            acc[:] = 0
+            for b in range(blocks.shape[1] // 20):
+                _accumulate_q4_1(row, b * 20, x, b * QK, acc)
+            y[r] = acc.sum()
+
+
+@numba.njit(cache=True, parallel=True, fastmath=True)
+def matmul_q4_1(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
+    rows = blocks.shape[0]
+    for tile in prange(_tiles(rows, MATMUL_ROW_TILE)):
+        r0 = tile * MATMUL_ROW_TILE
+        n_rows = min(MATMUL_ROW_TILE, rows - r0)
+        weights = np.empty((n_rows, x.shape[1]), np.float32)
+        for t in range(n_rows):
+            for b in range(blocks.shape[1] // 20):
+                _decode_q4_1(blocks[r0 + t], b * 20, weights[t], b * QK)
+        _tile_times_tokens(weights, n_rows, x, y, r0)
+
+
+@numba.njit(cache=True, parallel=True)
+def quantize_q4_1(x: np.ndarray, out: np.ndarray) -> None:
+    for r in prange(x.shape[0]):
+        x_row, row = x[r], out[r]
+        for b in range(x.shape[1] // QK):
+            _encode_q4_1(x_row, b * QK, row, b * 20)
+
+
+@numba.njit(cache=True, parallel=True)
+def dequantize_q5_0(blocks: np.ndarray, out: np.ndarray) -> None:
+    for r in prange(blocks.shape[0]):
+        row, out_row = blocks[r], out[r]
+        for b in range(blocks.shape[1] // 22):
+            _decode_q5_0(row, b * 22, out_row, b * QK)
+
+
+@numba.njit(cache=True, parallel=True, fastmath=True)
+def matvec_q5_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
+    rows = blocks.shape[0]
+    for tile in prange(_tiles(rows, ROW_TILE)):
+        acc = np.empty(QK, np.float32)
+        for r in range(tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE)):
+            row = blocks[r]
+            acc[:] = 0
+            for b in range(blocks.shape[1] // 22):
+                _accumulate_q5_0(row, b * 22, x, b * QK, acc)
+            y[r] = acc.sum()
+
+
+@numba.njit(cache=True, parallel=True, fastmath=True)
+def matmul_q5_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
+    rows = blocks.shape[0]
+    for tile in prange(_tiles(rows, MATMUL_ROW_TILE)):
+        r0 = tile * MATMUL_ROW_TILE
+        n_rows = min(MATMUL_ROW_TILE, rows - r0)
+        weights = np.empty((n_rows, x.shape[1]), np.float32)
+        for t in range(n_rows):
+            for b in range(blocks.shape[1] // 22):
+                _decode_q5_0(blocks[r0 + t], b * 22, weights[t], b * QK)
+        _tile_times_tokens(weights, n_rows, x, y, r0)
+
+
+@numba.njit(cache=True, parallel=True)
+def quantize_q5_0(x: np.ndarray, out: np.ndarray) -> None:
+    for r in prange(x.shape[0]):
+        x_row, row = x[r], out[r]
+        for b in range(x.shape[1] // QK):
+            _encode_q5_0(x_row, b * QK, row, b * 22)
+
+
+@numba.njit(cache=True, parallel=True)
+def dequantize_q5_1(blocks: np.ndarray, out: np.ndarray) -> None:
+    for r in prange(blocks.shape[0]):
+        row, out_row = blocks[r], out[r]
+        for b in range(blocks.shape[1] // 24):
+            _decode_q5_1(row, b * 24, out_row, b * QK)
+
+
+@numba.njit(cache=True, parallel=True, fastmath=True)
+def matvec_q5_1(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
+    rows = blocks.shape[0]
+    for tile in prange(_tiles(rows, ROW_TILE)):
+        acc = np.empty(QK, np.float32)
+        for r in range(tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE)):
+            row = blocks[r]
+            acc[:] = 0
+            for b in range(blocks.shape[1] // 24):
+                _accumulate_q5_1(row, b * 24, x, b * QK, acc)
+            y[r] = acc.sum()
+
+
+@numba.njit(cache=True, parallel=True, fastmath=True)
+def matmul_q5_1(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
+    rows = blocks.shape[0]
+    for tile in prange(_tiles(rows, MATMUL_ROW_TILE)):
+        r0 = tile * MATMUL_ROW_TILE
+        n_rows = min(MATMUL_ROW_TILE, rows - r0)
+        weights = np.empty((n_rows, x.shape[1]), np.float32)
+        for t in range(n_rows):
+            for b in range(blocks.shape[1] // 24):
+                _decode_q5_1(blocks[r0 + t], b * 24, weights[t], b * QK)
+        _tile_times_tokens(weights, n_rows, x, y, r0)
+
+
+@numba.njit(cache=True, parallel=True)
+def quantize_q5_1(x: np.ndarray, out: np.ndarray) -> None:
+    for r in prange(x.shape[0]):
+        x_row, row = x[r], out[r]
+        for b in range(x.shape[1] // QK):
+            _encode_q5_1(x_row, b * QK, row, b * 24)
+
+
+@numba.njit(cache=True, parallel=True)
+def dequantize_q8_0(blocks: np.ndarray, out: np.ndarray) -> None:
+    for r in prange(blocks.shape[0]):
+        row, out_row = blocks[r], out[r]
+        for b in range(blocks.shape[1] // 34):
+            _decode_q8_0(row, b * 34, out_row, b * QK)
+
+
+@numba.njit(cache=True, parallel=True, fastmath=True)
+def matvec_q8_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
+    rows = blocks.shape[0]
+    for tile in prange(_tiles(rows, ROW_TILE)):
+        acc = np.empty(QK, np.float32)
+        for r in range(tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE)):
+            row = blocks[r]
+            acc[:] = 0
+            for b in range(blocks.shape[1] // 34):
+                _accumulate_q8_0(row, b * 34, x, b * QK, acc)
+            y[r] = acc.sum()
+
+
+@numba.njit(cache=True, parallel=True, fastmath=True)
+def matmul_q8_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
+    rows = blocks.shape[0]
+    for tile in prange(_tiles(rows, MATMUL_ROW_TILE)):
+        r0 = tile * MATMUL_ROW_TILE
+        n_rows = min(MATMUL_ROW_TILE, rows - r0)
+        weights = np.empty((n_rows, x.shape[1]), np.float32)
+        for t in range(n_rows):
+            for b in range(blocks.shape[1] // 34):
+                _decode_q8_0(blocks[r0 + t], b * 34, weights[t], b * QK)
+        _tile_times_tokens(weights, n_rows, x, y, r0)
+
+
+@numba.njit(cache=True, parallel=True)
+def quantize_q8_0(x: np.ndarray, out: np.ndarray) -> None:
+    for r in prange(x.shape[0]):
+        x_row, row = x[r], out[r]
+        for b in range(x.shape[1] // QK):
+            _encode_q8_0(x_row, b * QK, row, b * 34)
+
+
+register(BlockKernels(GGMLQuantizationType.Q4_0, dequantize_q4_0, matvec_q4_0, matmul_q4_0, quantize_q4_0))
+register(BlockKernels(GGMLQuantizationType.Q4_1, dequantize_q4_1, matvec_q4_1, matmul_q4_1, quantize_q4_1))
+register(BlockKernels(GGMLQuantizationType.Q5_0, dequantize_q5_0, matvec_q5_0, matmul_q5_0, quantize_q5_0))
+register(BlockKernels(GGMLQuantizationType.Q5_1, dequantize_q5_1, matvec_q5_1, matmul_q5_1, quantize_q5_1))
+register(BlockKernels(GGMLQuantizationType.Q8_0, dequantize_q8_0, matvec_q8_0, matmul_q8_0, quantize_q8_0))
