@@ -101,3 +101,42 @@ def read_u32(row: np.ndarray, offset: int) -> np.uint32:
 def write_u16(row: np.ndarray, offset: int, value: np.uint16) -> None:
     row[offset] = np.uint8(value & np.uint16(0xFF))
     row[offset + 1] = np.uint8(value >> np.uint16(8))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Matmul building blocks: the fused kernels dequantize a tile of rows, then multiply it with every token.
+
+
+@numba.njit(inline="always")
+def tile_times_tokens(tile: np.ndarray, n_rows: int, x: np.ndarray, y: np.ndarray, r0: int) -> None:
+    """y[i, r0 + t] = x[i] . tile[t] for t < n_rows; four tokens at a time so each weight load feeds four
+    products."""
+    n, cols = x.shape
+    n_quads = n - n % 4
+    for i in range(0, n_quads, 4):
+        x0, x1, x2, x3 = x[i], x[i + 1], x[i + 2], x[i + 3]
+        for t in range(n_rows):
+            w = tile[t]
+            s0 = s1 = s2 = s3 = np.float32(0)
+            for k in range(cols):
+                s0 += x0[k] * w[k]
+                s1 += x1[k] * w[k]
+                s2 += x2[k] * w[k]
+                s3 += x3[k] * w[k]
+            y[i, r0 + t] = s0
+            y[i + 1, r0 + t] = s1
+            y[i + 2, r0 + t] = s2
+            y[i + 3, r0 + t] = s3
+    for i in range(n_quads, n):
+        xi = x[i]
+        for t in range(n_rows):
+            w = tile[t]
+            s = np.float32(0)
+            for k in range(cols):
+                s += xi[k] * w[k]
+            y[i, r0 + t] = s
+
+
+@numba.njit(inline="always")
+def n_tiles(rows: int, tile: int) -> int:
+    return (rows + tile - 1) // tile

@@ -22,7 +22,7 @@ from gguf import GGMLQuantizationType
 from numba import prange
 
 from kernels import BlockKernels, register
-from kernels.common import f32_to_f16, read_f16, read_u32, write_u16
+from kernels.common import f32_to_f16, n_tiles, read_f16, read_u32, tile_times_tokens, write_u16
 
 QK = 32
 # Rows handled together by one matvec/matmul task: enough to amortize the per-task setup and, in matmul, to
@@ -139,45 +139,6 @@ def _accumulate_q8_0(row: np.ndarray, o: int, x: np.ndarray, k: int, acc: np.nda
     d = read_f16(row, o)
     for j in range(32):
         acc[j] += d * np.float32(np.int8(row[o + 2 + j])) * x[k + j]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Shared matmul body: Y[:, r0:r0 + tile] = X tile^T for one dequantized tile of rows.
-
-
-@numba.njit(inline="always")
-def _tile_times_tokens(tile: np.ndarray, n_rows: int, x: np.ndarray, y: np.ndarray, r0: int) -> None:
-    """y[i, r0 + t] = x[i] . tile[t] for t < n_rows; four tokens at a time so each weight load feeds four
-    products."""
-    n, cols = x.shape
-    n_quads = n - n % 4
-    for i in range(0, n_quads, 4):
-        x0, x1, x2, x3 = x[i], x[i + 1], x[i + 2], x[i + 3]
-        for t in range(n_rows):
-            w = tile[t]
-            s0 = s1 = s2 = s3 = np.float32(0)
-            for k in range(cols):
-                s0 += x0[k] * w[k]
-                s1 += x1[k] * w[k]
-                s2 += x2[k] * w[k]
-                s3 += x3[k] * w[k]
-            y[i, r0 + t] = s0
-            y[i + 1, r0 + t] = s1
-            y[i + 2, r0 + t] = s2
-            y[i + 3, r0 + t] = s3
-    for i in range(n_quads, n):
-        xi = x[i]
-        for t in range(n_rows):
-            w = tile[t]
-            s = np.float32(0)
-            for k in range(cols):
-                s += xi[k] * w[k]
-            y[i, r0 + t] = s
-
-
-@numba.njit(inline="always")
-def _tiles(rows: int, tile: int) -> int:
-    return (rows + tile - 1) // tile
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -311,7 +272,7 @@ def dequantize_q4_0(blocks: np.ndarray, out: np.ndarray) -> None:
 @numba.njit(cache=True, parallel=True, fastmath=True)
 def matvec_q4_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     rows = blocks.shape[0]
-    for tile in prange(_tiles(rows, ROW_TILE)):
+    for tile in prange(n_tiles(rows, ROW_TILE)):
         acc = np.empty(QK, np.float32)
         for r in range(tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE)):
             row = blocks[r]
@@ -324,14 +285,14 @@ def matvec_q4_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
 @numba.njit(cache=True, parallel=True, fastmath=True)
 def matmul_q4_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     rows = blocks.shape[0]
-    for tile in prange(_tiles(rows, MATMUL_ROW_TILE)):
+    for tile in prange(n_tiles(rows, MATMUL_ROW_TILE)):
         r0 = tile * MATMUL_ROW_TILE
         n_rows = min(MATMUL_ROW_TILE, rows - r0)
         weights = np.empty((n_rows, x.shape[1]), np.float32)
         for t in range(n_rows):
             for b in range(blocks.shape[1] // 18):
                 _decode_q4_0(blocks[r0 + t], b * 18, weights[t], b * QK)
-        _tile_times_tokens(weights, n_rows, x, y, r0)
+        tile_times_tokens(weights, n_rows, x, y, r0)
 
 
 @numba.njit(cache=True, parallel=True)
@@ -353,7 +314,7 @@ def dequantize_q4_1(blocks: np.ndarray, out: np.ndarray) -> None:
 @numba.njit(cache=True, parallel=True, fastmath=True)
 def matvec_q4_1(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     rows = blocks.shape[0]
-    for tile in prange(_tiles(rows, ROW_TILE)):
+    for tile in prange(n_tiles(rows, ROW_TILE)):
         acc = np.empty(QK, np.float32)
         for r in range(tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE)):
             row = blocks[r]
@@ -366,14 +327,14 @@ def matvec_q4_1(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
 @numba.njit(cache=True, parallel=True, fastmath=True)
 def matmul_q4_1(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     rows = blocks.shape[0]
-    for tile in prange(_tiles(rows, MATMUL_ROW_TILE)):
+    for tile in prange(n_tiles(rows, MATMUL_ROW_TILE)):
         r0 = tile * MATMUL_ROW_TILE
         n_rows = min(MATMUL_ROW_TILE, rows - r0)
         weights = np.empty((n_rows, x.shape[1]), np.float32)
         for t in range(n_rows):
             for b in range(blocks.shape[1] // 20):
                 _decode_q4_1(blocks[r0 + t], b * 20, weights[t], b * QK)
-        _tile_times_tokens(weights, n_rows, x, y, r0)
+        tile_times_tokens(weights, n_rows, x, y, r0)
 
 
 @numba.njit(cache=True, parallel=True)
@@ -395,7 +356,7 @@ def dequantize_q5_0(blocks: np.ndarray, out: np.ndarray) -> None:
 @numba.njit(cache=True, parallel=True, fastmath=True)
 def matvec_q5_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     rows = blocks.shape[0]
-    for tile in prange(_tiles(rows, ROW_TILE)):
+    for tile in prange(n_tiles(rows, ROW_TILE)):
         acc = np.empty(QK, np.float32)
         for r in range(tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE)):
             row = blocks[r]
@@ -408,14 +369,14 @@ def matvec_q5_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
 @numba.njit(cache=True, parallel=True, fastmath=True)
 def matmul_q5_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     rows = blocks.shape[0]
-    for tile in prange(_tiles(rows, MATMUL_ROW_TILE)):
+    for tile in prange(n_tiles(rows, MATMUL_ROW_TILE)):
         r0 = tile * MATMUL_ROW_TILE
         n_rows = min(MATMUL_ROW_TILE, rows - r0)
         weights = np.empty((n_rows, x.shape[1]), np.float32)
         for t in range(n_rows):
             for b in range(blocks.shape[1] // 22):
                 _decode_q5_0(blocks[r0 + t], b * 22, weights[t], b * QK)
-        _tile_times_tokens(weights, n_rows, x, y, r0)
+        tile_times_tokens(weights, n_rows, x, y, r0)
 
 
 @numba.njit(cache=True, parallel=True)
@@ -437,7 +398,7 @@ def dequantize_q5_1(blocks: np.ndarray, out: np.ndarray) -> None:
 @numba.njit(cache=True, parallel=True, fastmath=True)
 def matvec_q5_1(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     rows = blocks.shape[0]
-    for tile in prange(_tiles(rows, ROW_TILE)):
+    for tile in prange(n_tiles(rows, ROW_TILE)):
         acc = np.empty(QK, np.float32)
         for r in range(tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE)):
             row = blocks[r]
@@ -450,14 +411,14 @@ def matvec_q5_1(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
 @numba.njit(cache=True, parallel=True, fastmath=True)
 def matmul_q5_1(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     rows = blocks.shape[0]
-    for tile in prange(_tiles(rows, MATMUL_ROW_TILE)):
+    for tile in prange(n_tiles(rows, MATMUL_ROW_TILE)):
         r0 = tile * MATMUL_ROW_TILE
         n_rows = min(MATMUL_ROW_TILE, rows - r0)
         weights = np.empty((n_rows, x.shape[1]), np.float32)
         for t in range(n_rows):
             for b in range(blocks.shape[1] // 24):
                 _decode_q5_1(blocks[r0 + t], b * 24, weights[t], b * QK)
-        _tile_times_tokens(weights, n_rows, x, y, r0)
+        tile_times_tokens(weights, n_rows, x, y, r0)
 
 
 @numba.njit(cache=True, parallel=True)
@@ -479,7 +440,7 @@ def dequantize_q8_0(blocks: np.ndarray, out: np.ndarray) -> None:
 @numba.njit(cache=True, parallel=True, fastmath=True)
 def matvec_q8_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     rows = blocks.shape[0]
-    for tile in prange(_tiles(rows, ROW_TILE)):
+    for tile in prange(n_tiles(rows, ROW_TILE)):
         acc = np.empty(QK, np.float32)
         for r in range(tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE)):
             row = blocks[r]
@@ -492,14 +453,14 @@ def matvec_q8_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
 @numba.njit(cache=True, parallel=True, fastmath=True)
 def matmul_q8_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     rows = blocks.shape[0]
-    for tile in prange(_tiles(rows, MATMUL_ROW_TILE)):
+    for tile in prange(n_tiles(rows, MATMUL_ROW_TILE)):
         r0 = tile * MATMUL_ROW_TILE
         n_rows = min(MATMUL_ROW_TILE, rows - r0)
         weights = np.empty((n_rows, x.shape[1]), np.float32)
         for t in range(n_rows):
             for b in range(blocks.shape[1] // 34):
                 _decode_q8_0(blocks[r0 + t], b * 34, weights[t], b * QK)
-        _tile_times_tokens(weights, n_rows, x, y, r0)
+        tile_times_tokens(weights, n_rows, x, y, r0)
 
 
 @numba.njit(cache=True, parallel=True)
