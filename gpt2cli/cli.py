@@ -161,6 +161,73 @@ def models() -> None:
     Console().print(table)
 
 
+@app.command()
+def ppl(
+    file: Annotated[str, typer.Argument(help="A UTF-8 text file (CRLF is read as LF).")],
+    model: ModelOption = "distilgpt2",
+    ctx: Annotated[
+        int | None,
+        typer.Option(help="Tokens per window (default: the model's context for hf, 512 for llama)."),
+    ] = None,
+    stride: Annotated[
+        int | None, typer.Option(help="hf only: tokens between window starts (default: ctx/2).")
+    ] = None,
+    protocol: Annotated[
+        str, typer.Option(help="hf: transformers' sliding windows; llama: llama-perplexity's chunks.")
+    ] = "hf",
+    max_tokens: Annotated[int | None, typer.Option(help="Use only the first N tokens of the file.")] = None,
+    kl_divergence: Annotated[
+        str | None,
+        typer.Option(
+            metavar="BASE", help="Also compare with BASE (registry name or .gguf) on the same windows."
+        ),
+    ] = None,
+    errors: Annotated[
+        str, typer.Option(help="Invalid UTF-8: strict (fail, naming the byte) or replace (U+FFFD).")
+    ] = "strict",
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Load and tokenize times on stderr.")
+    ] = False,
+) -> None:
+    """Perplexity of the model on FILE, with its uncertainty, bits per byte and speed."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from gpt2cli.ppl import PplSettings, format_report, perplexity, result_dict, tokenize_file
+
+    mf, gpt2 = load_model(model, verbose)
+    base = load_model(kl_divergence, verbose)[1] if kl_divergence else None
+    model_ctx = min(gpt2.config.n_ctx, base.config.n_ctx) if base else gpt2.config.n_ctx
+    settings = PplSettings.resolve(protocol, model_ctx, ctx, stride)
+    t0 = time.perf_counter()
+    ids = tokenize_file(file, mf.tokenizer, errors=errors, max_tokens=max_tokens)
+    if verbose:
+        say(f"{file}: {len(ids):,} tokens in {time.perf_counter() - t0:.2f} s")
+    console = Console(stderr=True)
+    columns = (
+        TextColumn("ppl {task.fields[ppl]:.3f}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, disable=not console.is_terminal, transient=True) as bar:
+        task = bar.add_task("windows", total=None, ppl=float("nan"))
+        result = perplexity(
+            gpt2,
+            ids,
+            settings,
+            tokenizer=mf.tokenizer,
+            base=base,
+            progress=lambda done, total, running: bar.update(task, completed=done, total=total, ppl=running),
+        )
+    if as_json:
+        print(json.dumps({"model": str(mf.path), "base": kl_divergence, "file": file, **result_dict(result)}))
+    else:
+        print(f"model         {mf.path}" + (f" (KL divergence from {kl_divergence})" if base else ""))
+        print("\n".join(format_report(result)))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: click's own errors and Gpt2Error become one line on stderr and exit code 2."""
     command = typer.main.get_command(app)
