@@ -42,6 +42,12 @@ def _byte(row: np.ndarray, i: int) -> int:
 
 
 @numba.njit(inline="always")
+def _field(byte: np.uint8, shift: int, mask: int) -> np.int32:
+    """(byte >> shift) & mask, truncated to int32 so that LLVM vectorizes with 32-bit lanes, not 64-bit."""
+    return np.int32((np.int32(byte) >> shift) & mask)
+
+
+@numba.njit(inline="always")
 def _signed_byte(row: np.ndarray, i: int) -> int:
     v = np.int64(row[i])
     return v - 256 if v > 127 else v
@@ -85,7 +91,7 @@ def _dequantize_row_q2_k(row: np.ndarray, y: np.ndarray) -> None:
                         QK_K * b + 128 * h + 32 * j + 16 * half : QK_K * b + 128 * h + 32 * j + 16 * half + 16
                     ]
                     for e in range(16):
-                        out[e] = dl * np.float32((np.int64(qs[e]) >> (2 * j)) & 3) - ml
+                        out[e] = dl * np.float32(_field(qs[e], 2 * j, 3)) - ml
 
 
 @numba.njit(cache=True)
@@ -105,9 +111,8 @@ def _dequantize_row_q3_k(row: np.ndarray, y: np.ndarray) -> None:
                     ]
                     for e in range(16):
                         # the high bit set means no offset: q in [-4, 3]
-                        low = (np.int64(qs[e]) >> (2 * j)) & 3
-                        high = (np.int64(hm[e]) >> (4 * h + j)) & 1
-                        out[e] = dl * np.float32(low - 4 + 4 * high)
+                        q = _field(qs[e], 2 * j, 3) - 4 + 4 * _field(hm[e], 4 * h + j, 1)
+                        out[e] = dl * np.float32(np.int32(q))
 
 
 @numba.njit(cache=True)
@@ -126,9 +131,9 @@ def _dequantize_row_q4_k(row: np.ndarray, y: np.ndarray) -> None:
             qs = row[o + 16 + 32 * c : o + 48 + 32 * c]
             out = y[QK_K * b + 64 * c : QK_K * b + 64 * c + 64]
             for e in range(32):
-                out[e] = d1 * np.float32(np.int64(qs[e]) & 15) - dm1
+                out[e] = d1 * np.float32(_field(qs[e], 0, 15)) - dm1
             for e in range(32):
-                out[32 + e] = d2 * np.float32(np.int64(qs[e]) >> 4) - dm2
+                out[32 + e] = d2 * np.float32(_field(qs[e], 4, 15)) - dm2
 
 
 @numba.njit(cache=True)
@@ -148,10 +153,10 @@ def _dequantize_row_q5_k(row: np.ndarray, y: np.ndarray) -> None:
             qs = row[o + 48 + 32 * c : o + 80 + 32 * c]
             out = y[QK_K * b + 64 * c : QK_K * b + 64 * c + 64]
             for e in range(32):
-                q = (np.int64(qs[e]) & 15) | (((np.int64(qh[e]) >> (2 * c)) & 1) << 4)
+                q = np.int32(_field(qs[e], 0, 15) | (_field(qh[e], 2 * c, 1) << 4))
                 out[e] = d1 * np.float32(q) - dm1
             for e in range(32):
-                q = (np.int64(qs[e]) >> 4) | (((np.int64(qh[e]) >> (2 * c + 1)) & 1) << 4)
+                q = np.int32(_field(qs[e], 4, 15) | (_field(qh[e], 2 * c + 1, 1) << 4))
                 out[32 + e] = d2 * np.float32(q) - dm2
 
 
@@ -175,8 +180,8 @@ def _dequantize_row_q6_k(row: np.ndarray, y: np.ndarray) -> None:
                         QK_K * b + 128 * h + 32 * j + 16 * half : QK_K * b + 128 * h + 32 * j + 16 * half + 16
                     ]
                     for e in range(16):
-                        q = ((np.int64(lo[e]) >> shift) & 15) | (((np.int64(hi[e]) >> (2 * j)) & 3) << 4)
-                        out[e] = dl * np.float32(q - 32)
+                        q = np.int32((_field(lo[e], shift, 15) | (_field(hi[e], 2 * j, 3) << 4)) - 32)
+                        out[e] = dl * np.float32(q)
 
 
 @numba.njit(cache=True, parallel=True)
@@ -242,8 +247,8 @@ def matvec_q2_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
                     s0 = np.float32(0)
                     s1 = np.float32(0)
                     for e in range(16):
-                        s0 += np.float32((np.int64(qs[e]) >> (2 * j)) & 3) * xs[e]
-                        s1 += np.float32((np.int64(qs[16 + e]) >> (2 * j)) & 3) * xs[16 + e]
+                        s0 += np.float32(_field(qs[e], 2 * j, 3)) * xs[e]
+                        s1 += np.float32(_field(qs[16 + e], 2 * j, 3)) * xs[16 + e]
                     sc0 = _byte(row, o + 8 * h + 2 * j)
                     sc1 = _byte(row, o + 8 * h + 2 * j + 1)
                     scaled += np.float32(sc0 & 15) * s0 + np.float32(sc1 & 15) * s1
@@ -271,12 +276,8 @@ def matvec_q3_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
                     s0 = np.float32(0)
                     s1 = np.float32(0)
                     for e in range(16):
-                        q0 = ((np.int64(qs[e]) >> (2 * j)) & 3) - 4 + 4 * ((np.int64(hmask[e]) >> bit) & 1)
-                        q1 = (
-                            ((np.int64(qs[16 + e]) >> (2 * j)) & 3)
-                            - 4
-                            + 4 * ((np.int64(hmask[16 + e]) >> bit) & 1)
-                        )
+                        q0 = np.int32(_field(qs[e], 2 * j, 3) - 4 + 4 * _field(hmask[e], bit, 1))
+                        q1 = np.int32(_field(qs[16 + e], 2 * j, 3) - 4 + 4 * _field(hmask[16 + e], bit, 1))
                         s0 += np.float32(q0) * xs[e]
                         s1 += np.float32(q1) * xs[16 + e]
                     scaled += np.float32(_scale_q3_k(row, o + 96, 8 * h + 2 * j)) * s0
@@ -302,8 +303,8 @@ def matvec_q4_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
                 s0 = np.float32(0)
                 s1 = np.float32(0)
                 for e in range(32):
-                    s0 += np.float32(np.int64(qs[e]) & 15) * xs[e]
-                    s1 += np.float32(np.int64(qs[e]) >> 4) * xs[32 + e]
+                    s0 += np.float32(_field(qs[e], 0, 15)) * xs[e]
+                    s1 += np.float32(_field(qs[e], 4, 15)) * xs[32 + e]
                 sc0, m0 = _scale_min_k4(row, o + 4, 2 * c)
                 sc1, m1 = _scale_min_k4(row, o + 4, 2 * c + 1)
                 scaled += np.float32(sc0) * s0 + np.float32(sc1) * s1
@@ -330,8 +331,8 @@ def matvec_q5_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
                 s0 = np.float32(0)
                 s1 = np.float32(0)
                 for e in range(32):
-                    q0 = (np.int64(qs[e]) & 15) | (((np.int64(qh[e]) >> (2 * c)) & 1) << 4)
-                    q1 = (np.int64(qs[e]) >> 4) | (((np.int64(qh[e]) >> (2 * c + 1)) & 1) << 4)
+                    q0 = np.int32(_field(qs[e], 0, 15) | (_field(qh[e], 2 * c, 1) << 4))
+                    q1 = np.int32(_field(qs[e], 4, 15) | (_field(qh[e], 2 * c + 1, 1) << 4))
                     s0 += np.float32(q0) * xs[e]
                     s1 += np.float32(q1) * xs[32 + e]
                 sc0, m0 = _scale_min_k4(row, o + 4, 2 * c)
@@ -362,13 +363,17 @@ def matvec_q6_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
                     s3 = np.float32(0)
                     for i in range(16):
                         e = 16 * half + i
-                        low = np.int64(ql[e])
-                        high = np.int64(ql[32 + e])
-                        bits = np.int64(qh[e])
-                        s0 += np.float32(((low & 15) | ((bits & 3) << 4)) - 32) * xs[e]
-                        s1 += np.float32(((high & 15) | (((bits >> 2) & 3) << 4)) - 32) * xs[32 + e]
-                        s2 += np.float32(((low >> 4) | (((bits >> 4) & 3) << 4)) - 32) * xs[64 + e]
-                        s3 += np.float32(((high >> 4) | ((bits >> 6) << 4)) - 32) * xs[96 + e]
+                        low = ql[e]
+                        high = ql[32 + e]
+                        bits = qh[e]
+                        q0 = np.int32((_field(low, 0, 15) | (_field(bits, 0, 3) << 4)) - 32)
+                        q1 = np.int32((_field(high, 0, 15) | (_field(bits, 2, 3) << 4)) - 32)
+                        q2 = np.int32((_field(low, 4, 15) | (_field(bits, 4, 3) << 4)) - 32)
+                        q3 = np.int32((_field(high, 4, 15) | (_field(bits, 6, 3) << 4)) - 32)
+                        s0 += np.float32(q0) * xs[e]
+                        s1 += np.float32(q1) * xs[32 + e]
+                        s2 += np.float32(q2) * xs[64 + e]
+                        s3 += np.float32(q3) * xs[96 + e]
                     s = o + 192 + 8 * h + half
                     scaled += (
                         np.float32(_signed_byte(row, s)) * s0 + np.float32(_signed_byte(row, s + 2)) * s1
