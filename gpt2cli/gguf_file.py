@@ -10,12 +10,13 @@ import math
 import os
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from gpt2cli.errors import Gpt2Error
+from gpt2cli.gguf_reader import TensorInfo, read_gguf
+from gpt2cli.tokenizer import Tokenizer
 from kernels import KERNELS, BlockKernels, kernels_for
 
 ARCH = "gpt2"
@@ -103,106 +104,70 @@ class ModelFile:
     """An opened GPT-2 GGUF: config, weights and metadata. Raises Gpt2Error on any problem."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        self.reader = _open_reader(self.path)
-        self.config = _read_config(self.reader, self.path)
-        self.tensors = {t.name: t for t in self.reader.tensors}
-        self._check_data_in_file()
+        contents = read_gguf(path)
+        self.path = contents.path
+        self.metadata = contents.metadata
+        self.tensors = contents.tensors
+        self._data = contents.data
+        self.config = _read_config(self)
         self.weights = _read_weights(self, self.config)
-
-    def field(self, key: str, default: object = None) -> object:
-        field = self.reader.get_field(key)
-        return default if field is None else field.contents()
 
     @property
     def tied_output(self) -> bool:
         return "output.weight" not in self.tensors
 
     @cached_property
-    def tokenizer(self):  # -> Tokenizer
-        from gpt2cli.tokenizer import Tokenizer
-
-        return Tokenizer.from_gguf(self.reader)
+    def tokenizer(self) -> Tokenizer:
+        try:
+            return Tokenizer.from_gguf(self.metadata)
+        except Gpt2Error as e:
+            raise self.fail(str(e)) from None
 
     @property
     def qtypes(self) -> set[GGMLQuantizationType]:
         return {m.qtype for m in self.weights.matrices()}
 
-    def _check_data_in_file(self) -> None:
-        size = self.path.stat().st_size
-        for t in self.reader.tensors:
-            if t.data_offset + t.n_bytes > size:
-                raise Gpt2Error(f"{self.path}: truncated file (tensor {t.name} runs past the end)")
-
     def fail(self, problem: str) -> Gpt2Error:
         return Gpt2Error(f"{self.path}: {problem}")
 
 
-def _open_reader(path: Path) -> GGUFReader:
-    if not path.exists():
-        raise Gpt2Error(f"{path}: no such file")
-    if not path.is_file():
-        raise Gpt2Error(f"{path}: not a file")
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise Gpt2Error(f"{path}: not a GGUF file (bad magic {magic!r})")
-    try:
-        return GGUFReader(path, "r")
-    except (ValueError, KeyError, IndexError, OverflowError, MemoryError) as e:
-        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise Gpt2Error(f"{path}: corrupt or truncated GGUF ({detail})") from None
-
-
-def _field(reader: GGUFReader, path: Path, key: str, kind: type, required: bool = True):
-    field = reader.get_field(key)
-    if field is None:
+def _field(mf: ModelFile, key: str, kind: type, required: bool = True):
+    value = mf.metadata.get(key)
+    if value is None:
         if required:
-            raise Gpt2Error(f"{path}: missing metadata key {key}")
+            raise mf.fail(f"missing metadata key {key}")
         return None
     try:
-        return kind(field.contents())
-    except (TypeError, ValueError, IndexError):
-        raise Gpt2Error(f"{path}: metadata key {key} has an unexpected value") from None
+        return kind(value)
+    except (TypeError, ValueError):
+        raise mf.fail(f"metadata key {key} has an unexpected value") from None
 
 
-def _read_config(reader: GGUFReader, path: Path) -> GPT2Config:
-    arch = _field(reader, path, "general.architecture", str)
+def _read_config(mf: ModelFile) -> GPT2Config:
+    arch = _field(mf, "general.architecture", str)
     if arch != ARCH:
-        raise Gpt2Error(f"{path}: architecture is {arch!r}, not {ARCH!r}")
-    n_embd = _field(reader, path, "gpt2.embedding_length", int)
-    n_head = _field(reader, path, "gpt2.attention.head_count", int)
+        raise mf.fail(f"architecture is {arch!r}, not {ARCH!r}")
+    p = ARCH + "."
+    n_embd = _field(mf, p + "embedding_length", int)
+    n_head = _field(mf, p + "attention.head_count", int)
     config = GPT2Config(
-        n_vocab=0,  # from token_embd below
-        n_ctx=_field(reader, path, "gpt2.context_length", int),
+        n_vocab=_tensor(mf, "token_embd.weight").shape[0],
+        n_ctx=_field(mf, p + "context_length", int),
         n_embd=n_embd,
         n_head=n_head,
-        n_layer=_field(reader, path, "gpt2.block_count", int),
-        n_ff=_field(reader, path, "gpt2.feed_forward_length", int, required=False) or 4 * n_embd,
-        layer_norm_eps=_field(reader, path, "gpt2.attention.layer_norm_epsilon", float, required=False)
-        or 1e-5,
+        n_layer=_field(mf, p + "block_count", int),
+        n_ff=_field(mf, p + "feed_forward_length", int, required=False) or 4 * n_embd,
+        layer_norm_eps=_field(mf, p + "attention.layer_norm_epsilon", float, required=False) or 1e-5,
     )
-    for key, value in (
-        ("n_embd", n_embd),
-        ("n_head", n_head),
-        ("n_layer", config.n_layer),
-        ("n_ctx", config.n_ctx),
-    ):
-        if value <= 0:
-            raise Gpt2Error(f"{path}: hyper-parameter {key} = {value} is not positive")
+    for key in ("n_embd", "n_head", "n_layer", "n_ctx", "n_ff"):
+        if getattr(config, key) <= 0:
+            raise mf.fail(f"hyper-parameter {key} = {getattr(config, key)} is not positive")
     if n_embd % n_head:
-        raise Gpt2Error(f"{path}: embedding length {n_embd} is not a multiple of the head count {n_head}")
-    embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
-    if embd is None:
-        raise Gpt2Error(f"{path}: missing tensor token_embd.weight")
-    return GPT2Config(**{**config.__dict__, "n_vocab": int(embd.shape[-1])})
+        raise mf.fail(f"embedding length {n_embd} is not a multiple of the head count {n_head}")
+    return config
 
 
-def _shape(tensor) -> tuple[int, ...]:  # numpy order, as GGUFReader reports tensor.data for float types
-    return tuple(int(d) for d in reversed(tensor.shape.tolist()))
-
-
-def _tensor(mf: ModelFile, name: str):
+def _tensor(mf: ModelFile, name: str) -> TensorInfo:
     tensor = mf.tensors.get(name)
     if tensor is None:
         raise mf.fail(f"missing tensor {name}")
@@ -212,30 +177,31 @@ def _tensor(mf: ModelFile, name: str):
 def _vector(mf: ModelFile, name: str, shape: tuple[int, ...]) -> np.ndarray:
     """A small tensor (norm, bias, position embedding) as f32, whatever its stored type."""
     tensor = _tensor(mf, name)
-    if _shape(tensor) != shape:
-        raise mf.fail(f"tensor {name} has shape {_shape(tensor)}, expected {shape}")
-    if tensor.tensor_type == GGMLQuantizationType.F32:
-        return np.asarray(tensor.data, dtype=np.float32).reshape(shape)
+    if tensor.shape != shape:
+        raise mf.fail(f"tensor {name} has shape {tensor.shape}, expected {shape}")
+    if tensor.qtype == GGMLQuantizationType.F32:
+        return tensor.blocks(mf._data).view(np.float32).reshape(shape)
     matrix = _as_matrix(mf, tensor, (math.prod(shape[:-1]), shape[-1]))
     return matrix.dequantize().reshape(shape)
 
 
-def _as_matrix(mf: ModelFile, tensor, shape: tuple[int, int]) -> WeightMatrix:
-    qtype = tensor.tensor_type
+def _as_matrix(mf: ModelFile, tensor: TensorInfo, shape: tuple[int, int]) -> WeightMatrix:
+    qtype = tensor.qtype
     if qtype not in KERNELS:
         raise mf.fail(f"tensor {tensor.name} has unsupported block type {qtype.name}")
     rows, cols = shape
-    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    block_size = GGML_QUANT_SIZES[qtype][0]
     if cols % block_size:
-        raise mf.fail(f"tensor {tensor.name}: rows of {cols} do not fit {qtype.name} blocks of {block_size}")
-    blocks = np.asarray(tensor.data).view(np.uint8).reshape(rows, cols // block_size * type_size)
-    return WeightMatrix(tensor.name, qtype, rows, cols, blocks)
+        raise mf.fail(
+            f"tensor {tensor.name}: rows of {cols} values do not fit {qtype.name} blocks of {block_size}"
+        )
+    return WeightMatrix(tensor.name, qtype, rows, cols, tensor.blocks(mf._data).reshape(rows, -1))
 
 
 def _matrix(mf: ModelFile, name: str, shape: tuple[int, int]) -> WeightMatrix:
     tensor = _tensor(mf, name)
-    if _shape(tensor) != shape:
-        raise mf.fail(f"tensor {name} has shape {_shape(tensor)}, expected {shape}")
+    if tensor.shape != shape:
+        raise mf.fail(f"tensor {name} has shape {tensor.shape}, expected {shape}")
     return _as_matrix(mf, tensor, shape)
 
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import codecs
 import heapq
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import gguf
 import regex
@@ -95,18 +96,18 @@ class Tokenizer:
         return len(self.tokens)
 
     @classmethod
-    def from_gguf(cls, reader: gguf.GGUFReader) -> Tokenizer:
-        """The vocabulary of a GGUF file (`tokenizer.ggml.*`); Gpt2Error unless it is GPT-2 byte-level BPE."""
-        model = _gguf_field(reader, "tokenizer.ggml.model")
+    def from_gguf(cls, metadata: Mapping[str, Any]) -> Tokenizer:
+        """The vocabulary in GGUF metadata (`tokenizer.ggml.*`); Gpt2Error unless it is GPT-2 BPE."""
+        model = metadata.get("tokenizer.ggml.model")
         if model is None:
             raise Gpt2Error("GGUF file has no tokenizer (tokenizer.ggml.model is missing)")
         if model != "gpt2":
             raise Gpt2Error(f"GGUF tokenizer is {model!r}, not GPT-2 byte-level BPE ('gpt2')")
-        tokens = _gguf_field(reader, "tokenizer.ggml.tokens")
-        merges = _gguf_field(reader, "tokenizer.ggml.merges")
+        tokens = metadata.get("tokenizer.ggml.tokens")
+        merges = metadata.get("tokenizer.ggml.merges")
         if tokens is None or merges is None:
             raise Gpt2Error("GGUF file lacks tokenizer.ggml.tokens or tokenizer.ggml.merges")
-        eos_id = _gguf_field(reader, "tokenizer.ggml.eos_token_id")
+        eos_id = metadata.get("tokenizer.ggml.eos_token_id")
         return cls(tokens, merges, 50256 if eos_id is None else int(eos_id))
 
     @classmethod
@@ -233,8 +234,3 @@ class StreamDecoder:
         text = self._utf8.decode(b"", final=True)
         self._utf8.reset()
         return text
-
-
-def _gguf_field(reader: gguf.GGUFReader, key: str) -> object | None:
-    field = reader.get_field(key)
-    return None if field is None else field.contents()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from typer.testing import CliRunner
 
 from gpt2cli.cli import main
@@ -16,4 +18,6 @@ def run_cli(args: list[str], env: dict[str, str] | None = None) -> tuple[int, st
             code = 0
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else 1
+        sys.stdout.flush()  # print() leaves text in the wrapper's buffer
+        sys.stderr.flush()
         return code, out.getvalue().decode(), err.getvalue().decode()

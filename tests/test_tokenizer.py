@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gpt2cli.errors import Gpt2Error
+from gpt2cli.gguf_reader import read_gguf
 from gpt2cli.tokenizer import BYTE_TO_CHAR, ENDOFTEXT, PRETOKENIZE_PATTERN, StreamDecoder, Tokenizer
 
 VECTOR_SEPARATOR = "\n__ggml_vocab_test__\n"
@@ -17,7 +18,7 @@ VECTOR_SEPARATOR = "\n__ggml_vocab_test__\n"
 
 @pytest.fixture(scope="module")
 def gguf_tokenizer(tokenizer_dir: Path) -> Tokenizer:
-    return Tokenizer.from_gguf(gguf.GGUFReader(tokenizer_dir / "ggml-vocab-gpt-2.gguf"))
+    return Tokenizer.from_gguf(read_gguf(tokenizer_dir / "ggml-vocab-gpt-2.gguf").metadata)
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +189,7 @@ def test_tiny_vocabulary_merges_by_rank(tiny_tokenizer: Tokenizer) -> None:
     assert tiny_tokenizer.decode(tiny_tokenizer.encode("the thé\n")) == "the thé\n"
 
 
-def write_vocab_gguf(path: Path, tokenizer: Tokenizer | None = None, model: str = "gpt2") -> gguf.GGUFReader:
+def write_vocab_gguf(path: Path, tokenizer: Tokenizer | None = None, model: str = "gpt2") -> dict:
     writer = gguf.GGUFWriter(path, arch="gpt2")
     if tokenizer is None:
         writer.add_tokenizer_model(model)
@@ -198,17 +199,17 @@ def write_vocab_gguf(path: Path, tokenizer: Tokenizer | None = None, model: str 
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return gguf.GGUFReader(path)
+    return read_gguf(path).metadata
 
 
 def test_gguf_fields_round_trip(tiny_tokenizer: Tokenizer, tmp_path: Path) -> None:
-    reader = write_vocab_gguf(tmp_path / "vocab.gguf", tiny_tokenizer)
-    loaded = Tokenizer.from_gguf(reader)
+    metadata = write_vocab_gguf(tmp_path / "vocab.gguf", tiny_tokenizer)
+    loaded = Tokenizer.from_gguf(metadata)
     assert loaded.tokens == tiny_tokenizer.tokens
     assert loaded.merges == tiny_tokenizer.merges
     assert loaded.eos_id == 259
-    assert reader.get_field("tokenizer.ggml.token_type").contents()[-2:] == [1, 3]
-    assert reader.get_field("tokenizer.ggml.bos_token_id").contents() == 259
+    assert metadata["tokenizer.ggml.token_type"][-2:] == [1, 3]
+    assert metadata["tokenizer.ggml.bos_token_id"] == 259
 
 
 def test_gguf_errors(tmp_path: Path) -> None:
