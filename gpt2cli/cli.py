@@ -7,10 +7,13 @@ import sys
 import time
 from typing import Annotated
 
-import click
 import typer
 
 from gpt2cli.errors import Gpt2Error
+
+# Click's UsageError and ClickException, whichever click typer uses (recent typers vendor their own).
+UsageError = typer.BadParameter.__base__
+ClickException = UsageError.__base__
 
 app = typer.Typer(
     name="gpt2",
@@ -233,13 +236,13 @@ def main(argv: list[str] | None = None) -> None:
     command = typer.main.get_command(app)
     try:
         code = command.main(args=argv, prog_name="gpt2", standalone_mode=False)
-    except click.UsageError as e:
+    except UsageError as e:
         code = _fail(e.format_message(), 2)
-    except click.ClickException as e:
+    except ClickException as e:
         code = _fail(e.format_message(), e.exit_code)
     except Gpt2Error as e:
         code = _fail(str(e), 2)
-    except (KeyboardInterrupt, click.Abort):
+    except (KeyboardInterrupt, typer.Abort):
         code = 130
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
