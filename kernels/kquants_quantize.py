@@ -96,124 +96,189 @@ def pack_scales_mins_k4(scales: np.ndarray, mins: np.ndarray, max_scale, max_min
             q[j] |= (lm >> 4) << 6
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
+def quantize_lanes(nmax: int, iscale: np.ndarray, xmin: np.ndarray, xt: np.ndarray, L: np.ndarray) -> None:
+    """L[i, s] = clamp(nearest_int(iscale[s] (xt[i, s] - xmin[s])), 0, nmax)."""
+    n, lanes = xt.shape
+    for i in range(n):
+        for s in range(lanes):
+            L[i, s] = max(0, min(nmax, nearest_int(iscale[s] * (xt[i, s] - xmin[s]))))
+
+
+@numba.njit(cache=True, error_model="numpy")
+def weighted_error(
+    xt: np.ndarray, wt: np.ndarray, L: np.ndarray, scale: np.ndarray, xmin: np.ndarray, use_mad: bool, err
+) -> None:
+    """err[s] = sum_i wt |scale L + min - x| (use_mad) or wt (scale L + min - x)^2, summed in order i."""
+    n, lanes = xt.shape
+    err[:] = 0
+    for i in range(n):
+        for s in range(lanes):
+            diff = scale[s] * f32(L[i, s]) + xmin[s] - xt[i, s]
+            diff = abs(diff) if use_mad else diff * diff
+            err[s] += wt[i, s] * diff
+
+
+@numba.njit(cache=True, error_model="numpy")
 def make_qkx2_quants(
-    n: int,
     nmax: int,
-    x: np.ndarray,
-    weights: np.ndarray,
-    L: np.ndarray,
+    xt: np.ndarray,
+    wt: np.ndarray,
+    Lt: np.ndarray,
     Laux: np.ndarray,
     rmin: np.float32,
     rdelta: np.float32,
     nstep: int,
     use_mad: bool,
-) -> tuple[np.float32, np.float32]:
-    """Asymmetric quantization of x f32[n] to L in [0, nmax]: returns (scale, -min), x ~ scale L + min."""
-    xmin = x[0]
-    xmax = x[0]
-    sum_w = weights[0]
-    sum_x = sum_w * x[0]
+    work: np.ndarray,
+) -> None:
+    """Asymmetric quantization, x ~ scale L + min with L in [0, nmax], of each lane (column) of
+    xt f32[n, lanes] with weights wt f32[n, lanes]: L into Lt i32[n, lanes], scale into work[0], -min
+    into work[1]. Laux i32[n, lanes] and work f32[16, lanes] are scratch.
+
+    Lane s runs ggml's make_qkx2_quants on sub-block s. The lanes are independent, so every sum keeps
+    ggml's order while the inner loops run across sub-blocks, which vectorizes; the loops are kept
+    small so that LLVM's alias checks stay within its limits."""
+    n, lanes = xt.shape
+    scale, the_min, xmin, xmax = work[0], work[1], work[2], work[3]
+    sum_w, sum_x, iscale, best_error = work[4], work[5], work[6], work[7]
+    sum_l, sum_l2, sum_xl, D = work[8], work[9], work[10], work[11]
+    this_scale, this_min, cur_error, better = work[12], work[13], work[14], work[15]
+    xmin[:] = xt[0]
+    xmax[:] = xt[0]
     for i in range(1, n):
-        if x[i] < xmin:
-            xmin = x[i]
-        if x[i] > xmax:
-            xmax = x[i]
-        w = weights[i]
-        sum_w += w
-        sum_x += w * x[i]
-    if xmin > 0:
-        xmin = f32(0.0)
-    if xmax == xmin:
-        for i in range(n):
-            L[i] = 0
-        return f32(0.0), -xmin
-    iscale = f32(nmax) / (xmax - xmin)
-    scale = f32(1.0) / iscale
-    best_error = f32(0.0)
-    for i in range(n):
-        L[i] = max(0, min(nmax, nearest_int(iscale * (x[i] - xmin))))
-        diff = scale * f32(L[i]) + xmin - x[i]
-        diff = abs(diff) if use_mad else diff * diff
-        best_error += weights[i] * diff
+        for s in range(lanes):
+            xmin[s] = min(xmin[s], xt[i, s])
+            xmax[s] = max(xmax[s], xt[i, s])
+    sum_w[:] = wt[0]
+    sum_x[:] = 0
+    for s in range(lanes):
+        sum_x[s] = sum_w[s] * xt[0, s]
+    for i in range(1, n):
+        for s in range(lanes):
+            sum_w[s] += wt[i, s]
+            sum_x[s] += wt[i, s] * xt[i, s]
+    for s in range(lanes):
+        if xmin[s] > 0:
+            xmin[s] = 0
+        # A flat lane (max == min) returns scale 0, L = 0; its arithmetic below is discarded.
+        the_min[s] = -xmin[s]
+        iscale[s] = f32(nmax) / (xmax[s] - xmin[s])
+        scale[s] = f32(1.0) / iscale[s]
+    quantize_lanes(nmax, iscale, xmin, xt, Lt)
+    weighted_error(xt, wt, Lt, scale, xmin, use_mad, best_error)
     for step in range(nstep + 1):
-        iscale = (rmin + rdelta * f32(step) + f32(nmax)) / (xmax - xmin)
-        sum_l = f32(0.0)
-        sum_l2 = f32(0.0)
-        sum_xl = f32(0.0)
+        for s in range(lanes):
+            iscale[s] = (rmin + rdelta * f32(step) + f32(nmax)) / (xmax[s] - xmin[s])
+        quantize_lanes(nmax, iscale, xmin, xt, Laux)
+        sum_l[:] = 0
+        sum_l2[:] = 0
+        sum_xl[:] = 0
         for i in range(n):
-            li = max(0, min(nmax, nearest_int(iscale * (x[i] - xmin))))
-            Laux[i] = li
-            w = weights[i]
-            fl = f32(li)
-            sum_l += w * fl
-            sum_l2 += w * fl * fl
-            sum_xl += w * fl * x[i]
-        D = sum_w * sum_l2 - sum_l * sum_l
-        if D > 0:
-            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
-            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
-            if this_min > 0:
-                this_min = f32(0.0)
-                this_scale = sum_xl / sum_l2
-            cur_error = f32(0.0)
+            for s in range(lanes):
+                w = wt[i, s]
+                fl = f32(Laux[i, s])
+                sum_l[s] += w * fl
+                sum_l2[s] += w * fl * fl
+                sum_xl[s] += w * fl * xt[i, s]
+        for s in range(lanes):
+            D[s] = sum_w[s] * sum_l2[s] - sum_l[s] * sum_l[s]
+            this_scale[s] = (sum_w[s] * sum_xl[s] - sum_x[s] * sum_l[s]) / D[s]
+            this_min[s] = (sum_l2[s] * sum_x[s] - sum_l[s] * sum_xl[s]) / D[s]
+            if this_min[s] > 0:
+                this_min[s] = 0
+                this_scale[s] = sum_xl[s] / sum_l2[s]
+        weighted_error(xt, wt, Laux, this_scale, this_min, use_mad, cur_error)
+        n_better = 0
+        for s in range(lanes):
+            better[s] = 0
+            if D[s] > 0 and cur_error[s] < best_error[s]:
+                better[s] = 1
+                n_better += 1
+                best_error[s] = cur_error[s]
+                scale[s] = this_scale[s]
+                xmin[s] = this_min[s]
+        if n_better:
             for i in range(n):
-                diff = this_scale * f32(Laux[i]) + this_min - x[i]
-                diff = abs(diff) if use_mad else diff * diff
-                cur_error += weights[i] * diff
-            if cur_error < best_error:
-                for i in range(n):
-                    L[i] = Laux[i]
-                best_error = cur_error
-                scale = this_scale
-                xmin = this_min
-    return scale, -xmin
+                for s in range(lanes):
+                    if better[s]:
+                        Lt[i, s] = Laux[i, s]
+    for s in range(lanes):
+        if xmax[s] == -the_min[s]:
+            scale[s] = 0
+            for i in range(n):
+                Lt[i, s] = 0
+        else:
+            the_min[s] = -xmin[s]
 
 
-@numba.njit(cache=True)
-def make_qx_quants(n: int, nmax: int, x: np.ndarray, L: np.ndarray) -> np.float32:
-    """Symmetric quantization of x f32[n] to L in [0, 2 nmax), weights x^2 (ggml's rmse_type 1, no qw)."""
-    xmax = f32(0.0)
-    amax = f32(0.0)
+@numba.njit(cache=True, error_model="numpy")
+def make_qx_quants(nmax: int, xt: np.ndarray, Lt: np.ndarray, Laux: np.ndarray, work: np.ndarray) -> None:
+    """Symmetric quantization, weights x^2 (ggml's rmse_type 1 without qw), of each lane (column) of
+    xt f32[n, lanes]: L in [0, 2 nmax) into Lt i32[n, lanes], scale into work[0]. Laux i32[n, lanes]
+    and work f32[7, lanes] are scratch. Lanes are independent sub-blocks, as in make_qkx2_quants."""
+    n, lanes = xt.shape
+    scale, xmax, amax, iscale = work[0], work[1], work[2], work[3]
+    sumlx, suml2, best = work[4], work[5], work[6]
+    for s in range(lanes):
+        xmax[s] = 0
+        amax[s] = 0
+        sumlx[s] = 0
+        suml2[s] = 0
     for i in range(n):
-        ax = abs(x[i])
-        if ax > amax:
-            amax = ax
-            xmax = x[i]
-    if amax < GROUP_MAX_EPS:
-        for i in range(n):
-            L[i] = 0
-        return f32(0.0)
-    iscale = f32(-nmax) / xmax
-    sumlx = f32(0.0)
-    suml2 = f32(0.0)
+        for s in range(lanes):
+            ax = abs(xt[i, s])
+            if ax > amax[s]:
+                amax[s] = ax
+                xmax[s] = xt[i, s]
+    # An all-zero lane (amax < GROUP_MAX_EPS) returns scale 0, L = 0; its arithmetic is discarded.
+    for s in range(lanes):
+        iscale[s] = f32(-nmax) / xmax[s]
     for i in range(n):
-        li = max(-nmax, min(nmax - 1, nearest_int(iscale * x[i])))
-        L[i] = li + nmax
-        w = x[i] * x[i]
-        fl = f32(li)
-        sumlx += w * x[i] * fl
-        suml2 += w * fl * fl
-    scale = sumlx / suml2 if suml2 != 0 else f32(0.0)
-    best = scale * sumlx
+        for s in range(lanes):
+            li = max(-nmax, min(nmax - 1, nearest_int(iscale[s] * xt[i, s])))
+            Lt[i, s] = li + nmax
+            w = xt[i, s] * xt[i, s]
+            fl = f32(li)
+            sumlx[s] += w * xt[i, s] * fl
+            suml2[s] += w * fl * fl
+    for s in range(lanes):
+        scale[s] = sumlx[s] / suml2[s] if suml2[s] != 0 else f32(0.0)
+        best[s] = scale[s] * sumlx[s]
     for step in range(-9, 10):
         if step == 0:
             continue
-        iscale = -(f32(nmax) + f32(0.1) * f32(step)) / xmax
-        sumlx = f32(0.0)
-        suml2 = f32(0.0)
+        for s in range(lanes):
+            iscale[s] = -(f32(nmax) + f32(0.1) * f32(step)) / xmax[s]
+            sumlx[s] = 0
+            suml2[s] = 0
         for i in range(n):
-            li = max(-nmax, min(nmax - 1, nearest_int(iscale * x[i])))
-            w = x[i] * x[i]
-            fl = f32(li)
-            sumlx += w * x[i] * fl
-            suml2 += w * fl * fl
-        if suml2 > 0 and sumlx * sumlx > best * suml2:
+            for s in range(lanes):
+                li = max(-nmax, min(nmax - 1, nearest_int(iscale[s] * xt[i, s])))
+                Laux[i, s] = li + nmax
+                w = xt[i, s] * xt[i, s]
+                fl = f32(li)
+                sumlx[s] += w * xt[i, s] * fl
+                suml2[s] += w * fl * fl
+        n_better = 0
+        for s in range(lanes):
+            # iscale now flags the lanes that take this candidate.
+            iscale[s] = 0
+            if suml2[s] > 0 and sumlx[s] * sumlx[s] > best[s] * suml2[s]:
+                iscale[s] = 1
+                n_better += 1
+                scale[s] = sumlx[s] / suml2[s]
+                best[s] = scale[s] * sumlx[s]
+        if n_better:
             for i in range(n):
-                L[i] = nmax + max(-nmax, min(nmax - 1, nearest_int(iscale * x[i])))
-            scale = sumlx / suml2
-            best = scale * sumlx
-    return scale
+                for s in range(lanes):
+                    if iscale[s]:
+                        Lt[i, s] = Laux[i, s]
+    for s in range(lanes):
+        if amax[s] < GROUP_MAX_EPS:
+            scale[s] = 0
+            for i in range(n):
+                Lt[i, s] = 0
 
 
 @numba.njit(cache=True)
@@ -276,22 +341,50 @@ def pack_2bit(L: np.ndarray, qs: np.ndarray) -> None:
 
 
 @numba.njit(cache=True)
-def quantize_block_q2_k(x: np.ndarray, y: np.ndarray) -> None:
-    """x f32[256] -> y u8[84]: scales[16], qs[64], d:f16, dmin:f16."""
-    L = np.empty(QK_K, np.int32)
-    Laux = np.empty(16, np.int32)
-    weights = np.empty(16, np.float32)
-    scales = np.empty(16, np.float32)
-    mins = np.empty(16, np.float32)
+def split_lanes(x: np.ndarray, n: int) -> np.ndarray:
+    """x f32[cols] -> xt f32[n, cols // n]: lane s is sub-block s (elements n s .. n s + n - 1)."""
+    lanes = x.shape[0] // n
+    xt = np.empty((n, lanes), np.float32)
+    for s in range(lanes):
+        for i in range(n):
+            xt[i, s] = x[n * s + i]
+    return xt
+
+
+@numba.njit(cache=True)
+def join_lanes(Lt: np.ndarray) -> np.ndarray:
+    """The inverse of split_lanes: Lt i32[n, lanes] -> L i32[n lanes] in element order."""
+    n, lanes = Lt.shape
+    L = np.empty(n * lanes, np.int32)
+    for s in range(lanes):
+        for i in range(n):
+            L[n * s + i] = Lt[i, s]
+    return L
+
+
+@numba.njit(cache=True)
+def quantize_row_q2_k(x: np.ndarray, out: np.ndarray) -> None:
+    """x f32[cols] -> out u8[cols // 256 * 84]."""
+    xt = split_lanes(x, 16)
+    lanes = xt.shape[1]
+    wt = np.abs(xt)
+    Lt = np.empty((16, lanes), np.int32)
+    work = np.empty((16, lanes), np.float32)
+    make_qkx2_quants(3, xt, wt, Lt, np.empty_like(Lt), f32(-0.5), f32(0.1), 15, True, work)
+    L = join_lanes(Lt)
+    for b in range(lanes // 16):
+        blk = slice(b * QK_K, (b + 1) * QK_K)
+        sub = slice(b * 16, (b + 1) * 16)
+        quantize_block_q2_k(x[blk], out[b * 84 : (b + 1) * 84], work[0, sub], work[1, sub], L[blk])
+
+
+@numba.njit(cache=True)
+def quantize_block_q2_k(x, y, scales, mins, L) -> None:
+    """x f32[256] -> y u8[84]: scales[16], qs[64], d:f16, dmin:f16, given make_qkx2_quants' sub-block
+    scales f32[16], mins f32[16] and L i32[256] (requantized in place)."""
     max_scale = f32(0.0)
     max_min = f32(0.0)
     for j in range(16):
-        xs = x[16 * j : 16 * j + 16]
-        for k in range(16):
-            weights[k] = abs(xs[k])
-        scales[j], mins[j] = make_qkx2_quants(
-            16, 3, xs, weights, L[16 * j : 16 * j + 16], Laux, f32(-0.5), f32(0.1), 15, True
-        )
         if scales[j] > max_scale:
             max_scale = scales[j]
         if mins[j] > max_min:
@@ -375,28 +468,34 @@ def quantize_block_q3_k(x: np.ndarray, y: np.ndarray) -> None:
 
 
 @numba.njit(cache=True)
-def quantize_subblocks_k4(
-    x: np.ndarray, y: np.ndarray, nmax: int, rmin: np.float32, nstep: int
-) -> np.ndarray:
-    """Q4_K/Q5_K shared part: fills d, dmin and scales (y[0:16]); returns L i32[256] in [0, nmax]."""
-    L = np.empty(QK_K, np.int32)
-    Laux = np.empty(32, np.int32)
-    weights = np.empty(32, np.float32)
-    scales = np.empty(8, np.float32)
-    mins = np.empty(8, np.float32)
+def quantize_subblocks_k4(x: np.ndarray, nmax: int, rmin: np.float32, nstep: int) -> tuple:
+    """Q4_K/Q5_K first pass over a row x f32[cols]: make_qkx2_quants on every 32-sub-block.
+    Returns (scales f32[cols // 32], mins f32[cols // 32], L i32[cols])."""
+    xt = split_lanes(x, 32)
+    lanes = xt.shape[1]
+    # weights av_x + |x|, av_x = sqrt(mean(x^2)) of the sub-block
+    sum_x2 = np.zeros(lanes, np.float32)
+    for i in range(32):
+        for s in range(lanes):
+            sum_x2[s] += xt[i, s] * xt[i, s]
+    av_x = np.sqrt(sum_x2 / f32(32.0))
+    wt = np.empty_like(xt)
+    for i in range(32):
+        for s in range(lanes):
+            wt[i, s] = av_x[s] + abs(xt[i, s])
+    Lt = np.empty((32, lanes), np.int32)
+    work = np.empty((16, lanes), np.float32)
+    make_qkx2_quants(nmax, xt, wt, Lt, np.empty_like(Lt), rmin, f32(0.1), nstep, False, work)
+    return work[0], work[1], join_lanes(Lt)
+
+
+@numba.njit(cache=True)
+def quantize_block_k4(x, y, nmax, scales, mins, L) -> None:
+    """Q4_K/Q5_K second pass on one block x f32[256]: d, dmin and scales into y[0:16], L i32[256]
+    requantized in [0, nmax] with the stored scales."""
     max_scale = f32(0.0)
     max_min = f32(0.0)
     for j in range(8):
-        xs = x[32 * j : 32 * j + 32]
-        sum_x2 = f32(0.0)
-        for k in range(32):
-            sum_x2 += xs[k] * xs[k]
-        av_x = np.sqrt(sum_x2 / f32(32.0))
-        for k in range(32):
-            weights[k] = av_x + abs(xs[k])
-        scales[j], mins[j] = make_qkx2_quants(
-            32, nmax, xs, weights, L[32 * j : 32 * j + 32], Laux, rmin, f32(0.1), nstep, False
-        )
         if scales[j] > max_scale:
             max_scale = scales[j]
         if mins[j] > max_min:
@@ -414,22 +513,37 @@ def quantize_subblocks_k4(
         dm = dmin * f32(m)
         for ii in range(32):
             L[32 * j + ii] = max(0, min(nmax, nearest_int((x[32 * j + ii] + dm) / dj)))
-    return L
 
 
 @numba.njit(cache=True)
-def quantize_block_q4_k(x: np.ndarray, y: np.ndarray) -> None:
-    """x f32[256] -> y u8[144]: d:f16, dmin:f16, scales[12], qs[128]."""
-    L = quantize_subblocks_k4(x, y, 15, f32(-1.0), 20)
-    for c in range(4):
-        for k in range(32):
-            y[16 + 32 * c + k] = L[64 * c + k] | (L[64 * c + k + 32] << 4)
+def quantize_row_q4_k(x: np.ndarray, out: np.ndarray) -> None:
+    """x f32[cols] -> out u8[cols // 256 * 144]: blocks of d:f16, dmin:f16, scales[12], qs[128]."""
+    scales, mins, L = quantize_subblocks_k4(x, 15, f32(-1.0), 20)
+    for b in range(x.shape[0] // QK_K):
+        y = out[b * 144 : (b + 1) * 144]
+        Lb = L[b * QK_K : (b + 1) * QK_K]
+        sub = slice(b * 8, (b + 1) * 8)
+        quantize_block_k4(x[b * QK_K : (b + 1) * QK_K], y, 15, scales[sub], mins[sub], Lb)
+        for c in range(4):
+            for k in range(32):
+                y[16 + 32 * c + k] = Lb[64 * c + k] | (Lb[64 * c + k + 32] << 4)
 
 
 @numba.njit(cache=True)
-def quantize_block_q5_k(x: np.ndarray, y: np.ndarray) -> None:
-    """x f32[256] -> y u8[176]: d:f16, dmin:f16, scales[12], qh[32], qs[128]."""
-    L = quantize_subblocks_k4(x, y, 31, f32(-0.5), 15)
+def quantize_row_q5_k(x: np.ndarray, out: np.ndarray) -> None:
+    """x f32[cols] -> out u8[cols // 256 * 176]: blocks of d:f16, dmin:f16, scales[12], qh[32], qs[128]."""
+    scales, mins, L = quantize_subblocks_k4(x, 31, f32(-0.5), 15)
+    for b in range(x.shape[0] // QK_K):
+        y = out[b * 176 : (b + 1) * 176]
+        Lb = L[b * QK_K : (b + 1) * QK_K]
+        sub = slice(b * 8, (b + 1) * 8)
+        quantize_block_k4(x[b * QK_K : (b + 1) * QK_K], y, 31, scales[sub], mins[sub], Lb)
+        pack_q5_k(Lb, y)
+
+
+@numba.njit(cache=True)
+def pack_q5_k(L: np.ndarray, y: np.ndarray) -> None:
+    """L i32[256] in [0, 31] -> y's qh[32] (bit 2c or 2c + 1 of byte k for element 64c + k or + 32) and qs."""
     qh = y[16:48]
     qh[:] = 0
     for c in range(4):
@@ -446,14 +560,25 @@ def quantize_block_q5_k(x: np.ndarray, y: np.ndarray) -> None:
 
 
 @numba.njit(cache=True)
-def quantize_block_q6_k(x: np.ndarray, y: np.ndarray) -> None:
-    """x f32[256] -> y u8[210]: ql[128], qh[64], scales[16] int8, d:f16."""
-    L = np.empty(QK_K, np.int32)
-    scales = np.empty(16, np.float32)
+def quantize_row_q6_k(x: np.ndarray, out: np.ndarray) -> None:
+    """x f32[cols] -> out u8[cols // 256 * 210]."""
+    xt = split_lanes(x, 16)
+    Lt = np.empty(xt.shape, np.int32)
+    work = np.empty((7, xt.shape[1]), np.float32)
+    make_qx_quants(32, xt, Lt, np.empty_like(Lt), work)
+    L = join_lanes(Lt)
+    for b in range(x.shape[0] // QK_K):
+        blk = slice(b * QK_K, (b + 1) * QK_K)
+        quantize_block_q6_k(x[blk], out[b * 210 : (b + 1) * 210], work[0, b * 16 : (b + 1) * 16], L[blk])
+
+
+@numba.njit(cache=True)
+def quantize_block_q6_k(x, y, scales, L) -> None:
+    """x f32[256] -> y u8[210]: ql[128], qh[64], scales[16] int8, d:f16, given make_qx_quants' sub-block
+    scales f32[16] and L i32[256] (requantized in place)."""
     max_scale = f32(0.0)
     max_abs_scale = f32(0.0)
     for ib in range(16):
-        scales[ib] = make_qx_quants(16, 32, x[16 * ib : 16 * ib + 16], L[16 * ib : 16 * ib + 16])
         abs_scale = abs(scales[ib])
         if abs_scale > max_abs_scale:
             max_abs_scale = abs_scale
@@ -486,15 +611,14 @@ def quantize_block_q6_k(x: np.ndarray, y: np.ndarray) -> None:
             )
 
 
-# Row kernels: rows are independent, blocks tile each row.
+# Row kernels: rows are independent.
 
 
 @numba.njit(cache=True, parallel=True)
 def quantize_q2_k(x: np.ndarray, out: np.ndarray) -> None:
     """x f32[rows, cols] -> out u8[rows, cols // 256 * 84]."""
     for r in prange(x.shape[0]):
-        for b in range(x.shape[1] // QK_K):
-            quantize_block_q2_k(x[r, b * QK_K : (b + 1) * QK_K], out[r, b * 84 : (b + 1) * 84])
+        quantize_row_q2_k(x[r], out[r])
 
 
 @numba.njit(cache=True, parallel=True)
@@ -509,21 +633,18 @@ def quantize_q3_k(x: np.ndarray, out: np.ndarray) -> None:
 def quantize_q4_k(x: np.ndarray, out: np.ndarray) -> None:
     """x f32[rows, cols] -> out u8[rows, cols // 256 * 144]."""
     for r in prange(x.shape[0]):
-        for b in range(x.shape[1] // QK_K):
-            quantize_block_q4_k(x[r, b * QK_K : (b + 1) * QK_K], out[r, b * 144 : (b + 1) * 144])
+        quantize_row_q4_k(x[r], out[r])
 
 
 @numba.njit(cache=True, parallel=True)
 def quantize_q5_k(x: np.ndarray, out: np.ndarray) -> None:
     """x f32[rows, cols] -> out u8[rows, cols // 256 * 176]."""
     for r in prange(x.shape[0]):
-        for b in range(x.shape[1] // QK_K):
-            quantize_block_q5_k(x[r, b * QK_K : (b + 1) * QK_K], out[r, b * 176 : (b + 1) * 176])
+        quantize_row_q5_k(x[r], out[r])
 
 
 @numba.njit(cache=True, parallel=True)
 def quantize_q6_k(x: np.ndarray, out: np.ndarray) -> None:
     """x f32[rows, cols] -> out u8[rows, cols // 256 * 210]."""
     for r in prange(x.shape[0]):
-        for b in range(x.shape[1] // QK_K):
-            quantize_block_q6_k(x[r, b * QK_K : (b + 1) * QK_K], out[r, b * 210 : (b + 1) * 210])
+        quantize_row_q6_k(x[r], out[r])
