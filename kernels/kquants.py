@@ -43,8 +43,9 @@ def _byte(row: np.ndarray, i: int) -> int:
 
 @numba.njit(inline="always")
 def _field(byte: np.uint8, shift: int, mask: int) -> np.int32:
-    """(byte >> shift) & mask, truncated to int32 so that LLVM vectorizes with 32-bit lanes, not 64-bit."""
-    return np.int32((np.int32(byte) >> shift) & mask)
+    """(byte >> shift) & mask for shift < 8, in int32 so that LLVM vectorizes with 32-bit lanes, not 64-bit
+    (numba computes in int64; `& 7` proves the shift small enough for LLVM to narrow it back)."""
+    return np.int32((np.int32(byte) >> (shift & 7)) & mask)
 
 
 @numba.njit(inline="always")
@@ -240,22 +241,42 @@ def matvec_q2_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
             o = b * Q2_K_BYTES
             scaled = np.float32(0)
             mins = np.float32(0)
-            for h in range(2):
-                qs = row[o + 16 + 32 * h : o + 48 + 32 * h]
-                for j in range(4):
-                    xs = x[QK_K * b + 128 * h + 32 * j : QK_K * b + 128 * h + 32 * j + 32]
-                    s0 = np.float32(0)
-                    s1 = np.float32(0)
-                    for e in range(16):
-                        s0 += np.float32(_field(qs[e], 2 * j, 3)) * xs[e]
-                        s1 += np.float32(_field(qs[16 + e], 2 * j, 3)) * xs[16 + e]
-                    sc0 = _byte(row, o + 8 * h + 2 * j)
-                    sc1 = _byte(row, o + 8 * h + 2 * j + 1)
-                    scaled += np.float32(sc0 & 15) * s0 + np.float32(sc1 & 15) * s1
-                    s = 16 * b + 8 * h + 2 * j
-                    mins += np.float32(sc0 >> 4) * x_sums[s] + np.float32(sc1 >> 4) * x_sums[s + 1]
+            for s in range(16):
+                mins += np.float32(_byte(row, o + s) >> 4) * x_sums[16 * b + s]
+            for half in range(2):
+                # sub-block 8h + 2j + half: the 2-bit fields j of qs[32h + 16 half + e], 16 elements each
+                s = o + half
+                sc0 = np.float32(_byte(row, s) & 15)
+                sc1 = np.float32(_byte(row, s + 2) & 15)
+                sc2 = np.float32(_byte(row, s + 4) & 15)
+                sc3 = np.float32(_byte(row, s + 6) & 15)
+                sc4 = np.float32(_byte(row, s + 8) & 15)
+                sc5 = np.float32(_byte(row, s + 10) & 15)
+                sc6 = np.float32(_byte(row, s + 12) & 15)
+                sc7 = np.float32(_byte(row, s + 14) & 15)
+                qs = row[o + 16 + 16 * half : o + 80]
+                xs = x[QK_K * b + 16 * half : QK_K * (b + 1)]
+                for e in range(16):
+                    q = qs[e]
+                    p = qs[32 + e]
+                    scaled += (
+                        sc0 * np.float32(_field(q, 0, 3)) * xs[e]
+                        + sc1 * np.float32(_field(q, 2, 3)) * xs[32 + e]
+                        + sc2 * np.float32(_field(q, 4, 3)) * xs[64 + e]
+                        + sc3 * np.float32(_field(q, 6, 3)) * xs[96 + e]
+                        + sc4 * np.float32(_field(p, 0, 3)) * xs[128 + e]
+                        + sc5 * np.float32(_field(p, 2, 3)) * xs[160 + e]
+                        + sc6 * np.float32(_field(p, 4, 3)) * xs[192 + e]
+                        + sc7 * np.float32(_field(p, 6, 3)) * xs[224 + e]
+                    )
             acc += read_f16(row, o + 80) * scaled - read_f16(row, o + 82) * mins
         y[r] = acc
+
+
+@numba.njit(inline="always")
+def _q3(q: np.uint8, shift: int, high: np.uint8, bit: int) -> np.float32:
+    # a clear high bit subtracts 4: q in [-4, 3]
+    return np.float32(np.int32(_field(q, shift, 3) - 4 + 4 * _field(high, bit, 1)))
 
 
 @numba.njit(cache=True, parallel=True, fastmath=True)
@@ -266,22 +287,33 @@ def matvec_q3_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         acc = np.float32(0)
         for b in range(n_blocks):
             o = b * Q3_K_BYTES
-            hmask = row[o : o + 32]
             scaled = np.float32(0)
-            for h in range(2):
-                qs = row[o + 32 + 32 * h : o + 64 + 32 * h]
-                for j in range(4):
-                    xs = x[QK_K * b + 128 * h + 32 * j : QK_K * b + 128 * h + 32 * j + 32]
-                    bit = 4 * h + j
-                    s0 = np.float32(0)
-                    s1 = np.float32(0)
-                    for e in range(16):
-                        q0 = np.int32(_field(qs[e], 2 * j, 3) - 4 + 4 * _field(hmask[e], bit, 1))
-                        q1 = np.int32(_field(qs[16 + e], 2 * j, 3) - 4 + 4 * _field(hmask[16 + e], bit, 1))
-                        s0 += np.float32(q0) * xs[e]
-                        s1 += np.float32(q1) * xs[16 + e]
-                    scaled += np.float32(_scale_q3_k(row, o + 96, 8 * h + 2 * j)) * s0
-                    scaled += np.float32(_scale_q3_k(row, o + 96, 8 * h + 2 * j + 1)) * s1
+            for half in range(2):
+                sc0 = np.float32(_scale_q3_k(row, o + 96, half))
+                sc1 = np.float32(_scale_q3_k(row, o + 96, half + 2))
+                sc2 = np.float32(_scale_q3_k(row, o + 96, half + 4))
+                sc3 = np.float32(_scale_q3_k(row, o + 96, half + 6))
+                sc4 = np.float32(_scale_q3_k(row, o + 96, half + 8))
+                sc5 = np.float32(_scale_q3_k(row, o + 96, half + 10))
+                sc6 = np.float32(_scale_q3_k(row, o + 96, half + 12))
+                sc7 = np.float32(_scale_q3_k(row, o + 96, half + 14))
+                hmask = row[o + 16 * half : o + 16 * half + 16]
+                qs = row[o + 32 + 16 * half : o + 96]
+                xs = x[QK_K * b + 16 * half : QK_K * (b + 1)]
+                for e in range(16):
+                    q = qs[e]
+                    p = qs[32 + e]
+                    m = hmask[e]
+                    scaled += (
+                        sc0 * _q3(q, 0, m, 0) * xs[e]
+                        + sc1 * _q3(q, 2, m, 1) * xs[32 + e]
+                        + sc2 * _q3(q, 4, m, 2) * xs[64 + e]
+                        + sc3 * _q3(q, 6, m, 3) * xs[96 + e]
+                        + sc4 * _q3(p, 0, m, 4) * xs[128 + e]
+                        + sc5 * _q3(p, 2, m, 5) * xs[160 + e]
+                        + sc6 * _q3(p, 4, m, 6) * xs[192 + e]
+                        + sc7 * _q3(p, 6, m, 7) * xs[224 + e]
+                    )
             acc += read_f16(row, o + 108) * scaled
         y[r] = acc
 
@@ -295,22 +327,48 @@ def matvec_q4_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         acc = np.float32(0)
         for b in range(n_blocks):
             o = b * Q4_K_BYTES
+            sc0, m0 = _scale_min_k4(row, o + 4, 0)
+            sc1, m1 = _scale_min_k4(row, o + 4, 1)
+            sc2, m2 = _scale_min_k4(row, o + 4, 2)
+            sc3, m3 = _scale_min_k4(row, o + 4, 3)
+            sc4, m4 = _scale_min_k4(row, o + 4, 4)
+            sc5, m5 = _scale_min_k4(row, o + 4, 5)
+            sc6, m6 = _scale_min_k4(row, o + 4, 6)
+            sc7, m7 = _scale_min_k4(row, o + 4, 7)
+            s = x_sums[8 * b : 8 * b + 8]
+            mins = (
+                np.float32(m0) * s[0] + np.float32(m1) * s[1] + np.float32(m2) * s[2] + np.float32(m3) * s[3]
+            )
+            mins += (
+                np.float32(m4) * s[4] + np.float32(m5) * s[5] + np.float32(m6) * s[6] + np.float32(m7) * s[7]
+            )
+            f0, f1, f2, f3 = np.float32(sc0), np.float32(sc1), np.float32(sc2), np.float32(sc3)
+            f4, f5, f6, f7 = np.float32(sc4), np.float32(sc5), np.float32(sc6), np.float32(sc7)
+            qs = row[o + 16 : o + 144]
+            xs = x[QK_K * b : QK_K * (b + 1)]
             scaled = np.float32(0)
-            mins = np.float32(0)
-            for c in range(4):
-                qs = row[o + 16 + 32 * c : o + 48 + 32 * c]
-                xs = x[QK_K * b + 64 * c : QK_K * b + 64 * c + 64]
-                s0 = np.float32(0)
-                s1 = np.float32(0)
-                for e in range(32):
-                    s0 += np.float32(_field(qs[e], 0, 15)) * xs[e]
-                    s1 += np.float32(_field(qs[e], 4, 15)) * xs[32 + e]
-                sc0, m0 = _scale_min_k4(row, o + 4, 2 * c)
-                sc1, m1 = _scale_min_k4(row, o + 4, 2 * c + 1)
-                scaled += np.float32(sc0) * s0 + np.float32(sc1) * s1
-                mins += np.float32(m0) * x_sums[8 * b + 2 * c] + np.float32(m1) * x_sums[8 * b + 2 * c + 1]
+            for e in range(32):
+                q0 = qs[e]
+                q1 = qs[32 + e]
+                q2 = qs[64 + e]
+                q3 = qs[96 + e]
+                scaled += (
+                    f0 * np.float32(_field(q0, 0, 15)) * xs[e]
+                    + f1 * np.float32(_field(q0, 4, 15)) * xs[32 + e]
+                    + f2 * np.float32(_field(q1, 0, 15)) * xs[64 + e]
+                    + f3 * np.float32(_field(q1, 4, 15)) * xs[96 + e]
+                    + f4 * np.float32(_field(q2, 0, 15)) * xs[128 + e]
+                    + f5 * np.float32(_field(q2, 4, 15)) * xs[160 + e]
+                    + f6 * np.float32(_field(q3, 0, 15)) * xs[192 + e]
+                    + f7 * np.float32(_field(q3, 4, 15)) * xs[224 + e]
+                )
             acc += read_f16(row, o) * scaled - read_f16(row, o + 2) * mins
         y[r] = acc
+
+
+@numba.njit(inline="always")
+def _q5(q: np.uint8, shift: int, high: np.uint8, bit: int) -> np.float32:
+    return np.float32(np.int32(_field(q, shift, 15) | (_field(high, bit, 1) << 4)))
 
 
 @numba.njit(cache=True, parallel=True, fastmath=True)
@@ -322,25 +380,50 @@ def matvec_q5_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         acc = np.float32(0)
         for b in range(n_blocks):
             o = b * Q5_K_BYTES
+            sc0, m0 = _scale_min_k4(row, o + 4, 0)
+            sc1, m1 = _scale_min_k4(row, o + 4, 1)
+            sc2, m2 = _scale_min_k4(row, o + 4, 2)
+            sc3, m3 = _scale_min_k4(row, o + 4, 3)
+            sc4, m4 = _scale_min_k4(row, o + 4, 4)
+            sc5, m5 = _scale_min_k4(row, o + 4, 5)
+            sc6, m6 = _scale_min_k4(row, o + 4, 6)
+            sc7, m7 = _scale_min_k4(row, o + 4, 7)
+            s = x_sums[8 * b : 8 * b + 8]
+            mins = (
+                np.float32(m0) * s[0] + np.float32(m1) * s[1] + np.float32(m2) * s[2] + np.float32(m3) * s[3]
+            )
+            mins += (
+                np.float32(m4) * s[4] + np.float32(m5) * s[5] + np.float32(m6) * s[6] + np.float32(m7) * s[7]
+            )
+            f0, f1, f2, f3 = np.float32(sc0), np.float32(sc1), np.float32(sc2), np.float32(sc3)
+            f4, f5, f6, f7 = np.float32(sc4), np.float32(sc5), np.float32(sc6), np.float32(sc7)
             qh = row[o + 16 : o + 48]
+            qs = row[o + 48 : o + 176]
+            xs = x[QK_K * b : QK_K * (b + 1)]
             scaled = np.float32(0)
-            mins = np.float32(0)
-            for c in range(4):
-                qs = row[o + 48 + 32 * c : o + 80 + 32 * c]
-                xs = x[QK_K * b + 64 * c : QK_K * b + 64 * c + 64]
-                s0 = np.float32(0)
-                s1 = np.float32(0)
-                for e in range(32):
-                    q0 = np.int32(_field(qs[e], 0, 15) | (_field(qh[e], 2 * c, 1) << 4))
-                    q1 = np.int32(_field(qs[e], 4, 15) | (_field(qh[e], 2 * c + 1, 1) << 4))
-                    s0 += np.float32(q0) * xs[e]
-                    s1 += np.float32(q1) * xs[32 + e]
-                sc0, m0 = _scale_min_k4(row, o + 4, 2 * c)
-                sc1, m1 = _scale_min_k4(row, o + 4, 2 * c + 1)
-                scaled += np.float32(sc0) * s0 + np.float32(sc1) * s1
-                mins += np.float32(m0) * x_sums[8 * b + 2 * c] + np.float32(m1) * x_sums[8 * b + 2 * c + 1]
+            for e in range(32):
+                h = qh[e]
+                q0 = qs[e]
+                q1 = qs[32 + e]
+                q2 = qs[64 + e]
+                q3 = qs[96 + e]
+                scaled += (
+                    f0 * _q5(q0, 0, h, 0) * xs[e]
+                    + f1 * _q5(q0, 4, h, 1) * xs[32 + e]
+                    + f2 * _q5(q1, 0, h, 2) * xs[64 + e]
+                    + f3 * _q5(q1, 4, h, 3) * xs[96 + e]
+                    + f4 * _q5(q2, 0, h, 4) * xs[128 + e]
+                    + f5 * _q5(q2, 4, h, 5) * xs[160 + e]
+                    + f6 * _q5(q3, 0, h, 6) * xs[192 + e]
+                    + f7 * _q5(q3, 4, h, 7) * xs[224 + e]
+                )
             acc += read_f16(row, o) * scaled - read_f16(row, o + 2) * mins
         y[r] = acc
+
+
+@numba.njit(inline="always")
+def _q6(low: np.uint8, shift: int, high: np.uint8, high_shift: int) -> np.float32:
+    return np.float32(np.int32((_field(low, shift, 15) | (_field(high, high_shift, 3) << 4)) - 32))
 
 
 @numba.njit(cache=True, parallel=True, fastmath=True)
@@ -352,34 +435,36 @@ def matvec_q6_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         for b in range(n_blocks):
             o = b * Q6_K_BYTES
             scaled = np.float32(0)
-            for h in range(2):
-                ql = row[o + 64 * h : o + 64 * h + 64]
-                qh = row[o + 128 + 32 * h : o + 160 + 32 * h]
-                xs = x[QK_K * b + 128 * h : QK_K * b + 128 * h + 128]
-                for half in range(2):
-                    s0 = np.float32(0)
-                    s1 = np.float32(0)
-                    s2 = np.float32(0)
-                    s3 = np.float32(0)
-                    for i in range(16):
-                        e = 16 * half + i
-                        low = ql[e]
-                        high = ql[32 + e]
-                        bits = qh[e]
-                        q0 = np.int32((_field(low, 0, 15) | (_field(bits, 0, 3) << 4)) - 32)
-                        q1 = np.int32((_field(high, 0, 15) | (_field(bits, 2, 3) << 4)) - 32)
-                        q2 = np.int32((_field(low, 4, 15) | (_field(bits, 4, 3) << 4)) - 32)
-                        q3 = np.int32((_field(high, 4, 15) | (_field(bits, 6, 3) << 4)) - 32)
-                        s0 += np.float32(q0) * xs[e]
-                        s1 += np.float32(q1) * xs[32 + e]
-                        s2 += np.float32(q2) * xs[64 + e]
-                        s3 += np.float32(q3) * xs[96 + e]
-                    s = o + 192 + 8 * h + half
+            for half in range(2):
+                # sub-block 8h + 2j + half holds elements 128h + 32j + 16 half + e, e < 16
+                s = o + 192 + half
+                sc0 = np.float32(_signed_byte(row, s))
+                sc1 = np.float32(_signed_byte(row, s + 2))
+                sc2 = np.float32(_signed_byte(row, s + 4))
+                sc3 = np.float32(_signed_byte(row, s + 6))
+                sc4 = np.float32(_signed_byte(row, s + 8))
+                sc5 = np.float32(_signed_byte(row, s + 10))
+                sc6 = np.float32(_signed_byte(row, s + 12))
+                sc7 = np.float32(_signed_byte(row, s + 14))
+                ql = row[o + 16 * half : o + 128]
+                qh = row[o + 128 + 16 * half : o + 192]
+                xs = x[QK_K * b + 16 * half : QK_K * (b + 1)]
+                for e in range(16):
+                    a0 = ql[e]
+                    a1 = ql[32 + e]
+                    a2 = ql[64 + e]
+                    a3 = ql[96 + e]
+                    h0 = qh[e]
+                    h1 = qh[32 + e]
                     scaled += (
-                        np.float32(_signed_byte(row, s)) * s0 + np.float32(_signed_byte(row, s + 2)) * s1
-                    )
-                    scaled += (
-                        np.float32(_signed_byte(row, s + 4)) * s2 + np.float32(_signed_byte(row, s + 6)) * s3
+                        sc0 * _q6(a0, 0, h0, 0) * xs[e]
+                        + sc1 * _q6(a1, 0, h0, 2) * xs[32 + e]
+                        + sc2 * _q6(a0, 4, h0, 4) * xs[64 + e]
+                        + sc3 * _q6(a1, 4, h0, 6) * xs[96 + e]
+                        + sc4 * _q6(a2, 0, h1, 0) * xs[128 + e]
+                        + sc5 * _q6(a3, 0, h1, 2) * xs[160 + e]
+                        + sc6 * _q6(a2, 4, h1, 4) * xs[192 + e]
+                        + sc7 * _q6(a3, 4, h1, 6) * xs[224 + e]
                     )
             acc += read_f16(row, o + 208) * scaled
         y[r] = acc
