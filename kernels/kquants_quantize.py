@@ -83,7 +83,9 @@ def get_scale_min_k4(j: int, q: np.ndarray) -> tuple[int, int]:
 
 
 @numba.njit(cache=True)
-def pack_scales_mins_k4(scales: np.ndarray, mins: np.ndarray, max_scale, max_min, q: np.ndarray) -> None:
+def pack_scales_mins_k4(
+    scales: np.ndarray, mins: np.ndarray, max_scale: np.float32, max_min: np.float32, q: np.ndarray
+) -> None:
     """The 8 sub-block scales and mins of Q4_K/Q5_K as 6-bit integers in the 12 bytes q."""
     inv_scale = f32(63.0) / max_scale if max_scale > 0 else f32(0.0)
     inv_min = f32(63.0) / max_min if max_min > 0 else f32(0.0)
@@ -111,7 +113,13 @@ def quantize_lanes(nmax: int, iscale: np.ndarray, xmin: np.ndarray, xt: np.ndarr
 
 @numba.njit(cache=True, error_model="numpy")
 def weighted_error(
-    xt: np.ndarray, wt: np.ndarray, L: np.ndarray, scale: np.ndarray, xmin: np.ndarray, use_mad: bool, err
+    xt: np.ndarray,
+    wt: np.ndarray,
+    L: np.ndarray,
+    scale: np.ndarray,
+    xmin: np.ndarray,
+    use_mad: bool,
+    err: np.ndarray,
 ) -> None:
     """err[s] = sum_i wt |scale L + min - x| (use_mad) or wt (scale L + min - x)^2, summed in order i."""
     n, lanes = xt.shape
@@ -385,7 +393,9 @@ def quantize_row_q2_k(x: np.ndarray, out: np.ndarray) -> None:
 
 
 @numba.njit(cache=True)
-def quantize_block_q2_k(x, y, scales, mins, L) -> None:
+def quantize_block_q2_k(
+    x: np.ndarray, y: np.ndarray, scales: np.ndarray, mins: np.ndarray, L: np.ndarray
+) -> None:
     """x f32[256] -> y u8[84]: scales[16], qs[64], d:f16, dmin:f16, given make_qkx2_quants' sub-block
     scales f32[16], mins f32[16] and L i32[256] (requantized in place)."""
     max_scale = f32(0.0)
@@ -496,7 +506,9 @@ def quantize_subblocks_k4(x: np.ndarray, nmax: int, rmin: np.float32, nstep: int
 
 
 @numba.njit(cache=True)
-def quantize_block_k4(x, y, nmax, scales, mins, L) -> None:
+def quantize_block_k4(
+    x: np.ndarray, y: np.ndarray, nmax: int, scales: np.ndarray, mins: np.ndarray, L: np.ndarray
+) -> None:
     """Q4_K/Q5_K second pass on one block x f32[256]: d, dmin and scales into y[0:16], L i32[256]
     requantized in [0, nmax] with the stored scales."""
     max_scale = f32(0.0)
@@ -579,7 +591,7 @@ def quantize_row_q6_k(x: np.ndarray, out: np.ndarray) -> None:
 
 
 @numba.njit(cache=True)
-def quantize_block_q6_k(x, y, scales, L) -> None:
+def quantize_block_q6_k(x: np.ndarray, y: np.ndarray, scales: np.ndarray, L: np.ndarray) -> None:
     """x f32[256] -> y u8[210]: ql[128], qh[64], scales[16] int8, d:f16, given make_qx_quants' sub-block
     scales f32[16] and L i32[256] (requantized in place)."""
     max_scale = f32(0.0)

@@ -4,6 +4,7 @@ byte-for-byte agreement with ggml's reference quantizers (through llama-cpp-pyth
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import importlib.util
 from pathlib import Path
 
@@ -28,6 +29,28 @@ QUANTIZERS = {
 GGML_TOTAL_ERROR = {Q.Q2_K: 0.0075, Q.Q3_K: 0.0040, Q.Q4_K: 0.002, Q.Q5_K: 0.002, Q.Q6_K: 0.002}
 # RMS error / RMS of standard Gaussian data; measured 0.296, 0.151, 0.0715, 0.0363, 0.0178.
 GAUSSIAN_RELATIVE_RMSE = {Q.Q2_K: 0.31, Q.Q3_K: 0.16, Q.Q4_K: 0.075, Q.Q5_K: 0.038, Q.Q6_K: 0.019}
+
+
+# SHA-256 of ggml's blocks for hashed_data(), from ggml_quantize_chunk in llama-cpp-python 0.3.36
+# (ggml 0.25.3, commit 0c1e570): byte equality is checked even where llama_cpp is not installed.
+GGML_DIGESTS = {
+    Q.Q2_K: "5bfd36d813bac8e5da40cc0c393f2f4ea60b4f4505b0b6e3604e32a7f7bdb804",
+    Q.Q3_K: "236b99d747ed9514f254f8a1a43a06bc89d346b59fa3b499a0b9e5ebce5469f9",
+    Q.Q4_K: "a55a1369e0b447458be0ed0f1a08a3e223b1ecfca871d55a165536628dd99241",
+    Q.Q5_K: "5886ed09eb6b4d4a3c7899ad317778fe39f94248cf702aea6ac6520155eae758",
+    Q.Q6_K: "fb33d03ac62b446c4d90f5ebf9bf5e07cff526630dab37c3e40872f607fd8a37",
+}
+
+
+def hashed_data() -> np.ndarray:
+    """f32[64, 1024] from integer hashing only (exact on every platform, unlike cos or an RNG): row
+    groups with different amplitudes, every 9th row rounded to integers."""
+    i = np.arange(64 * 1024, dtype=np.int64)
+    h = (i * 2654435761) % 2**32
+    x = ((h >> 8) % 65536 - 32768) / 8192.0 * (1 + (i // 1024) % 7)
+    x = x.astype(np.float32).reshape(64, 1024)
+    x[::9] = np.round(x[::9])
+    return x
 
 
 def quantize(x: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
@@ -131,6 +154,11 @@ def test_nearest_int_rounds_half_to_even():
 
 
 @pytest.mark.parametrize("qtype", list(QUANTIZERS))
+def test_bytes_match_recorded_ggml_digest(qtype):
+    assert hashlib.sha256(quantize(hashed_data(), qtype).tobytes()).hexdigest() == GGML_DIGESTS[qtype]
+
+
+@pytest.mark.parametrize("qtype", list(QUANTIZERS))
 def test_bytes_match_ggml_reference(qtype):
     quantize_chunk = ggml_quantize_chunk()
     rng = np.random.default_rng(1)
@@ -140,6 +168,7 @@ def test_bytes_match_ggml_reference(qtype):
         rng.standard_t(2, (16, 768)),
         rng.standard_normal((16, 512)) * (rng.random((16, 512)) < 0.05),
         edge_case_rows(),
+        hashed_data(),
     ]
     for x in datasets:
         x = x.astype(np.float32)
