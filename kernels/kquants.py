@@ -73,6 +73,24 @@ def _scale_q3_k(row: np.ndarray, o: int, s: int) -> int:
 
 
 # --- one row of blocks -> f32 (exact); shared by dequantize and matmul -------------------------------------
+# Each loop runs over the elements e of a 16- or 32-element slice and writes all eight sub-blocks that share
+# its bytes, so every shift is a constant and the sub-block scales are loop invariants.
+
+
+@numba.njit(inline="always")
+def _q3(q: np.uint8, shift: int, high: np.uint8, bit: int) -> np.float32:
+    # a clear high bit subtracts 4: q in [-4, 3]
+    return np.float32(np.int32(_field(q, shift, 3) - 4 + 4 * _field(high, bit, 1)))
+
+
+@numba.njit(inline="always")
+def _q5(q: np.uint8, shift: int, high: np.uint8, bit: int) -> np.float32:
+    return np.float32(np.int32(_field(q, shift, 15) | (_field(high, bit, 1) << 4)))
+
+
+@numba.njit(inline="always")
+def _q6(low: np.uint8, shift: int, high: np.uint8, high_shift: int) -> np.float32:
+    return np.float32(np.int32((_field(low, shift, 15) | (_field(high, high_shift, 3) << 4)) - 32))
 
 
 @numba.njit(cache=True)
@@ -81,18 +99,30 @@ def _dequantize_row_q2_k(row: np.ndarray, y: np.ndarray) -> None:
         o = b * Q2_K_BYTES
         d = read_f16(row, o + 80)
         dmin = read_f16(row, o + 82)
-        for h in range(2):
-            for j in range(4):
-                for half in range(2):
-                    sc = _byte(row, o + 8 * h + 2 * j + half)
-                    dl = d * np.float32(sc & 15)
-                    ml = dmin * np.float32(sc >> 4)
-                    qs = row[o + 16 + 32 * h + 16 * half : o + 32 + 32 * h + 16 * half]
-                    out = y[
-                        QK_K * b + 128 * h + 32 * j + 16 * half : QK_K * b + 128 * h + 32 * j + 16 * half + 16
-                    ]
-                    for e in range(16):
-                        out[e] = dl * np.float32(_field(qs[e], 2 * j, 3)) - ml
+        for half in range(2):
+            # sub-block 8h + 2j + half: the 2-bit fields j of qs[32h + 16 half + e], 16 elements each
+            s = o + half
+            d0, m0 = d * np.float32(_byte(row, s) & 15), dmin * np.float32(_byte(row, s) >> 4)
+            d1, m1 = d * np.float32(_byte(row, s + 2) & 15), dmin * np.float32(_byte(row, s + 2) >> 4)
+            d2, m2 = d * np.float32(_byte(row, s + 4) & 15), dmin * np.float32(_byte(row, s + 4) >> 4)
+            d3, m3 = d * np.float32(_byte(row, s + 6) & 15), dmin * np.float32(_byte(row, s + 6) >> 4)
+            d4, m4 = d * np.float32(_byte(row, s + 8) & 15), dmin * np.float32(_byte(row, s + 8) >> 4)
+            d5, m5 = d * np.float32(_byte(row, s + 10) & 15), dmin * np.float32(_byte(row, s + 10) >> 4)
+            d6, m6 = d * np.float32(_byte(row, s + 12) & 15), dmin * np.float32(_byte(row, s + 12) >> 4)
+            d7, m7 = d * np.float32(_byte(row, s + 14) & 15), dmin * np.float32(_byte(row, s + 14) >> 4)
+            qs = row[o + 16 + 16 * half : o + 80]
+            out = y[QK_K * b + 16 * half : QK_K * (b + 1)]
+            for e in range(16):
+                q = qs[e]
+                p = qs[32 + e]
+                out[e] = d0 * np.float32(_field(q, 0, 3)) - m0
+                out[32 + e] = d1 * np.float32(_field(q, 2, 3)) - m1
+                out[64 + e] = d2 * np.float32(_field(q, 4, 3)) - m2
+                out[96 + e] = d3 * np.float32(_field(q, 6, 3)) - m3
+                out[128 + e] = d4 * np.float32(_field(p, 0, 3)) - m4
+                out[160 + e] = d5 * np.float32(_field(p, 2, 3)) - m5
+                out[192 + e] = d6 * np.float32(_field(p, 4, 3)) - m6
+                out[224 + e] = d7 * np.float32(_field(p, 6, 3)) - m7
 
 
 @numba.njit(cache=True)
@@ -100,20 +130,36 @@ def _dequantize_row_q3_k(row: np.ndarray, y: np.ndarray) -> None:
     for b in range(row.shape[0] // Q3_K_BYTES):
         o = b * Q3_K_BYTES
         d = read_f16(row, o + 108)
-        hmask = row[o : o + 32]
-        for h in range(2):
-            for j in range(4):
-                for half in range(2):
-                    dl = d * np.float32(_scale_q3_k(row, o + 96, 8 * h + 2 * j + half))
-                    qs = row[o + 32 + 32 * h + 16 * half : o + 48 + 32 * h + 16 * half]
-                    hm = hmask[16 * half : 16 * half + 16]
-                    out = y[
-                        QK_K * b + 128 * h + 32 * j + 16 * half : QK_K * b + 128 * h + 32 * j + 16 * half + 16
-                    ]
-                    for e in range(16):
-                        # the high bit set means no offset: q in [-4, 3]
-                        q = _field(qs[e], 2 * j, 3) - 4 + 4 * _field(hm[e], 4 * h + j, 1)
-                        out[e] = dl * np.float32(np.int32(q))
+        for half in range(2):
+            d0 = d * np.float32(_scale_q3_k(row, o + 96, half))
+            d1 = d * np.float32(_scale_q3_k(row, o + 96, half + 2))
+            d2 = d * np.float32(_scale_q3_k(row, o + 96, half + 4))
+            d3 = d * np.float32(_scale_q3_k(row, o + 96, half + 6))
+            d4 = d * np.float32(_scale_q3_k(row, o + 96, half + 8))
+            d5 = d * np.float32(_scale_q3_k(row, o + 96, half + 10))
+            d6 = d * np.float32(_scale_q3_k(row, o + 96, half + 12))
+            d7 = d * np.float32(_scale_q3_k(row, o + 96, half + 14))
+            hmask = row[o + 16 * half : o + 16 * half + 16]
+            qs = row[o + 32 + 16 * half : o + 96]
+            out = y[QK_K * b + 16 * half : QK_K * (b + 1)]
+            for e in range(16):
+                q = qs[e]
+                p = qs[32 + e]
+                m = hmask[e]
+                out[e] = d0 * _q3(q, 0, m, 0)
+                out[32 + e] = d1 * _q3(q, 2, m, 1)
+                out[64 + e] = d2 * _q3(q, 4, m, 2)
+                out[96 + e] = d3 * _q3(q, 6, m, 3)
+                out[128 + e] = d4 * _q3(p, 0, m, 4)
+                out[160 + e] = d5 * _q3(p, 2, m, 5)
+                out[192 + e] = d6 * _q3(p, 4, m, 6)
+                out[224 + e] = d7 * _q3(p, 6, m, 7)
+
+
+@numba.njit(inline="always")
+def _scales_k4(row: np.ndarray, o: int, d: np.float32, j: int) -> tuple[np.float32, np.float32]:
+    sc, m = _scale_min_k4(row, o, j)
+    return d * np.float32(sc), np.float32(m)
 
 
 @numba.njit(cache=True)
@@ -122,19 +168,31 @@ def _dequantize_row_q4_k(row: np.ndarray, y: np.ndarray) -> None:
         o = b * Q4_K_BYTES
         d = read_f16(row, o)
         dmin = read_f16(row, o + 2)
-        for c in range(4):
-            sc1, m1 = _scale_min_k4(row, o + 4, 2 * c)
-            sc2, m2 = _scale_min_k4(row, o + 4, 2 * c + 1)
-            d1 = d * np.float32(sc1)
-            dm1 = dmin * np.float32(m1)
-            d2 = d * np.float32(sc2)
-            dm2 = dmin * np.float32(m2)
-            qs = row[o + 16 + 32 * c : o + 48 + 32 * c]
-            out = y[QK_K * b + 64 * c : QK_K * b + 64 * c + 64]
-            for e in range(32):
-                out[e] = d1 * np.float32(_field(qs[e], 0, 15)) - dm1
-            for e in range(32):
-                out[32 + e] = d2 * np.float32(_field(qs[e], 4, 15)) - dm2
+        d0, m0 = _scales_k4(row, o + 4, d, 0)
+        d1, m1 = _scales_k4(row, o + 4, d, 1)
+        d2, m2 = _scales_k4(row, o + 4, d, 2)
+        d3, m3 = _scales_k4(row, o + 4, d, 3)
+        d4, m4 = _scales_k4(row, o + 4, d, 4)
+        d5, m5 = _scales_k4(row, o + 4, d, 5)
+        d6, m6 = _scales_k4(row, o + 4, d, 6)
+        d7, m7 = _scales_k4(row, o + 4, d, 7)
+        m0, m1, m2, m3 = dmin * m0, dmin * m1, dmin * m2, dmin * m3
+        m4, m5, m6, m7 = dmin * m4, dmin * m5, dmin * m6, dmin * m7
+        qs = row[o + 16 : o + 144]
+        out = y[QK_K * b : QK_K * (b + 1)]
+        for e in range(32):
+            q0 = qs[e]
+            q1 = qs[32 + e]
+            q2 = qs[64 + e]
+            q3 = qs[96 + e]
+            out[e] = d0 * np.float32(_field(q0, 0, 15)) - m0
+            out[32 + e] = d1 * np.float32(_field(q0, 4, 15)) - m1
+            out[64 + e] = d2 * np.float32(_field(q1, 0, 15)) - m2
+            out[96 + e] = d3 * np.float32(_field(q1, 4, 15)) - m3
+            out[128 + e] = d4 * np.float32(_field(q2, 0, 15)) - m4
+            out[160 + e] = d5 * np.float32(_field(q2, 4, 15)) - m5
+            out[192 + e] = d6 * np.float32(_field(q3, 0, 15)) - m6
+            out[224 + e] = d7 * np.float32(_field(q3, 4, 15)) - m7
 
 
 @numba.njit(cache=True)
@@ -143,22 +201,33 @@ def _dequantize_row_q5_k(row: np.ndarray, y: np.ndarray) -> None:
         o = b * Q5_K_BYTES
         d = read_f16(row, o)
         dmin = read_f16(row, o + 2)
+        d0, m0 = _scales_k4(row, o + 4, d, 0)
+        d1, m1 = _scales_k4(row, o + 4, d, 1)
+        d2, m2 = _scales_k4(row, o + 4, d, 2)
+        d3, m3 = _scales_k4(row, o + 4, d, 3)
+        d4, m4 = _scales_k4(row, o + 4, d, 4)
+        d5, m5 = _scales_k4(row, o + 4, d, 5)
+        d6, m6 = _scales_k4(row, o + 4, d, 6)
+        d7, m7 = _scales_k4(row, o + 4, d, 7)
+        m0, m1, m2, m3 = dmin * m0, dmin * m1, dmin * m2, dmin * m3
+        m4, m5, m6, m7 = dmin * m4, dmin * m5, dmin * m6, dmin * m7
         qh = row[o + 16 : o + 48]
-        for c in range(4):
-            sc1, m1 = _scale_min_k4(row, o + 4, 2 * c)
-            sc2, m2 = _scale_min_k4(row, o + 4, 2 * c + 1)
-            d1 = d * np.float32(sc1)
-            dm1 = dmin * np.float32(m1)
-            d2 = d * np.float32(sc2)
-            dm2 = dmin * np.float32(m2)
-            qs = row[o + 48 + 32 * c : o + 80 + 32 * c]
-            out = y[QK_K * b + 64 * c : QK_K * b + 64 * c + 64]
-            for e in range(32):
-                q = np.int32(_field(qs[e], 0, 15) | (_field(qh[e], 2 * c, 1) << 4))
-                out[e] = d1 * np.float32(q) - dm1
-            for e in range(32):
-                q = np.int32(_field(qs[e], 4, 15) | (_field(qh[e], 2 * c + 1, 1) << 4))
-                out[32 + e] = d2 * np.float32(q) - dm2
+        qs = row[o + 48 : o + 176]
+        out = y[QK_K * b : QK_K * (b + 1)]
+        for e in range(32):
+            h = qh[e]
+            q0 = qs[e]
+            q1 = qs[32 + e]
+            q2 = qs[64 + e]
+            q3 = qs[96 + e]
+            out[e] = d0 * _q5(q0, 0, h, 0) - m0
+            out[32 + e] = d1 * _q5(q0, 4, h, 1) - m1
+            out[64 + e] = d2 * _q5(q1, 0, h, 2) - m2
+            out[96 + e] = d3 * _q5(q1, 4, h, 3) - m3
+            out[128 + e] = d4 * _q5(q2, 0, h, 4) - m4
+            out[160 + e] = d5 * _q5(q2, 4, h, 5) - m5
+            out[192 + e] = d6 * _q5(q3, 0, h, 6) - m6
+            out[224 + e] = d7 * _q5(q3, 4, h, 7) - m7
 
 
 @numba.njit(cache=True)
@@ -166,23 +235,35 @@ def _dequantize_row_q6_k(row: np.ndarray, y: np.ndarray) -> None:
     for b in range(row.shape[0] // Q6_K_BYTES):
         o = b * Q6_K_BYTES
         d = read_f16(row, o + 208)
-        for h in range(2):
-            ql = row[o + 64 * h : o + 64 * h + 64]
-            qh = row[o + 128 + 32 * h : o + 160 + 32 * h]
-            for j in range(4):
-                # element 32j + e of this half: nibble j // 2 of ql[32 (j % 2) + e], 2 bits j of qh[e]
-                shift = 4 * (j // 2)
-                for half in range(2):
-                    sc = _signed_byte(row, o + 192 + 8 * h + 2 * j + half)
-                    dl = d * np.float32(sc)
-                    lo = ql[32 * (j % 2) + 16 * half : 32 * (j % 2) + 16 * half + 16]
-                    hi = qh[16 * half : 16 * half + 16]
-                    out = y[
-                        QK_K * b + 128 * h + 32 * j + 16 * half : QK_K * b + 128 * h + 32 * j + 16 * half + 16
-                    ]
-                    for e in range(16):
-                        q = np.int32((_field(lo[e], shift, 15) | (_field(hi[e], 2 * j, 3) << 4)) - 32)
-                        out[e] = dl * np.float32(q)
+        for half in range(2):
+            # sub-block 8h + 2j + half holds elements 128h + 32j + 16 half + e, e < 16
+            s = o + 192 + half
+            d0 = d * np.float32(_signed_byte(row, s))
+            d1 = d * np.float32(_signed_byte(row, s + 2))
+            d2 = d * np.float32(_signed_byte(row, s + 4))
+            d3 = d * np.float32(_signed_byte(row, s + 6))
+            d4 = d * np.float32(_signed_byte(row, s + 8))
+            d5 = d * np.float32(_signed_byte(row, s + 10))
+            d6 = d * np.float32(_signed_byte(row, s + 12))
+            d7 = d * np.float32(_signed_byte(row, s + 14))
+            ql = row[o + 16 * half : o + 128]
+            qh = row[o + 128 + 16 * half : o + 192]
+            out = y[QK_K * b + 16 * half : QK_K * (b + 1)]
+            for e in range(16):
+                a0 = ql[e]
+                a1 = ql[32 + e]
+                a2 = ql[64 + e]
+                a3 = ql[96 + e]
+                h0 = qh[e]
+                h1 = qh[32 + e]
+                out[e] = d0 * _q6(a0, 0, h0, 0)
+                out[32 + e] = d1 * _q6(a1, 0, h0, 2)
+                out[64 + e] = d2 * _q6(a0, 4, h0, 4)
+                out[96 + e] = d3 * _q6(a1, 4, h0, 6)
+                out[128 + e] = d4 * _q6(a2, 0, h1, 0)
+                out[160 + e] = d5 * _q6(a3, 0, h1, 2)
+                out[192 + e] = d6 * _q6(a2, 4, h1, 4)
+                out[224 + e] = d7 * _q6(a3, 4, h1, 6)
 
 
 @numba.njit(cache=True, parallel=True)
@@ -273,12 +354,6 @@ def matvec_q2_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         y[r] = acc
 
 
-@numba.njit(inline="always")
-def _q3(q: np.uint8, shift: int, high: np.uint8, bit: int) -> np.float32:
-    # a clear high bit subtracts 4: q in [-4, 3]
-    return np.float32(np.int32(_field(q, shift, 3) - 4 + 4 * _field(high, bit, 1)))
-
-
 @numba.njit(cache=True, parallel=True, fastmath=True)
 def matvec_q3_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     n_blocks = blocks.shape[1] // Q3_K_BYTES
@@ -366,11 +441,6 @@ def matvec_q4_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         y[r] = acc
 
 
-@numba.njit(inline="always")
-def _q5(q: np.uint8, shift: int, high: np.uint8, bit: int) -> np.float32:
-    return np.float32(np.int32(_field(q, shift, 15) | (_field(high, bit, 1) << 4)))
-
-
 @numba.njit(cache=True, parallel=True, fastmath=True)
 def matvec_q5_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     n_blocks = blocks.shape[1] // Q5_K_BYTES
@@ -419,11 +489,6 @@ def matvec_q5_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
                 )
             acc += read_f16(row, o) * scaled - read_f16(row, o + 2) * mins
         y[r] = acc
-
-
-@numba.njit(inline="always")
-def _q6(low: np.uint8, shift: int, high: np.uint8, high_shift: int) -> np.float32:
-    return np.float32(np.int32((_field(low, shift, 15) | (_field(high, high_shift, 3) << 4)) - 32))
 
 
 @numba.njit(cache=True, parallel=True, fastmath=True)
