@@ -1,0 +1,180 @@
+"""A Hugging Face GPT-2 checkpoint as GGUF-named f32 tensors, as llama.cpp's convert_hf_to_gguf.py maps it.
+
+What the converter's GPT2Model does: HF names become GGUF names (`h.N.attn.c_attn` -> `blk.N.attn_qkv`, ...),
+the Conv1D weights (stored (in, out)) are transposed to GGUF's (out, in), the `attn.bias` /
+`attn.masked_bias` causal-mask buffers are dropped, and a tied `lm_head` is not written (readers use
+token_embd). Weights are read with safetensors only: a pickle checkpoint is never opened.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from safetensors import SafetensorError, safe_open
+
+from gpt2cli.errors import Gpt2Error
+from gpt2cli.gguf_file import GPT2Config
+from gpt2cli.tokenizer import Tokenizer
+
+_TOP_NAMES = {
+    "wte.weight": "token_embd.weight",
+    "wpe.weight": "position_embd.weight",
+    "ln_f.weight": "output_norm.weight",
+    "ln_f.bias": "output_norm.bias",
+    "lm_head.weight": "output.weight",
+}
+_BLOCK_NAMES = {
+    "ln_1": "attn_norm",
+    "attn.c_attn": "attn_qkv",
+    "attn.c_proj": "attn_output",
+    "ln_2": "ffn_norm",
+    "mlp.c_fc": "ffn_up",
+    "mlp.c_proj": "ffn_down",
+}
+# HF's Conv1D layers keep their weight as (in, out).
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+_MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")
+
+
+@dataclass
+class Checkpoint:
+    """A GPT-2's tensors by GGUF name, loaded one at a time as f32 in GGUF's numpy layout, plus its vocab."""
+
+    name: str
+    config: GPT2Config
+    shapes: dict[str, tuple[int, ...]]  # GGUF name -> numpy shape, in writing order
+    loaders: dict[str, Callable[[], np.ndarray]]
+    tokens: list[str]
+    merges: list[str]
+    eos_id: int
+
+    def load(self, name: str) -> np.ndarray:  # -> f32[shape]
+        return self.loaders[name]()
+
+    @property
+    def tied(self) -> bool:
+        return "output.weight" not in self.shapes
+
+
+def gguf_name(hf_key: str) -> str | None:
+    """The GGUF name of an HF GPT2LMHeadModel key (with or without `transformer.`); None for mask buffers."""
+    key = hf_key.removeprefix("transformer.")
+    if key.endswith(_MASK_BUFFERS):
+        return None
+    if key in _TOP_NAMES:
+        return _TOP_NAMES[key]
+    parts = key.split(".")
+    if len(parts) >= 4 and parts[0] == "h" and parts[1].isdigit():
+        layer, module, param = parts[1], ".".join(parts[2:-1]), parts[-1]
+        if module in _BLOCK_NAMES and param in ("weight", "bias"):
+            return f"blk.{layer}.{_BLOCK_NAMES[module]}.{param}"
+    raise Gpt2Error(f"unexpected tensor {hf_key!r} in a GPT-2 checkpoint")
+
+
+def read_hf_config(path: Path) -> GPT2Config:
+    try:
+        hp = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise Gpt2Error(f"{path}: cannot read ({e})") from None
+    architectures = hp.get("architectures") or ["GPT2LMHeadModel"]
+    if hp.get("model_type", "gpt2") != "gpt2" or "GPT2LMHeadModel" not in architectures:
+        raise Gpt2Error(f"{path}: not a GPT-2 (model_type {hp.get('model_type')!r}, {architectures})")
+    try:
+        n_embd = int(hp["n_embd"])
+        return GPT2Config(
+            n_vocab=int(hp["vocab_size"]),
+            n_ctx=int(hp.get("n_ctx") or hp["n_positions"]),
+            n_embd=n_embd,
+            n_head=int(hp["n_head"]),
+            n_layer=int(hp["n_layer"]),
+            n_ff=int(hp.get("n_inner") or 4 * n_embd),
+            layer_norm_eps=float(hp.get("layer_norm_epsilon", 1e-5)),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise Gpt2Error(f"{path}: missing or bad hyper-parameter {e}") from None
+
+
+def _tensor_loader(path: Path, key: str, transpose: bool) -> Callable[[], np.ndarray]:
+    def load() -> np.ndarray:
+        with safe_open(path, framework="numpy") as f:
+            x = f.get_tensor(key)
+        x = x.T if transpose else x
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    return load
+
+
+def _canonical_order(names: set[str], n_layer: int) -> list[str]:
+    """token_embd, position_embd, the blocks in order, output_norm, output: the order readers expect."""
+    block = [f"{m}.{p}" for m in _BLOCK_NAMES.values() for p in ("weight", "bias")]
+    order = ["token_embd.weight", "position_embd.weight"]
+    order += [f"blk.{i}.{t}" for i in range(n_layer) for t in block]
+    order += ["output_norm.weight", "output_norm.bias", "output.weight"]
+    missing = [n for n in order[:-1] if n not in names]
+    if missing:
+        raise Gpt2Error(f"checkpoint lacks {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
+    extra = sorted(names - set(order))
+    if extra:
+        raise Gpt2Error(f"checkpoint has tensors beyond its {n_layer} layers: {', '.join(extra[:4])}")
+    return [n for n in order if n in names]
+
+
+def load_hf_checkpoint(directory: str | Path, name: str | None = None) -> Checkpoint:
+    """A directory with model.safetensors, config.json, vocab.json and merges.txt (fetch_checkpoint's)."""
+    directory = Path(directory)
+    config = read_hf_config(directory / "config.json")
+    tokenizer = Tokenizer.from_hf_dir(directory)
+    weights = directory / "model.safetensors"
+    try:
+        with safe_open(weights, framework="numpy") as f:
+            keys = list(f.keys())
+            hf_shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
+            dtypes = {f.get_slice(k).get_dtype() for k in keys}
+    except (SafetensorError, OSError) as e:
+        raise Gpt2Error(f"{weights}: not a readable safetensors file ({e})") from None
+    unsupported = dtypes - {"F32", "F16"}
+    if unsupported:
+        raise Gpt2Error(f"{weights}: tensors of type {', '.join(sorted(unsupported))}; only F32/F16 are read")
+
+    shapes, loaders, hf_key = {}, {}, {}
+    for key in keys:
+        gname = gguf_name(key)
+        if gname is None:
+            continue
+        transpose = key.removeprefix("transformer.").split(".", 2)[-1] in _CONV1D
+        shape = hf_shapes[key][::-1] if transpose else hf_shapes[key]
+        shapes[gname], loaders[gname], hf_key[gname] = shape, _tensor_loader(weights, key, transpose), key
+    # HF keeps lm_head tied to wte; only a genuinely separate head is written, as the converter does.
+    if (
+        "output.weight" in shapes
+        and "token_embd.weight" in shapes
+        and np.array_equal(loaders["output.weight"](), loaders["token_embd.weight"]())
+    ):
+        del shapes["output.weight"], loaders["output.weight"]
+    order = _canonical_order(set(shapes), config.n_layer)
+    e, f, v = config.n_embd, config.n_ff, config.n_vocab
+    expected = {
+        "token_embd.weight": (v, e),
+        "position_embd.weight": (config.n_ctx, e),
+        "blk.0.attn_qkv.weight": (3 * e, e),
+        "blk.0.ffn_up.weight": (f, e),
+        "blk.0.ffn_down.weight": (e, f),
+    }
+    for gname, shape in expected.items():
+        if shapes[gname] != shape:
+            raise Gpt2Error(f"{weights}: {hf_key[gname]} has shape {shapes[gname]}, config says {shape}")
+    if tokenizer.n_vocab != v:
+        raise Gpt2Error(f"{directory}: vocab.json has {tokenizer.n_vocab} tokens, config.json {v}")
+    return Checkpoint(
+        name=(name or directory.name).lower(),
+        config=config,
+        shapes={n: shapes[n] for n in order},
+        loaders={n: loaders[n] for n in order},
+        tokens=tokenizer.tokens,
+        merges=tokenizer.merges,
+        eos_id=tokenizer.eos_id,
+    )

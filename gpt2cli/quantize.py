@@ -1,0 +1,225 @@
+"""`gpt2 quantize`: a GPT-2 checkpoint or float GGUF -> a llama.cpp-compatible GGUF of one file type.
+
+Inputs: a registry name (its safetensors checkpoint is fetched), a local Hugging Face directory, or an
+F32/F16/BF16 GGUF. Each tensor gets the block type llama-quantize would give it (quant_types), is quantized
+with ggml's reference quantizers (kernels/), and is measured against its f32 values; the file is written
+through a temporary name, so an interrupted run leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
+
+from gpt2cli import registry
+from gpt2cli.convert import Checkpoint, load_hf_checkpoint
+from gpt2cli.errors import Gpt2Error
+from gpt2cli.gguf_file import ModelFile
+from gpt2cli.gguf_reader import TensorInfo, read_gguf
+from gpt2cli.gguf_write import TensorData, write_gpt2_gguf
+from gpt2cli.quant_types import FILE_TYPES, FileType, TensorChoice, is_quantizable, tensor_type
+from kernels import KERNELS
+from kernels import kquants_quantize as kq
+
+T = GGMLQuantizationType
+FLOAT_INPUTS = (T.F32, T.F16, T.BF16)
+
+# ggml's reference K-quantizers, for as long as the registry does not carry them itself.
+_K_QUANTIZERS = {
+    T.Q2_K: kq.quantize_q2_k,
+    T.Q3_K: kq.quantize_q3_k,
+    T.Q4_K: kq.quantize_q4_k,
+    T.Q5_K: kq.quantize_q5_k,
+    T.Q6_K: kq.quantize_q6_k,
+}
+
+
+@dataclass(frozen=True)
+class TensorReport:
+    name: str
+    qtype: GGMLQuantizationType
+    shape: tuple[int, ...]  # numpy order: (rows, cols) for a matrix
+    nbytes: int
+    rel_rms_error: float  # RMS of (stored - original) / RMS of original
+    wanted: GGMLQuantizationType | None  # the type a row length ruled out (llama-quantize's fallback)
+
+    @property
+    def n_weights(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def is_matrix(self) -> bool:
+        return is_quantizable(self.name, len(self.shape))
+
+
+@dataclass(frozen=True)
+class QuantizeReport:
+    path: Path
+    file_type: FileType
+    tensors: list[TensorReport]
+    file_size: int
+    seconds: float
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Over the 2-D weights only: biases, norms and position_embd stay f32 in every file type."""
+        mats = [t for t in self.tensors if t.is_matrix]
+        return 8 * sum(t.nbytes for t in mats) / sum(t.n_weights for t in mats)
+
+    @property
+    def f16_size(self) -> int:
+        """The size of the same file with every 2-D weight in F16."""
+        return self.file_size + sum(2 * t.n_weights - t.nbytes for t in self.tensors if t.is_matrix)
+
+    @property
+    def fallbacks(self) -> list[TensorReport]:
+        return [t for t in self.tensors if t.wanted is not None]
+
+
+def load_gguf_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    """An F32/F16/BF16 GGUF as a Checkpoint; a quantized one is refused (requantizing compounds the error)."""
+    mf = ModelFile(path)  # validates the config, tensor shapes and vocabulary
+    contents = read_gguf(path)
+    shapes, loaders = {}, {}
+    for info in contents.tensors.values():
+        if info.qtype not in FLOAT_INPUTS:
+            raise Gpt2Error(
+                f"{mf.path}: tensor {info.name} is already {info.qtype.name}; quantize from an F32, F16 or "
+                "BF16 file or the original checkpoint"
+            )
+        shapes[info.name] = info.shape
+        loaders[info.name] = _gguf_loader(info, contents.data)
+    tokenizer = mf.tokenizer
+    stem = mf.path.name.removesuffix(".gguf")
+    head, _, suffix = stem.rpartition(".")
+    name = str(mf.metadata.get("general.name") or (head if suffix.upper() in FILE_TYPES else stem))
+    return Checkpoint(
+        name=name.lower(),
+        config=mf.config,
+        shapes=shapes,
+        loaders=loaders,
+        tokens=tokenizer.tokens,
+        merges=tokenizer.merges,
+        eos_id=tokenizer.eos_id,
+    )
+
+
+def _gguf_loader(info: TensorInfo, data: np.ndarray) -> Callable[[], np.ndarray]:
+    def load() -> np.ndarray:
+        blocks = info.blocks(data)
+        if info.qtype == T.F32:
+            return blocks.view(np.float32).reshape(info.shape)
+        if info.qtype == T.F16:
+            return blocks.view(np.float16).astype(np.float32).reshape(info.shape)
+        return quants.dequantize(blocks, T.BF16).reshape(info.shape)
+
+    return load
+
+
+def load_source(spec: str) -> Checkpoint:
+    """A .gguf file, a local Hugging Face directory, or a registry name (its checkpoint is downloaded)."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return load_gguf_checkpoint(path)
+    if spec.lower().endswith(".gguf"):
+        raise Gpt2Error(f"no such file: {spec}")
+    directory = registry.fetch_checkpoint(spec)
+    name = None if path.is_dir() else spec
+    return load_hf_checkpoint(directory, name=name)
+
+
+def default_output_path(checkpoint: Checkpoint, ft: FileType) -> Path:
+    """`<model dir>/<name>.<TYPE>.gguf`, where `gpt2 generate --model name:type` looks first."""
+    return registry.local_gguf_path(checkpoint.name, ft.name)
+
+
+def quantize_matrix(x: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """f32[rows, cols] -> what GGUF stores: f32/f16 arrays, or u8[rows, row_bytes] blocks."""
+    if qtype == T.F32:
+        return x
+    if qtype == T.F16:
+        return x.astype(np.float16)
+    kernels = KERNELS.get(qtype)
+    quantize = kernels.quantize if kernels is not None else None
+    quantize = quantize or _K_QUANTIZERS.get(qtype)
+    if quantize is None:
+        return quants.quantize(x, qtype)
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    out = np.empty((x.shape[0], x.shape[1] // block_size * type_size), dtype=np.uint8)
+    quantize(np.ascontiguousarray(x, dtype=np.float32), out)
+    return out
+
+
+def stored_values(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> np.ndarray:
+    """What a stored tensor means, as f32[shape]."""
+    if qtype in (T.F32, T.F16):
+        return data.astype(np.float32).reshape(shape)
+    kernels = KERNELS.get(qtype)
+    if kernels is None:
+        return quants.dequantize(data, qtype).reshape(shape)
+    out = np.empty((data.shape[0], shape[-1]), dtype=np.float32)
+    kernels.dequantize(np.ascontiguousarray(data), out)
+    return out.reshape(shape)
+
+
+def relative_rms_error(x: np.ndarray, y: np.ndarray) -> float:
+    rms = float(np.sqrt(np.mean(np.square(x, dtype=np.float64))))
+    err = float(np.sqrt(np.mean(np.square(y.astype(np.float64) - x))))
+    return err / rms if rms > 0 else err
+
+
+def tensor_choices(checkpoint: Checkpoint, ft: FileType, pure: bool = False) -> dict[str, TensorChoice]:
+    """The block type of every tensor, as llama-quantize would choose it for file type `ft`."""
+    return {
+        name: tensor_type(name, shape, ft, n_layer=checkpoint.config.n_layer, tied=checkpoint.tied, pure=pure)
+        for name, shape in checkpoint.shapes.items()
+    }
+
+
+def quantize_checkpoint(
+    checkpoint: Checkpoint,
+    ft: FileType,
+    out_path: str | os.PathLike[str],
+    *,
+    pure: bool = False,
+    on_tensor: Callable[[TensorReport], None] | None = None,
+) -> QuantizeReport:
+    """Write `checkpoint` as a GGUF of file type `ft` to `out_path` (atomically); report every tensor."""
+    t0 = time.perf_counter()
+    choices = tensor_choices(checkpoint, ft, pure)
+    reports: list[TensorReport] = []
+
+    def tensors() -> Iterator[TensorData]:
+        for name, shape in checkpoint.shapes.items():
+            x = checkpoint.load(name)
+            choice = choices[name]
+            matrix = x.reshape(-1, shape[-1])
+            stored = quantize_matrix(matrix, choice.qtype)
+            error = relative_rms_error(matrix, stored_values(stored, choice.qtype, matrix.shape))
+            if choice.qtype in (T.F32, T.F16):
+                stored = stored.reshape(shape)
+            report = TensorReport(name, choice.qtype, shape, stored.nbytes, error, choice.wanted)
+            reports.append(report)
+            if on_tensor is not None:
+                on_tensor(report)
+            yield TensorData(name, stored, choice.qtype)
+
+    out_path = Path(out_path)
+    c = checkpoint
+    write_gpt2_gguf(
+        out_path, c.config, tensors(), c.tokens, c.merges, file_type=int(ft.id), name=c.name, eos_id=c.eos_id
+    )
+    return QuantizeReport(
+        path=out_path,
+        file_type=ft,
+        tensors=reports,
+        file_size=out_path.stat().st_size,
+        seconds=time.perf_counter() - t0,
+    )
