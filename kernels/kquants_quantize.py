@@ -230,10 +230,10 @@ def make_qkx2_quants(
 def make_qx_quants(nmax: int, xt: np.ndarray, Lt: np.ndarray, Laux: np.ndarray, work: np.ndarray) -> None:
     """Symmetric quantization, weights x^2 (ggml's rmse_type 1 without qw), of each lane (column) of
     xt f32[n, lanes]: L in [0, 2 nmax) into Lt i32[n, lanes], scale into work[0]. Laux i32[n, lanes]
-    and work f32[7, lanes] are scratch. Lanes are independent sub-blocks, as in make_qkx2_quants."""
+    and work f32[8, lanes] are scratch. Lanes are independent sub-blocks, as in make_qkx2_quants."""
     n, lanes = xt.shape
     scale, xmax, amax, iscale = work[0], work[1], work[2], work[3]
-    sumlx, suml2, best = work[4], work[5], work[6]
+    sumlx, suml2, best, better = work[4], work[5], work[6], work[7]
     for s in range(lanes):
         xmax[s] = 0
         amax[s] = 0
@@ -276,17 +276,16 @@ def make_qx_quants(nmax: int, xt: np.ndarray, Lt: np.ndarray, Laux: np.ndarray, 
                 suml2[s] += w * fl * fl
         n_better = 0
         for s in range(lanes):
-            # iscale now flags the lanes that take this candidate.
-            iscale[s] = 0
+            better[s] = 0
             if suml2[s] > 0 and sumlx[s] * sumlx[s] > best[s] * suml2[s]:
-                iscale[s] = 1
+                better[s] = 1
                 n_better += 1
                 scale[s] = sumlx[s] / suml2[s]
                 best[s] = scale[s] * sumlx[s]
         if n_better:
             for i in range(n):
                 for s in range(lanes):
-                    if iscale[s]:
+                    if better[s]:
                         Lt[i, s] = Laux[i, s]
     for s in range(lanes):
         if amax[s] < GROUP_MAX_EPS:
@@ -582,7 +581,7 @@ def quantize_row_q6_k(x: np.ndarray, out: np.ndarray) -> None:
     """x f32[cols] -> out u8[cols // 256 * 210]."""
     xt = split_lanes(x, 16)
     Lt = np.empty(xt.shape, np.int32)
-    work = np.empty((7, xt.shape[1]), np.float32)
+    work = np.empty((8, xt.shape[1]), np.float32)
     make_qx_quants(32, xt, Lt, np.empty_like(Lt), work)
     L = join_lanes(Lt)
     for b in range(x.shape[0] // QK_K):
