@@ -45,7 +45,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--qtype", default="Q8_0", choices=["F32", "Q8_0"])
     parser.add_argument("--windows", type=int, default=4, help="windows of 1024 tokens to time")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="llama.cpp's threads and Numba's")
+    parser.add_argument(
+        "--blas-threads", type=int, help="OpenBLAS threads for our prefill (default: --threads)"
+    )
     parser.add_argument("--dir", type=Path, default=Path("/tmp/gpt2-ppl-bench"))
     parser.add_argument(
         "--llama-extra-buffers",
@@ -54,8 +57,9 @@ def main() -> None:
     )
     args = parser.parse_args()
     # Before numpy and numba start their thread pools.
-    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "NUMBA_NUM_THREADS"):
-        os.environ[var] = str(args.threads)
+    blas_threads = args.blas_threads or args.threads
+    os.environ["NUMBA_NUM_THREADS"] = str(args.threads)
+    os.environ["OPENBLAS_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"] = str(blas_threads)
 
     import numpy as np
     from conftest import shared_data_dir
@@ -120,7 +124,7 @@ def main() -> None:
     pp_all = tokens / sum(all_s)
     print(
         f"{args.qtype} distilgpt2-shaped random GGUF, {len(evaluated)} windows of {ctx} {source} tokens, "
-        f"{args.threads} threads"
+        f"{args.threads} threads ({blas_threads} for OpenBLAS)"
         + ("" if args.llama_extra_buffers else "; llama.cpp without extra (repacked) weight buffers")
         + "\n"
     )
