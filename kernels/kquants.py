@@ -20,6 +20,7 @@ from gguf import GGMLQuantizationType
 
 from kernels import BlockKernels, register
 from kernels.common import read_f16
+from kernels.kquants_quantize import quantize_q2_k, quantize_q3_k, quantize_q4_k, quantize_q5_k, quantize_q6_k
 
 QK_K = 256
 # Rows of W dequantized together by matmul: 64 rows x 3072 cols x 4 bytes = 768 KiB, within L2 (2 MiB);
@@ -640,8 +641,8 @@ def matmul_q6_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         _multiply_tile(w, x, y, r0)
 
 
-register(BlockKernels(GGMLQuantizationType.Q2_K, dequantize_q2_k, matvec_q2_k, matmul_q2_k))
-register(BlockKernels(GGMLQuantizationType.Q3_K, dequantize_q3_k, matvec_q3_k, matmul_q3_k))
-register(BlockKernels(GGMLQuantizationType.Q4_K, dequantize_q4_k, matvec_q4_k, matmul_q4_k))
-register(BlockKernels(GGMLQuantizationType.Q5_K, dequantize_q5_k, matvec_q5_k, matmul_q5_k))
-register(BlockKernels(GGMLQuantizationType.Q6_K, dequantize_q6_k, matvec_q6_k, matmul_q6_k))
+register(BlockKernels(GGMLQuantizationType.Q2_K, dequantize_q2_k, matvec_q2_k, matmul_q2_k, quantize_q2_k))
+register(BlockKernels(GGMLQuantizationType.Q3_K, dequantize_q3_k, matvec_q3_k, matmul_q3_k, quantize_q3_k))
+register(BlockKernels(GGMLQuantizationType.Q4_K, dequantize_q4_k, matvec_q4_k, matmul_q4_k, quantize_q4_k))
+register(BlockKernels(GGMLQuantizationType.Q5_K, dequantize_q5_k, matvec_q5_k, matmul_q5_k, quantize_q5_k))
+register(BlockKernels(GGMLQuantizationType.Q6_K, dequantize_q6_k, matvec_q6_k, matmul_q6_k, quantize_q6_k))

@@ -18,7 +18,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels import kernels_for, kquants
+from kernels import kernels_for, kquants, kquants_quantize
 
 # byte offsets of the f16 fields (d, dmin) inside each block, and of the quantized values (zeroed to isolate
 # the `- dmin * m` part of each weight)
@@ -84,6 +84,31 @@ def weight_magnitudes(qtype: GGMLQuantizationType, blocks: np.ndarray) -> np.nda
 def test_registered(qtype: GGMLQuantizationType) -> None:
     kernels = kernels_for(qtype)
     assert (kernels.dequantize, kernels.matvec, kernels.matmul) == kernels_of(qtype)
+    assert kernels.quantize is getattr(kquants_quantize, f"quantize_{qtype.name.lower()}")
+
+
+@pytest.mark.parametrize("qtype", QTYPES, ids=lambda q: q.name)
+def test_blocks_of_real_looking_weights(qtype: GGMLQuantizationType) -> None:
+    """Blocks made by the K-quant quantizer from GPT-2-like weights (normal, std 0.02, a few outliers)."""
+    rng = np.random.default_rng(3)
+    weights = (rng.standard_normal((67, 768)) * 0.02).astype(np.float32)
+    weights[rng.random(weights.shape) < 0.001] *= 30
+    kernels = kernels_for(qtype)
+    blocks = np.empty((67, kernels.row_bytes(768)), np.uint8)
+    kernels.quantize(weights, blocks)
+    out = np.empty_like(weights)
+    kernels.dequantize(blocks, out)
+    assert np.array_equal(out, gguf.quants.dequantize(blocks, qtype))
+
+    x = rng.standard_normal((5, 768)).astype(np.float32)
+    expected = x.astype(np.float64) @ out.T.astype(np.float64)
+    tolerance = RTOL * (np.abs(x).astype(np.float64) @ weight_magnitudes(qtype, blocks).T)
+    y = np.empty(67, np.float32)
+    kernels.matvec(blocks, x[0], y)
+    assert np.all(np.abs(y - expected[0]) <= tolerance[0])
+    product = np.empty((5, 67), np.float32)
+    kernels.matmul(blocks, x, product)
+    assert np.all(np.abs(product - expected) <= tolerance)
 
 
 @pytest.mark.parametrize("qtype", QTYPES, ids=lambda q: q.name)
