@@ -245,6 +245,10 @@ def _window_logits(model: GPT2Model, cache, ids: np.ndarray, w: Window) -> np.nd
     return model.forward(ids[w.begin : w.end - 1], cache, logits_from=w.score_from - 1 - w.begin)
 
 
+def _exp(nll: float) -> float:  # perplexity of a mean NLL; a hopeless model gives inf, not OverflowError
+    return math.exp(nll) if nll < 709.0 else math.inf
+
+
 def _mean_and_uncertainty(values: np.ndarray) -> tuple[float, float]:
     """Mean and its standard error as llama-perplexity computes them: sqrt((E[x^2] - E[x]^2) / (n - 1))."""
     mean = float(values.mean())
@@ -297,11 +301,11 @@ def perplexity(
             same_top_parts.append(logits.argmax(axis=1) == base_logits.argmax(axis=1))
         seconds += time.perf_counter() - t0
         if progress is not None:
-            progress(i + 1, len(windows), math.exp(weighted_nll / weights) if weights else math.nan)
+            progress(i + 1, len(windows), _exp(weighted_nll / weights) if weights else math.nan)
 
     nll = np.concatenate(nll_parts)
     mean_nll = weighted_nll / weights
-    ppl = math.exp(mean_nll)
+    ppl = _exp(mean_nll)
     _, nll_uncertainty = _mean_and_uncertainty(nll)
     bits_per_byte = scored_bytes = None
     if tokenizer is not None:
@@ -325,7 +329,7 @@ def perplexity(
             mean_delta_p=float(delta_p.mean()),
             rms_delta_p=float(np.sqrt(np.mean(delta_p * delta_p))),
             ppl=ppl,
-            ppl_base=math.exp(weighted_base_nll / weights),
+            ppl_base=_exp(weighted_base_nll / weights),
         )
     return PerplexityResult(
         settings=settings,
@@ -378,7 +382,7 @@ def result_dict(result: PerplexityResult) -> dict:
         "windows": result.windows,
         "tokens": result.tokens,
         "evaluated_tokens": result.evaluated_tokens,
-        "ppl": result.ppl,
+        "ppl": _finite(result.ppl),
         "ppl_uncertainty": _finite(result.ppl_uncertainty),
         "mean_nll": result.mean_nll,
         "bits_per_byte": _finite(result.bits_per_byte),
