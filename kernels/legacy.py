@@ -25,65 +25,77 @@ from kernels import BlockKernels, register
 from kernels.common import f32_to_f16, n_tiles, read_f16, read_u32, tile_times_tokens, write_u16
 
 QK = 32
-# Rows handled together by one matvec/matmul task: enough to amortize the per-task setup and, in matmul, to
-# reuse each token's activations across rows while the dequantized tile stays in L1/L2.
-ROW_TILE = 8
+I32_1, I32_4, I32_8, I32_15, I32_16 = (np.int32(v) for v in (1, 4, 8, 15, 16))
+# Rows per parallel task, enough to amortize its setup. A matmul tile of 16 rows x 768 f32 is 48 KB:
+# dequantized once, it stays in L1/L2 while every token passes over it.
+ROW_TILE = 64
 MATMUL_ROW_TILE = 16
 
 # ---------------------------------------------------------------------------------------------------------
-# Per-block decoders, shared by dequantize, matvec and matmul. `o` is the block's byte offset in `row`,
-# `w` receives its 32 weights at w[k:k + 32].
+# Per-block decoders, shared by dequantize and matmul. `o` is the block's byte offset in `row`, `w` receives
+# its 32 weights at w[k:k + 32]. The integer arithmetic stays in int32 (numba widens to int64 otherwise, and
+# LLVM then vectorizes with half as many lanes). `half` is always QK // 2, but passed in from _opaque_half:
+# with a constant trip count LLVM unrolls the loop and leaves it to the SLP vectorizer, which gives up because
+# the output might alias the blocks; the loop vectorizer instead checks for overlap at run time (3x faster).
 
 
 @numba.njit(inline="always")
-def _decode_q4_0(row: np.ndarray, o: int, w: np.ndarray, k: int) -> None:
+def _opaque_half(cols: int, n_blocks: int) -> int:
+    """QK // 2, derived from the shapes so that LLVM cannot fold it into a constant."""
+    return cols // max(n_blocks, 1) // 2
+
+
+@numba.njit(inline="always")
+def _bit(bits: np.int32, j: int) -> np.int32:
+    """Bit j of `bits`, as 0 or 16: the fifth bit of a Q5 weight."""
+    return ((bits >> np.int32(j)) & I32_1) << I32_4
+
+
+@numba.njit(inline="always")
+def _decode_q4_0(row: np.ndarray, o: int, w: np.ndarray, k: int, half: int) -> None:
     d = read_f16(row, o)
-    for j in range(16):
+    for j in range(half):
         q = np.int32(row[o + 2 + j])
-        w[k + j] = d * np.float32((q & 15) - 8)
-        w[k + j + 16] = d * np.float32((q >> 4) - 8)
+        w[k + j] = d * np.float32((q & I32_15) - I32_8)
+        w[k + j + half] = d * np.float32((q >> I32_4) - I32_8)
 
 
 @numba.njit(inline="always")
-def _decode_q4_1(row: np.ndarray, o: int, w: np.ndarray, k: int) -> None:
+def _decode_q4_1(row: np.ndarray, o: int, w: np.ndarray, k: int, half: int) -> None:
     d = read_f16(row, o)
     m = read_f16(row, o + 2)
-    for j in range(16):
+    for j in range(half):
         q = np.int32(row[o + 4 + j])
-        w[k + j] = d * np.float32(q & 15) + m
-        w[k + j + 16] = d * np.float32(q >> 4) + m
+        w[k + j] = d * np.float32(q & I32_15) + m
+        w[k + j + half] = d * np.float32(q >> I32_4) + m
 
 
 @numba.njit(inline="always")
-def _decode_q5_0(row: np.ndarray, o: int, w: np.ndarray, k: int) -> None:
+def _decode_q5_0(row: np.ndarray, o: int, w: np.ndarray, k: int, half: int) -> None:
     d = read_f16(row, o)
-    qh = np.int64(read_u32(row, o + 2))
-    for j in range(16):
+    qh = np.int32(read_u32(row, o + 2))
+    for j in range(half):
         q = np.int32(row[o + 6 + j])
-        low = (q & 15) | np.int32(((qh >> j) & 1) << 4)
-        high = (q >> 4) | np.int32(((qh >> (j + 16)) & 1) << 4)
-        w[k + j] = d * np.float32(low - 16)
-        w[k + j + 16] = d * np.float32(high - 16)
+        w[k + j] = d * np.float32(((q & I32_15) | _bit(qh, j)) - I32_16)
+        w[k + j + half] = d * np.float32(((q >> I32_4) | _bit(qh, j + half)) - I32_16)
 
 
 @numba.njit(inline="always")
-def _decode_q5_1(row: np.ndarray, o: int, w: np.ndarray, k: int) -> None:
+def _decode_q5_1(row: np.ndarray, o: int, w: np.ndarray, k: int, half: int) -> None:
     d = read_f16(row, o)
     m = read_f16(row, o + 2)
-    qh = np.int64(read_u32(row, o + 4))
-    for j in range(16):
+    qh = np.int32(read_u32(row, o + 4))
+    for j in range(half):
         q = np.int32(row[o + 8 + j])
-        low = (q & 15) | np.int32(((qh >> j) & 1) << 4)
-        high = (q >> 4) | np.int32(((qh >> (j + 16)) & 1) << 4)
-        w[k + j] = d * np.float32(low) + m
-        w[k + j + 16] = d * np.float32(high) + m
+        w[k + j] = d * np.float32((q & I32_15) | _bit(qh, j)) + m
+        w[k + j + half] = d * np.float32((q >> I32_4) | _bit(qh, j + half)) + m
 
 
 @numba.njit(inline="always")
-def _decode_q8_0(row: np.ndarray, o: int, w: np.ndarray, k: int) -> None:
+def _decode_q8_0(row: np.ndarray, o: int, w: np.ndarray, k: int, half: int) -> None:
     d = read_f16(row, o)
-    for j in range(32):
-        w[k + j] = d * np.float32(np.int8(row[o + 2 + j]))
+    for j in range(2 * half):
+        w[k + j] = d * np.float32(np.int32(np.int8(row[o + 2 + j])))
 
 
 # Per-block dot products for matvec: acc[j] += w[j] * x[k + j], one f32 lane per weight of the block, so the
@@ -95,8 +107,8 @@ def _accumulate_q4_0(row: np.ndarray, o: int, x: np.ndarray, k: int, acc: np.nda
     d = read_f16(row, o)
     for j in range(16):
         q = np.int32(row[o + 2 + j])
-        acc[j] += d * np.float32((q & 15) - 8) * x[k + j]
-        acc[j + 16] += d * np.float32((q >> 4) - 8) * x[k + j + 16]
+        acc[j] += d * np.float32((q & I32_15) - I32_8) * x[k + j]
+        acc[j + 16] += d * np.float32((q >> I32_4) - I32_8) * x[k + j + 16]
 
 
 @numba.njit(inline="always")
@@ -105,40 +117,36 @@ def _accumulate_q4_1(row: np.ndarray, o: int, x: np.ndarray, k: int, acc: np.nda
     m = read_f16(row, o + 2)
     for j in range(16):
         q = np.int32(row[o + 4 + j])
-        acc[j] += (d * np.float32(q & 15) + m) * x[k + j]
-        acc[j + 16] += (d * np.float32(q >> 4) + m) * x[k + j + 16]
+        acc[j] += (d * np.float32(q & I32_15) + m) * x[k + j]
+        acc[j + 16] += (d * np.float32(q >> I32_4) + m) * x[k + j + 16]
 
 
 @numba.njit(inline="always")
 def _accumulate_q5_0(row: np.ndarray, o: int, x: np.ndarray, k: int, acc: np.ndarray) -> None:
     d = read_f16(row, o)
-    qh = np.int64(read_u32(row, o + 2))
+    qh = np.int32(read_u32(row, o + 2))
     for j in range(16):
         q = np.int32(row[o + 6 + j])
-        low = (q & 15) | np.int32(((qh >> j) & 1) << 4)
-        high = (q >> 4) | np.int32(((qh >> (j + 16)) & 1) << 4)
-        acc[j] += d * np.float32(low - 16) * x[k + j]
-        acc[j + 16] += d * np.float32(high - 16) * x[k + j + 16]
+        acc[j] += d * np.float32(((q & I32_15) | _bit(qh, j)) - I32_16) * x[k + j]
+        acc[j + 16] += d * np.float32(((q >> I32_4) | _bit(qh, j + 16)) - I32_16) * x[k + j + 16]
 
 
 @numba.njit(inline="always")
 def _accumulate_q5_1(row: np.ndarray, o: int, x: np.ndarray, k: int, acc: np.ndarray) -> None:
     d = read_f16(row, o)
     m = read_f16(row, o + 2)
-    qh = np.int64(read_u32(row, o + 4))
+    qh = np.int32(read_u32(row, o + 4))
     for j in range(16):
         q = np.int32(row[o + 8 + j])
-        low = (q & 15) | np.int32(((qh >> j) & 1) << 4)
-        high = (q >> 4) | np.int32(((qh >> (j + 16)) & 1) << 4)
-        acc[j] += (d * np.float32(low) + m) * x[k + j]
-        acc[j + 16] += (d * np.float32(high) + m) * x[k + j + 16]
+        acc[j] += (d * np.float32((q & I32_15) | _bit(qh, j)) + m) * x[k + j]
+        acc[j + 16] += (d * np.float32((q >> I32_4) | _bit(qh, j + 16)) + m) * x[k + j + 16]
 
 
 @numba.njit(inline="always")
 def _accumulate_q8_0(row: np.ndarray, o: int, x: np.ndarray, k: int, acc: np.ndarray) -> None:
     d = read_f16(row, o)
     for j in range(32):
-        acc[j] += d * np.float32(np.int8(row[o + 2 + j])) * x[k + j]
+        acc[j] += d * np.float32(np.int32(np.int8(row[o + 2 + j]))) * x[k + j]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -258,41 +266,73 @@ def _encode_q8_0(x: np.ndarray, k: int, row: np.ndarray, o: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Kernels, one set per type: numba inlines a decoder only when it sees it by name.
+# Kernels, one set per type (numba inlines a decoder only when it sees it by name). The prange loops only
+# hand out tiles of rows: LLVM vectorizes the inner loops of an ordinary njit function but not always those
+# of a parfor body, so each tile's work is a function of its own.
+
+
+@numba.njit(cache=True)
+def _dequantize_rows_q4_0(blocks: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
+    n_blocks = blocks.shape[1] // 18
+    half = _opaque_half(out.shape[1], n_blocks)
+    for r in range(r0, r1):
+        row, out_row = blocks[r], out[r]
+        for b in range(n_blocks):
+            _decode_q4_0(row, b * 18, out_row, b * QK, half)
 
 
 @numba.njit(cache=True, parallel=True)
 def dequantize_q4_0(blocks: np.ndarray, out: np.ndarray) -> None:
-    for r in prange(blocks.shape[0]):
-        row, out_row = blocks[r], out[r]
-        for b in range(blocks.shape[1] // 18):
-            _decode_q4_0(row, b * 18, out_row, b * QK)
+    rows = blocks.shape[0]
+    for tile in prange(n_tiles(rows, ROW_TILE)):
+        _dequantize_rows_q4_0(blocks, out, tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE))
 
 
-@numba.njit(cache=True, parallel=True, fastmath=True)
+@numba.njit(cache=True, fastmath=True)
+def _matvec_rows_q4_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray, r0: int, r1: int) -> None:
+    # two rows at a time: two independent streams of blocks keep more loads in flight
+    acc0 = np.empty(QK, np.float32)
+    acc1 = np.empty(QK, np.float32)
+    n_blocks = blocks.shape[1] // 18
+    for r in range(r0, r1 - 1, 2):
+        row0, row1 = blocks[r], blocks[r + 1]
+        acc0[:] = 0
+        acc1[:] = 0
+        for b in range(n_blocks):
+            _accumulate_q4_0(row0, b * 18, x, b * QK, acc0)
+            _accumulate_q4_0(row1, b * 18, x, b * QK, acc1)
+        y[r] = acc0.sum()
+        y[r + 1] = acc1.sum()
+    if (r1 - r0) % 2:
+        acc0[:] = 0
+        for b in range(n_blocks):
+            _accumulate_q4_0(blocks[r1 - 1], b * 18, x, b * QK, acc0)
+        y[r1 - 1] = acc0.sum()
+
+
+@numba.njit(cache=True, parallel=True)
 def matvec_q4_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, ROW_TILE)):
-        acc = np.empty(QK, np.float32)
-        for r in range(tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE)):
-            row = blocks[r]
-            acc[:] = 0
-            for b in range(blocks.shape[1] // 18):
-                _accumulate_q4_0(row, b * 18, x, b * QK, acc)
-            y[r] = acc.sum()
+        _matvec_rows_q4_0(blocks, x, y, tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE))
 
 
-@numba.njit(cache=True, parallel=True, fastmath=True)
+@numba.njit(cache=True, fastmath=True)
+def _matmul_tile_q4_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray, r0: int, r1: int) -> None:
+    weights = np.empty((r1 - r0, x.shape[1]), np.float32)
+    n_blocks = blocks.shape[1] // 18
+    half = _opaque_half(x.shape[1], n_blocks)
+    for t in range(r1 - r0):
+        for b in range(n_blocks):
+            _decode_q4_0(blocks[r0 + t], b * 18, weights[t], b * QK, half)
+    tile_times_tokens(weights, r1 - r0, x, y, r0)
+
+
+@numba.njit(cache=True, parallel=True)
 def matmul_q4_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, MATMUL_ROW_TILE)):
-        r0 = tile * MATMUL_ROW_TILE
-        n_rows = min(MATMUL_ROW_TILE, rows - r0)
-        weights = np.empty((n_rows, x.shape[1]), np.float32)
-        for t in range(n_rows):
-            for b in range(blocks.shape[1] // 18):
-                _decode_q4_0(blocks[r0 + t], b * 18, weights[t], b * QK)
-        tile_times_tokens(weights, n_rows, x, y, r0)
+        _matmul_tile_q4_0(blocks, x, y, tile * MATMUL_ROW_TILE, min(rows, (tile + 1) * MATMUL_ROW_TILE))
 
 
 @numba.njit(cache=True, parallel=True)
@@ -303,38 +343,68 @@ def quantize_q4_0(x: np.ndarray, out: np.ndarray) -> None:
             _encode_q4_0(x_row, b * QK, row, b * 18)
 
 
+@numba.njit(cache=True)
+def _dequantize_rows_q4_1(blocks: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
+    n_blocks = blocks.shape[1] // 20
+    half = _opaque_half(out.shape[1], n_blocks)
+    for r in range(r0, r1):
+        row, out_row = blocks[r], out[r]
+        for b in range(n_blocks):
+            _decode_q4_1(row, b * 20, out_row, b * QK, half)
+
+
 @numba.njit(cache=True, parallel=True)
 def dequantize_q4_1(blocks: np.ndarray, out: np.ndarray) -> None:
-    for r in prange(blocks.shape[0]):
-        row, out_row = blocks[r], out[r]
-        for b in range(blocks.shape[1] // 20):
-            _decode_q4_1(row, b * 20, out_row, b * QK)
+    rows = blocks.shape[0]
+    for tile in prange(n_tiles(rows, ROW_TILE)):
+        _dequantize_rows_q4_1(blocks, out, tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE))
 
 
-@numba.njit(cache=True, parallel=True, fastmath=True)
+@numba.njit(cache=True, fastmath=True)
+def _matvec_rows_q4_1(blocks: np.ndarray, x: np.ndarray, y: np.ndarray, r0: int, r1: int) -> None:
+    # two rows at a time: two independent streams of blocks keep more loads in flight
+    acc0 = np.empty(QK, np.float32)
+    acc1 = np.empty(QK, np.float32)
+    n_blocks = blocks.shape[1] // 20
+    for r in range(r0, r1 - 1, 2):
+        row0, row1 = blocks[r], blocks[r + 1]
+        acc0[:] = 0
+        acc1[:] = 0
+        for b in range(n_blocks):
+            _accumulate_q4_1(row0, b * 20, x, b * QK, acc0)
+            _accumulate_q4_1(row1, b * 20, x, b * QK, acc1)
+        y[r] = acc0.sum()
+        y[r + 1] = acc1.sum()
+    if (r1 - r0) % 2:
+        acc0[:] = 0
+        for b in range(n_blocks):
+            _accumulate_q4_1(blocks[r1 - 1], b * 20, x, b * QK, acc0)
+        y[r1 - 1] = acc0.sum()
+
+
+@numba.njit(cache=True, parallel=True)
 def matvec_q4_1(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, ROW_TILE)):
-        acc = np.empty(QK, np.float32)
-        for r in range(tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE)):
-            row = blocks[r]
-            acc[:] = 0
-            for b in range(blocks.shape[1] // 20):
-                _accumulate_q4_1(row, b * 20, x, b * QK, acc)
-            y[r] = acc.sum()
+        _matvec_rows_q4_1(blocks, x, y, tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE))
 
 
-@numba.njit(cache=True, parallel=True, fastmath=True)
+@numba.njit(cache=True, fastmath=True)
+def _matmul_tile_q4_1(blocks: np.ndarray, x: np.ndarray, y: np.ndarray, r0: int, r1: int) -> None:
+    weights = np.empty((r1 - r0, x.shape[1]), np.float32)
+    n_blocks = blocks.shape[1] // 20
+    half = _opaque_half(x.shape[1], n_blocks)
+    for t in range(r1 - r0):
+        for b in range(n_blocks):
+            _decode_q4_1(blocks[r0 + t], b * 20, weights[t], b * QK, half)
+    tile_times_tokens(weights, r1 - r0, x, y, r0)
+
+
+@numba.njit(cache=True, parallel=True)
 def matmul_q4_1(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, MATMUL_ROW_TILE)):
-        r0 = tile * MATMUL_ROW_TILE
-        n_rows = min(MATMUL_ROW_TILE, rows - r0)
-        weights = np.empty((n_rows, x.shape[1]), np.float32)
-        for t in range(n_rows):
-            for b in range(blocks.shape[1] // 20):
-                _decode_q4_1(blocks[r0 + t], b * 20, weights[t], b * QK)
-        tile_times_tokens(weights, n_rows, x, y, r0)
+        _matmul_tile_q4_1(blocks, x, y, tile * MATMUL_ROW_TILE, min(rows, (tile + 1) * MATMUL_ROW_TILE))
 
 
 @numba.njit(cache=True, parallel=True)
@@ -345,38 +415,68 @@ def quantize_q4_1(x: np.ndarray, out: np.ndarray) -> None:
             _encode_q4_1(x_row, b * QK, row, b * 20)
 
 
+@numba.njit(cache=True)
+def _dequantize_rows_q5_0(blocks: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
+    n_blocks = blocks.shape[1] // 22
+    half = _opaque_half(out.shape[1], n_blocks)
+    for r in range(r0, r1):
+        row, out_row = blocks[r], out[r]
+        for b in range(n_blocks):
+            _decode_q5_0(row, b * 22, out_row, b * QK, half)
+
+
 @numba.njit(cache=True, parallel=True)
 def dequantize_q5_0(blocks: np.ndarray, out: np.ndarray) -> None:
-    for r in prange(blocks.shape[0]):
-        row, out_row = blocks[r], out[r]
-        for b in range(blocks.shape[1] // 22):
-            _decode_q5_0(row, b * 22, out_row, b * QK)
+    rows = blocks.shape[0]
+    for tile in prange(n_tiles(rows, ROW_TILE)):
+        _dequantize_rows_q5_0(blocks, out, tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE))
 
 
-@numba.njit(cache=True, parallel=True, fastmath=True)
+@numba.njit(cache=True, fastmath=True)
+def _matvec_rows_q5_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray, r0: int, r1: int) -> None:
+    # two rows at a time: two independent streams of blocks keep more loads in flight
+    acc0 = np.empty(QK, np.float32)
+    acc1 = np.empty(QK, np.float32)
+    n_blocks = blocks.shape[1] // 22
+    for r in range(r0, r1 - 1, 2):
+        row0, row1 = blocks[r], blocks[r + 1]
+        acc0[:] = 0
+        acc1[:] = 0
+        for b in range(n_blocks):
+            _accumulate_q5_0(row0, b * 22, x, b * QK, acc0)
+            _accumulate_q5_0(row1, b * 22, x, b * QK, acc1)
+        y[r] = acc0.sum()
+        y[r + 1] = acc1.sum()
+    if (r1 - r0) % 2:
+        acc0[:] = 0
+        for b in range(n_blocks):
+            _accumulate_q5_0(blocks[r1 - 1], b * 22, x, b * QK, acc0)
+        y[r1 - 1] = acc0.sum()
+
+
+@numba.njit(cache=True, parallel=True)
 def matvec_q5_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, ROW_TILE)):
-        acc = np.empty(QK, np.float32)
-        for r in range(tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE)):
-            row = blocks[r]
-            acc[:] = 0
-            for b in range(blocks.shape[1] // 22):
-                _accumulate_q5_0(row, b * 22, x, b * QK, acc)
-            y[r] = acc.sum()
+        _matvec_rows_q5_0(blocks, x, y, tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE))
 
 
-@numba.njit(cache=True, parallel=True, fastmath=True)
+@numba.njit(cache=True, fastmath=True)
+def _matmul_tile_q5_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray, r0: int, r1: int) -> None:
+    weights = np.empty((r1 - r0, x.shape[1]), np.float32)
+    n_blocks = blocks.shape[1] // 22
+    half = _opaque_half(x.shape[1], n_blocks)
+    for t in range(r1 - r0):
+        for b in range(n_blocks):
+            _decode_q5_0(blocks[r0 + t], b * 22, weights[t], b * QK, half)
+    tile_times_tokens(weights, r1 - r0, x, y, r0)
+
+
+@numba.njit(cache=True, parallel=True)
 def matmul_q5_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, MATMUL_ROW_TILE)):
-        r0 = tile * MATMUL_ROW_TILE
-        n_rows = min(MATMUL_ROW_TILE, rows - r0)
-        weights = np.empty((n_rows, x.shape[1]), np.float32)
-        for t in range(n_rows):
-            for b in range(blocks.shape[1] // 22):
-                _decode_q5_0(blocks[r0 + t], b * 22, weights[t], b * QK)
-        tile_times_tokens(weights, n_rows, x, y, r0)
+        _matmul_tile_q5_0(blocks, x, y, tile * MATMUL_ROW_TILE, min(rows, (tile + 1) * MATMUL_ROW_TILE))
 
 
 @numba.njit(cache=True, parallel=True)
@@ -387,38 +487,68 @@ def quantize_q5_0(x: np.ndarray, out: np.ndarray) -> None:
             _encode_q5_0(x_row, b * QK, row, b * 22)
 
 
+@numba.njit(cache=True)
+def _dequantize_rows_q5_1(blocks: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
+    n_blocks = blocks.shape[1] // 24
+    half = _opaque_half(out.shape[1], n_blocks)
+    for r in range(r0, r1):
+        row, out_row = blocks[r], out[r]
+        for b in range(n_blocks):
+            _decode_q5_1(row, b * 24, out_row, b * QK, half)
+
+
 @numba.njit(cache=True, parallel=True)
 def dequantize_q5_1(blocks: np.ndarray, out: np.ndarray) -> None:
-    for r in prange(blocks.shape[0]):
-        row, out_row = blocks[r], out[r]
-        for b in range(blocks.shape[1] // 24):
-            _decode_q5_1(row, b * 24, out_row, b * QK)
+    rows = blocks.shape[0]
+    for tile in prange(n_tiles(rows, ROW_TILE)):
+        _dequantize_rows_q5_1(blocks, out, tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE))
 
 
-@numba.njit(cache=True, parallel=True, fastmath=True)
+@numba.njit(cache=True, fastmath=True)
+def _matvec_rows_q5_1(blocks: np.ndarray, x: np.ndarray, y: np.ndarray, r0: int, r1: int) -> None:
+    # two rows at a time: two independent streams of blocks keep more loads in flight
+    acc0 = np.empty(QK, np.float32)
+    acc1 = np.empty(QK, np.float32)
+    n_blocks = blocks.shape[1] // 24
+    for r in range(r0, r1 - 1, 2):
+        row0, row1 = blocks[r], blocks[r + 1]
+        acc0[:] = 0
+        acc1[:] = 0
+        for b in range(n_blocks):
+            _accumulate_q5_1(row0, b * 24, x, b * QK, acc0)
+            _accumulate_q5_1(row1, b * 24, x, b * QK, acc1)
+        y[r] = acc0.sum()
+        y[r + 1] = acc1.sum()
+    if (r1 - r0) % 2:
+        acc0[:] = 0
+        for b in range(n_blocks):
+            _accumulate_q5_1(blocks[r1 - 1], b * 24, x, b * QK, acc0)
+        y[r1 - 1] = acc0.sum()
+
+
+@numba.njit(cache=True, parallel=True)
 def matvec_q5_1(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, ROW_TILE)):
-        acc = np.empty(QK, np.float32)
-        for r in range(tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE)):
-            row = blocks[r]
-            acc[:] = 0
-            for b in range(blocks.shape[1] // 24):
-                _accumulate_q5_1(row, b * 24, x, b * QK, acc)
-            y[r] = acc.sum()
+        _matvec_rows_q5_1(blocks, x, y, tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE))
 
 
-@numba.njit(cache=True, parallel=True, fastmath=True)
+@numba.njit(cache=True, fastmath=True)
+def _matmul_tile_q5_1(blocks: np.ndarray, x: np.ndarray, y: np.ndarray, r0: int, r1: int) -> None:
+    weights = np.empty((r1 - r0, x.shape[1]), np.float32)
+    n_blocks = blocks.shape[1] // 24
+    half = _opaque_half(x.shape[1], n_blocks)
+    for t in range(r1 - r0):
+        for b in range(n_blocks):
+            _decode_q5_1(blocks[r0 + t], b * 24, weights[t], b * QK, half)
+    tile_times_tokens(weights, r1 - r0, x, y, r0)
+
+
+@numba.njit(cache=True, parallel=True)
 def matmul_q5_1(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, MATMUL_ROW_TILE)):
-        r0 = tile * MATMUL_ROW_TILE
-        n_rows = min(MATMUL_ROW_TILE, rows - r0)
-        weights = np.empty((n_rows, x.shape[1]), np.float32)
-        for t in range(n_rows):
-            for b in range(blocks.shape[1] // 24):
-                _decode_q5_1(blocks[r0 + t], b * 24, weights[t], b * QK)
-        tile_times_tokens(weights, n_rows, x, y, r0)
+        _matmul_tile_q5_1(blocks, x, y, tile * MATMUL_ROW_TILE, min(rows, (tile + 1) * MATMUL_ROW_TILE))
 
 
 @numba.njit(cache=True, parallel=True)
@@ -429,38 +559,68 @@ def quantize_q5_1(x: np.ndarray, out: np.ndarray) -> None:
             _encode_q5_1(x_row, b * QK, row, b * 24)
 
 
+@numba.njit(cache=True)
+def _dequantize_rows_q8_0(blocks: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
+    n_blocks = blocks.shape[1] // 34
+    half = _opaque_half(out.shape[1], n_blocks)
+    for r in range(r0, r1):
+        row, out_row = blocks[r], out[r]
+        for b in range(n_blocks):
+            _decode_q8_0(row, b * 34, out_row, b * QK, half)
+
+
 @numba.njit(cache=True, parallel=True)
 def dequantize_q8_0(blocks: np.ndarray, out: np.ndarray) -> None:
-    for r in prange(blocks.shape[0]):
-        row, out_row = blocks[r], out[r]
-        for b in range(blocks.shape[1] // 34):
-            _decode_q8_0(row, b * 34, out_row, b * QK)
+    rows = blocks.shape[0]
+    for tile in prange(n_tiles(rows, ROW_TILE)):
+        _dequantize_rows_q8_0(blocks, out, tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE))
 
 
-@numba.njit(cache=True, parallel=True, fastmath=True)
+@numba.njit(cache=True, fastmath=True)
+def _matvec_rows_q8_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray, r0: int, r1: int) -> None:
+    # two rows at a time: two independent streams of blocks keep more loads in flight
+    acc0 = np.empty(QK, np.float32)
+    acc1 = np.empty(QK, np.float32)
+    n_blocks = blocks.shape[1] // 34
+    for r in range(r0, r1 - 1, 2):
+        row0, row1 = blocks[r], blocks[r + 1]
+        acc0[:] = 0
+        acc1[:] = 0
+        for b in range(n_blocks):
+            _accumulate_q8_0(row0, b * 34, x, b * QK, acc0)
+            _accumulate_q8_0(row1, b * 34, x, b * QK, acc1)
+        y[r] = acc0.sum()
+        y[r + 1] = acc1.sum()
+    if (r1 - r0) % 2:
+        acc0[:] = 0
+        for b in range(n_blocks):
+            _accumulate_q8_0(blocks[r1 - 1], b * 34, x, b * QK, acc0)
+        y[r1 - 1] = acc0.sum()
+
+
+@numba.njit(cache=True, parallel=True)
 def matvec_q8_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, ROW_TILE)):
-        acc = np.empty(QK, np.float32)
-        for r in range(tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE)):
-            row = blocks[r]
-            acc[:] = 0
-            for b in range(blocks.shape[1] // 34):
-                _accumulate_q8_0(row, b * 34, x, b * QK, acc)
-            y[r] = acc.sum()
+        _matvec_rows_q8_0(blocks, x, y, tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE))
 
 
-@numba.njit(cache=True, parallel=True, fastmath=True)
+@numba.njit(cache=True, fastmath=True)
+def _matmul_tile_q8_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray, r0: int, r1: int) -> None:
+    weights = np.empty((r1 - r0, x.shape[1]), np.float32)
+    n_blocks = blocks.shape[1] // 34
+    half = _opaque_half(x.shape[1], n_blocks)
+    for t in range(r1 - r0):
+        for b in range(n_blocks):
+            _decode_q8_0(blocks[r0 + t], b * 34, weights[t], b * QK, half)
+    tile_times_tokens(weights, r1 - r0, x, y, r0)
+
+
+@numba.njit(cache=True, parallel=True)
 def matmul_q8_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, MATMUL_ROW_TILE)):
-        r0 = tile * MATMUL_ROW_TILE
-        n_rows = min(MATMUL_ROW_TILE, rows - r0)
-        weights = np.empty((n_rows, x.shape[1]), np.float32)
-        for t in range(n_rows):
-            for b in range(blocks.shape[1] // 34):
-                _decode_q8_0(blocks[r0 + t], b * 34, weights[t], b * QK)
-        tile_times_tokens(weights, n_rows, x, y, r0)
+        _matmul_tile_q8_0(blocks, x, y, tile * MATMUL_ROW_TILE, min(rows, (tile + 1) * MATMUL_ROW_TILE))
 
 
 @numba.njit(cache=True, parallel=True)
