@@ -13,11 +13,30 @@ from gguf import GGMLQuantizationType
 from numba import prange
 
 from kernels import BlockKernels, register
-from kernels.common import bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, n_tiles, tile_times_tokens
+from kernels.common import (
+    bf16_to_f32,
+    f16_to_f32,
+    f32_from_bits,
+    f32_to_bf16,
+    f32_to_bits,
+    f32_to_f16,
+    n_tiles,
+    tile_times_tokens,
+)
 
-# Lanes of the matvec accumulators: a multiple of the vector width, so the row sum vectorizes.
-LANES = 32
+# Rows per parallel task; see kernels/legacy.py for the tiles and why each is a function of its own.
+ROW_TILE = 64
 MATMUL_ROW_TILE = 16
+F16_REBIAS = np.float32(2.0**112)
+
+
+@numba.njit(inline="always")
+def _f16_to_f32_for_products(h: np.uint16) -> np.float32:
+    """f16 -> f32 in four vector operations, for matvec/matmul only: rebias the exponent by a multiplication
+    (exact, subnormals included, unless the CPU flushes denormals); infinities and NaNs come out finite."""
+    h = np.uint32(h)
+    magnitude = f32_from_bits((h & np.uint32(0x7FFF)) << np.uint32(13)) * F16_REBIAS
+    return f32_from_bits(f32_to_bits(magnitude) | ((h & np.uint32(0x8000)) << np.uint32(16)))
 
 
 def dequantize_f32(blocks: np.ndarray, out: np.ndarray) -> None:
@@ -36,42 +55,55 @@ def quantize_f32(x: np.ndarray, out: np.ndarray) -> None:
     np.copyto(out.view(np.float32), x)
 
 
-@numba.njit(cache=True, parallel=True)
-def dequantize_f16(blocks: np.ndarray, out: np.ndarray) -> None:
-    halves = blocks.view(np.uint16)
-    for r in prange(halves.shape[0]):
+@numba.njit(cache=True)
+def _dequantize_rows_f16(halves: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
+    for r in range(r0, r1):
         for k in range(halves.shape[1]):
             out[r, k] = f16_to_f32(halves[r, k])
 
 
-@numba.njit(cache=True, parallel=True, fastmath=True)
-def matvec_f16(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
+@numba.njit(cache=True, parallel=True)
+def dequantize_f16(blocks: np.ndarray, out: np.ndarray) -> None:
     halves = blocks.view(np.uint16)
+    rows = halves.shape[0]
+    for tile in prange(n_tiles(rows, ROW_TILE)):
+        _dequantize_rows_f16(halves, out, tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE))
+
+
+@numba.njit(cache=True, fastmath=True)
+def _matvec_rows_f16(halves: np.ndarray, x: np.ndarray, y: np.ndarray, r0: int, r1: int) -> None:
     cols = halves.shape[1]
-    for r in prange(halves.shape[0]):
+    for r in range(r0, r1):
         row = halves[r]
-        acc = np.zeros(LANES, np.float32)
-        for k0 in range(0, cols - cols % LANES, LANES):
-            for j in range(LANES):
-                acc[j] += f16_to_f32(row[k0 + j]) * x[k0 + j]
-        total = acc.sum()
-        for k in range(cols - cols % LANES, cols):
-            total += f16_to_f32(row[k]) * x[k]
+        total = np.float32(0)
+        for k in range(cols):
+            total += _f16_to_f32_for_products(row[k]) * x[k]
         y[r] = total
 
 
-@numba.njit(cache=True, parallel=True, fastmath=True)
+@numba.njit(cache=True, parallel=True)
+def matvec_f16(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
+    halves = blocks.view(np.uint16)
+    rows = halves.shape[0]
+    for tile in prange(n_tiles(rows, ROW_TILE)):
+        _matvec_rows_f16(halves, x, y, tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE))
+
+
+@numba.njit(cache=True, fastmath=True)
+def _matmul_tile_f16(halves: np.ndarray, x: np.ndarray, y: np.ndarray, r0: int, r1: int) -> None:
+    weights = np.empty((r1 - r0, halves.shape[1]), np.float32)
+    for t in range(r1 - r0):
+        for k in range(halves.shape[1]):
+            weights[t, k] = _f16_to_f32_for_products(halves[r0 + t, k])
+    tile_times_tokens(weights, r1 - r0, x, y, r0)
+
+
+@numba.njit(cache=True, parallel=True)
 def matmul_f16(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     halves = blocks.view(np.uint16)
-    rows, cols = halves.shape
+    rows = halves.shape[0]
     for tile in prange(n_tiles(rows, MATMUL_ROW_TILE)):
-        r0 = tile * MATMUL_ROW_TILE
-        n_rows = min(MATMUL_ROW_TILE, rows - r0)
-        weights = np.empty((n_rows, cols), np.float32)
-        for t in range(n_rows):
-            for k in range(cols):
-                weights[t, k] = f16_to_f32(halves[r0 + t, k])
-        tile_times_tokens(weights, n_rows, x, y, r0)
+        _matmul_tile_f16(halves, x, y, tile * MATMUL_ROW_TILE, min(rows, (tile + 1) * MATMUL_ROW_TILE))
 
 
 @numba.njit(cache=True, parallel=True)
@@ -82,42 +114,55 @@ def quantize_f16(x: np.ndarray, out: np.ndarray) -> None:
             halves[r, k] = f32_to_f16(x[r, k])
 
 
-@numba.njit(cache=True, parallel=True)
-def dequantize_bf16(blocks: np.ndarray, out: np.ndarray) -> None:
-    halves = blocks.view(np.uint16)
-    for r in prange(halves.shape[0]):
+@numba.njit(cache=True)
+def _dequantize_rows_bf16(halves: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
+    for r in range(r0, r1):
         for k in range(halves.shape[1]):
             out[r, k] = bf16_to_f32(halves[r, k])
 
 
-@numba.njit(cache=True, parallel=True, fastmath=True)
-def matvec_bf16(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
+@numba.njit(cache=True, parallel=True)
+def dequantize_bf16(blocks: np.ndarray, out: np.ndarray) -> None:
     halves = blocks.view(np.uint16)
+    rows = halves.shape[0]
+    for tile in prange(n_tiles(rows, ROW_TILE)):
+        _dequantize_rows_bf16(halves, out, tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE))
+
+
+@numba.njit(cache=True, fastmath=True)
+def _matvec_rows_bf16(halves: np.ndarray, x: np.ndarray, y: np.ndarray, r0: int, r1: int) -> None:
     cols = halves.shape[1]
-    for r in prange(halves.shape[0]):
+    for r in range(r0, r1):
         row = halves[r]
-        acc = np.zeros(LANES, np.float32)
-        for k0 in range(0, cols - cols % LANES, LANES):
-            for j in range(LANES):
-                acc[j] += bf16_to_f32(row[k0 + j]) * x[k0 + j]
-        total = acc.sum()
-        for k in range(cols - cols % LANES, cols):
+        total = np.float32(0)
+        for k in range(cols):
             total += bf16_to_f32(row[k]) * x[k]
         y[r] = total
 
 
-@numba.njit(cache=True, parallel=True, fastmath=True)
+@numba.njit(cache=True, parallel=True)
+def matvec_bf16(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
+    halves = blocks.view(np.uint16)
+    rows = halves.shape[0]
+    for tile in prange(n_tiles(rows, ROW_TILE)):
+        _matvec_rows_bf16(halves, x, y, tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE))
+
+
+@numba.njit(cache=True, fastmath=True)
+def _matmul_tile_bf16(halves: np.ndarray, x: np.ndarray, y: np.ndarray, r0: int, r1: int) -> None:
+    weights = np.empty((r1 - r0, halves.shape[1]), np.float32)
+    for t in range(r1 - r0):
+        for k in range(halves.shape[1]):
+            weights[t, k] = bf16_to_f32(halves[r0 + t, k])
+    tile_times_tokens(weights, r1 - r0, x, y, r0)
+
+
+@numba.njit(cache=True, parallel=True)
 def matmul_bf16(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     halves = blocks.view(np.uint16)
-    rows, cols = halves.shape
+    rows = halves.shape[0]
     for tile in prange(n_tiles(rows, MATMUL_ROW_TILE)):
-        r0 = tile * MATMUL_ROW_TILE
-        n_rows = min(MATMUL_ROW_TILE, rows - r0)
-        weights = np.empty((n_rows, cols), np.float32)
-        for t in range(n_rows):
-            for k in range(cols):
-                weights[t, k] = bf16_to_f32(halves[r0 + t, k])
-        tile_times_tokens(weights, n_rows, x, y, r0)
+        _matmul_tile_bf16(halves, x, y, tile * MATMUL_ROW_TILE, min(rows, (tile + 1) * MATMUL_ROW_TILE))
 
 
 @numba.njit(cache=True, parallel=True)
