@@ -108,33 +108,57 @@ def write_u16(row: np.ndarray, offset: int, value: np.uint16) -> None:
 
 
 @numba.njit(inline="always")
+def _dot(a: np.ndarray, b: np.ndarray) -> np.float32:
+    s = np.float32(0)
+    for k in range(a.shape[0]):
+        s += a[k] * b[k]
+    return s
+
+
+@numba.njit(inline="always")
+def _tokens_times_rows_4x4(x: np.ndarray, i: int, tile: np.ndarray, t: int, y: np.ndarray, r0: int) -> None:
+    """y[i:i + 4, r0 + t:r0 + t + 4] = x[i:i + 4] tile[t:t + 4]^T: 16 sums in registers, so each pair of
+    loads feeds 16 / 8 products instead of one."""
+    x0, x1, x2, x3 = x[i], x[i + 1], x[i + 2], x[i + 3]
+    w0, w1, w2, w3 = tile[t], tile[t + 1], tile[t + 2], tile[t + 3]
+    a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0)
+    c0 = c1 = c2 = c3 = d0 = d1 = d2 = d3 = np.float32(0)
+    for k in range(x.shape[1]):
+        p0, p1, p2, p3 = x0[k], x1[k], x2[k], x3[k]
+        a0 += p0 * w0[k]
+        a1 += p1 * w0[k]
+        a2 += p2 * w0[k]
+        a3 += p3 * w0[k]
+        b0 += p0 * w1[k]
+        b1 += p1 * w1[k]
+        b2 += p2 * w1[k]
+        b3 += p3 * w1[k]
+        c0 += p0 * w2[k]
+        c1 += p1 * w2[k]
+        c2 += p2 * w2[k]
+        c3 += p3 * w2[k]
+        d0 += p0 * w3[k]
+        d1 += p1 * w3[k]
+        d2 += p2 * w3[k]
+        d3 += p3 * w3[k]
+    c = r0 + t
+    y[i, c], y[i + 1, c], y[i + 2, c], y[i + 3, c] = a0, a1, a2, a3
+    y[i, c + 1], y[i + 1, c + 1], y[i + 2, c + 1], y[i + 3, c + 1] = b0, b1, b2, b3
+    y[i, c + 2], y[i + 1, c + 2], y[i + 2, c + 2], y[i + 3, c + 2] = c0, c1, c2, c3
+    y[i, c + 3], y[i + 1, c + 3], y[i + 2, c + 3], y[i + 3, c + 3] = d0, d1, d2, d3
+
+
+@numba.njit(inline="always")
 def tile_times_tokens(tile: np.ndarray, n_rows: int, x: np.ndarray, y: np.ndarray, r0: int) -> None:
-    """y[i, r0 + t] = x[i] . tile[t] for t < n_rows; four tokens at a time so each weight load feeds four
-    products."""
-    n, cols = x.shape
-    n_quads = n - n % 4
+    """y[:, r0:r0 + n_rows] = x tile[:n_rows]^T, in 4 x 4 blocks of (tokens, rows), then the edges."""
+    n = x.shape[0]
+    n_quads, row_quads = n - n % 4, n_rows - n_rows % 4
     for i in range(0, n_quads, 4):
-        x0, x1, x2, x3 = x[i], x[i + 1], x[i + 2], x[i + 3]
-        for t in range(n_rows):
-            w = tile[t]
-            s0 = s1 = s2 = s3 = np.float32(0)
-            for k in range(cols):
-                s0 += x0[k] * w[k]
-                s1 += x1[k] * w[k]
-                s2 += x2[k] * w[k]
-                s3 += x3[k] * w[k]
-            y[i, r0 + t] = s0
-            y[i + 1, r0 + t] = s1
-            y[i + 2, r0 + t] = s2
-            y[i + 3, r0 + t] = s3
-    for i in range(n_quads, n):
-        xi = x[i]
-        for t in range(n_rows):
-            w = tile[t]
-            s = np.float32(0)
-            for k in range(cols):
-                s += xi[k] * w[k]
-            y[i, r0 + t] = s
+        for t in range(0, row_quads, 4):
+            _tokens_times_rows_4x4(x, i, tile, t, y, r0)
+    for i in range(n):
+        for t in range(row_quads if i < n_quads else 0, n_rows):
+            y[i, r0 + t] = _dot(x[i], tile[t])
 
 
 @numba.njit(inline="always")
