@@ -1,0 +1,141 @@
+"""Micro-benchmark of every registered block type (kernels.KERNELS); prints Markdown tables.
+
+    python benchmarks/bench_kernels.py [--types Q4_0 Q8_0 ...] [--shapes 50257x768 3072x768] [--matmul]
+
+Per type: dequantization throughput (weights/s, median of --runs) against gguf-py on the same blocks and
+against a numpy copy of as many f32 values (how much of the memory bandwidth it reaches), then matvec in GB/s
+of weight bytes read. --matmul adds the fused matmul against "dequantize everything, then numpy matmul".
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numba
+import numpy as np
+from gguf import GGMLQuantizationType, quants
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from kernels import KERNELS, BlockKernels  # noqa: E402
+
+
+def median_seconds(fn: Callable[[], object], runs: int) -> float:
+    fn()  # compile, warm the caches
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def weights_like_a_model(rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (rng.standard_t(5, size=(rows, cols)) * 0.02).astype(np.float32)
+
+
+def stored_blocks(kernels: BlockKernels, rows: int, cols: int) -> np.ndarray:
+    """u8[rows, row_bytes]: our quantizer's output, else gguf-py's, else random bytes (only speed counts)."""
+    x = weights_like_a_model(rows, cols)
+    if kernels.quantize is not None:
+        blocks = np.empty((rows, kernels.row_bytes(cols)), dtype=np.uint8)
+        kernels.quantize(x, blocks)
+        return blocks
+    try:
+        return np.ascontiguousarray(quants.quantize(x, kernels.qtype)).view(np.uint8).reshape(rows, -1)
+    except NotImplementedError:
+        rng = np.random.default_rng(0)
+        return rng.integers(0, 256, size=(rows, kernels.row_bytes(cols)), dtype=np.uint8)
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    rows, cols = text.lower().split("x")
+    return int(rows), int(cols)
+
+
+def bench_type(kernels: BlockKernels, shapes: list[tuple[int, int]], runs: int) -> list[str]:
+    rows, cols = shapes[0]
+    blocks = stored_blocks(kernels, rows, cols)
+    out = np.empty((rows, cols), dtype=np.float32)
+    ours = median_seconds(lambda: kernels.dequantize(blocks, out), runs)
+    oracle = median_seconds(lambda: quants.dequantize(blocks, kernels.qtype), max(1, runs // 4))
+    source = np.ones((rows, cols), dtype=np.float32)
+    copy = median_seconds(lambda: np.copyto(out, source), runs)
+    cells = [
+        kernels.qtype.name,
+        f"{rows * cols / ours / 1e9:.2f} G",
+        f"{oracle / ours:.0f}x",
+        f"{copy / ours:.2f}",
+    ]
+    for shape_rows, shape_cols in shapes:
+        blocks = stored_blocks(kernels, shape_rows, shape_cols)
+        x = np.random.default_rng(1).standard_normal(shape_cols, dtype=np.float32)
+        y = np.empty(shape_rows, dtype=np.float32)
+        seconds = median_seconds(lambda b=blocks, x=x, y=y: kernels.matvec(b, x, y), runs)
+        cells.append(f"{blocks.nbytes / seconds / 1e9:.1f} GB/s ({seconds * 1e3:.2f} ms)")
+    return cells
+
+
+def bench_matmul(kernels: BlockKernels, shape: tuple[int, int], tokens: list[int], runs: int) -> list[str]:
+    rows, cols = shape
+    blocks = stored_blocks(kernels, rows, cols)
+    scratch = np.empty((rows, cols), dtype=np.float32)
+    cells = [kernels.qtype.name]
+    for n in tokens:
+        x = np.random.default_rng(2).standard_normal((n, cols), dtype=np.float32)
+        y = np.empty((n, rows), dtype=np.float32)
+
+        def dequantize_then_numpy(x: np.ndarray = x, y: np.ndarray = y) -> None:
+            kernels.dequantize(blocks, scratch)
+            np.matmul(x, scratch.T, out=y)
+
+        fused = median_seconds(lambda x=x, y=y: kernels.matmul(blocks, x, y), max(3, runs // 2))
+        numpy = median_seconds(dequantize_then_numpy, max(3, runs // 2))
+        cells.append(f"{fused * 1e3:.1f} / {numpy * 1e3:.1f}")
+    return cells
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
+    parser.add_argument("--types", nargs="+", help="type names (default: every registered type)")
+    parser.add_argument("--shapes", nargs="+", default=[(50257, 768), (3072, 768)], type=parse_shape)
+    parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--matmul", action="store_true", help="also time matmul for --tokens")
+    parser.add_argument("--matmul-shape", default=(3072, 768), type=parse_shape)
+    parser.add_argument("--tokens", nargs="+", type=int, default=[8, 64, 512])
+    parser.add_argument("--threads", type=int, help="numba threads (default: all cores)")
+    args = parser.parse_args()
+    if args.threads:
+        numba.set_num_threads(args.threads)
+
+    names = [name.upper() for name in args.types] if args.types else [q.name for q in KERNELS]
+    selected = [KERNELS[GGMLQuantizationType[name]] for name in names]
+    rows, cols = args.shapes[0]
+    print(f"numba threads: {numba.get_num_threads()}, dequantize on {rows}x{cols}\n")
+
+    header = ["type", "dequant weights/s", "vs gguf-py", "of f32 copy speed"]
+    header += [f"matvec {rows}x{cols}" for rows, cols in args.shapes]
+    print(markdown_table(header, [bench_type(k, args.shapes, args.runs) for k in selected]))
+
+    if args.matmul:
+        rows, cols = args.matmul_shape
+        print(f"\nmatmul {rows}x{cols}, ms: fused kernel / dequantize whole matrix + numpy matmul\n")
+        header = ["type"] + [f"n={n}" for n in args.tokens]
+        table = [bench_matmul(k, args.matmul_shape, args.tokens, args.runs) for k in selected]
+        print(markdown_table(header, table))
+
+
+if __name__ == "__main__":
+    main()
