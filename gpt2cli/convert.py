@@ -51,6 +51,7 @@ class Checkpoint:
     tokens: list[str]
     merges: list[str]
     eos_id: int
+    gguf_path: Path | None = None  # the file itself, when the checkpoint is an F32/F16/BF16 GGUF
 
     def load(self, name: str) -> np.ndarray:  # -> f32[shape]
         return self.loaders[name]()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
+from rich.table import Table
 
 from gpt2cli import registry
 from gpt2cli.convert import Checkpoint, load_hf_checkpoint
@@ -24,6 +26,8 @@ from gpt2cli.errors import Gpt2Error
 from gpt2cli.gguf_file import ModelFile
 from gpt2cli.gguf_reader import TensorInfo, read_gguf
 from gpt2cli.gguf_write import TensorData, write_gpt2_gguf
+from gpt2cli.model import GPT2Model
+from gpt2cli.ppl import KLDStats, ProgressCallback, compare_models, tokenize_file
 from gpt2cli.quant_types import FILE_TYPES, FileType, TensorChoice, is_quantizable, tensor_type
 from kernels import KERNELS
 from kernels import kquants_quantize as kq
@@ -108,6 +112,7 @@ def load_gguf_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         tokens=tokenizer.tokens,
         merges=tokenizer.merges,
         eos_id=tokenizer.eos_id,
+        gguf_path=mf.path,
     )
 
 
@@ -223,3 +228,63 @@ def quantize_checkpoint(
         file_size=out_path.stat().st_size,
         seconds=time.perf_counter() - t0,
     )
+
+
+def compare_with_original(
+    checkpoint: Checkpoint,
+    quantized: str | os.PathLike[str],
+    text_file: str | os.PathLike[str],
+    *,
+    ctx: int | None = None,
+    max_tokens: int | None = None,
+    progress: ProgressCallback | None = None,
+) -> KLDStats:
+    """Mean KL divergence and top-1 agreement of the quantized file against the unquantized model on a text,
+    under llama-perplexity's --kl-divergence protocol. The original runs in f32: from its own GGUF when it is
+    one, else from an F32 GGUF written to a temporary file by the same conversion."""
+    with tempfile.TemporaryDirectory(prefix="gpt2-quantize-") as tmp:
+        base_path = checkpoint.gguf_path
+        if base_path is None:
+            base_path = Path(tmp) / "base.F32.gguf"
+            quantize_checkpoint(checkpoint, FILE_TYPES["F32"], base_path)
+        base_file, model_file = ModelFile(base_path), ModelFile(quantized)
+        ids = tokenize_file(text_file, model_file.tokenizer, max_tokens=max_tokens)
+        model = GPT2Model(model_file.weights, model_file.config)
+        base = GPT2Model(base_file.weights, base_file.config)
+        return compare_models(model, base, ids, ctx, protocol="llama", progress=progress)
+
+
+def report_table(report: QuantizeReport) -> Table:
+    """One row per tensor: its type (and the type its row length ruled out), shape, bytes and error."""
+    table = Table("tensor", "type", "shape", "bytes", "rel. RMS error", box=None, pad_edge=False)
+    for t in report.tensors:
+        qtype = t.qtype.name + (f" (for {t.wanted.name})" if t.wanted else "")
+        error = f"{t.rel_rms_error:.2e}" if t.rel_rms_error else "0"
+        table.add_row(t.name, qtype, " x ".join(map(str, t.shape)), f"{t.nbytes:,}", error)
+    return table
+
+
+def summary_lines(report: QuantizeReport) -> list[str]:
+    ft = report.file_type
+    lines = [
+        f"wrote         {report.path} ({ft.name}, general.file_type {int(ft.id)})",
+        f"file size     {report.file_size / 1e6:.1f} MB, {report.file_size / report.f16_size:.3f} of F16 "
+        f"({report.f16_size / 1e6:.1f} MB)",
+        f"bits/weight   {report.bits_per_weight:.3f} over the 2-D weights",
+        f"time          {report.seconds:.1f} s",
+    ]
+    if report.fallbacks:
+        cols = sorted({t.shape[-1] for t in report.fallbacks})
+        lines.append(
+            f"fallbacks     {len(report.fallbacks)} tensors with rows of {', '.join(map(str, cols))} weights "
+            "(not a multiple of 256) use a 32-weight type instead of a K type, as llama-quantize does"
+        )
+    return lines
+
+
+def kld_lines(k: KLDStats) -> list[str]:
+    return [
+        f"perplexity    {k.ppl:.4f} (original {k.ppl_base:.4f}, ratio {k.ppl / k.ppl_base:.4f})",
+        f"mean KLD      {k.mean_kld:.6f} +/- {k.mean_kld_uncertainty:.6f} (99%: {k.kld_99:.6f})",
+        f"same top p    {100 * k.same_top:.3f}% (top-1 agreement with the original)",
+    ]

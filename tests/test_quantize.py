@@ -1,0 +1,363 @@
+"""`gpt2 quantize`: llama-quantize's type choices, the written file, and llama.cpp compatibility both ways."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType, quants
+from reference_gpt2 import gpt2_logits
+from synthetic import TINY, TINY_K, build_gguf
+
+from gpt2cli.convert import Checkpoint
+from gpt2cli.errors import Gpt2Error
+from gpt2cli.gguf_file import GPT2Config, ModelFile
+from gpt2cli.gguf_reader import read_gguf
+from gpt2cli.model import GPT2Model
+from gpt2cli.quant_types import (
+    BITS,
+    FILE_TYPES,
+    fallback_type,
+    file_type,
+    file_type_for_bits,
+    tensor_type,
+    use_more_bits,
+)
+from gpt2cli.quantize import (
+    default_output_path,
+    load_source,
+    quantize_checkpoint,
+    tensor_choices,
+)
+
+T = GGMLQuantizationType
+IDS = [464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13, 50256, 40, 1101, 257, 3303, 2746]
+GPT2_XL = GPT2Config(n_embd=1600, n_head=25, n_layer=48, n_ff=6400)
+# Loose bounds on max |logit error| / max |logit| against the f32 model, for random tiny weights.
+F32_DRIFT = {"Q4_K_M": 0.3, "Q2_K": 1.0}
+
+
+def gpt2_shapes(c: GPT2Config, tied: bool = True) -> dict[str, tuple[int, ...]]:
+    e, f = c.n_embd, c.n_ff
+    shapes = {"token_embd.weight": (c.n_vocab, e), "position_embd.weight": (c.n_ctx, e)}
+    for i in range(c.n_layer):
+        p = f"blk.{i}."
+        shapes |= {
+            p + "attn_norm.weight": (e,),
+            p + "attn_qkv.weight": (3 * e, e),
+            p + "attn_qkv.bias": (3 * e,),
+            p + "attn_output.weight": (e, e),
+            p + "ffn_up.weight": (f, e),
+            p + "ffn_down.weight": (e, f),
+        }
+    shapes["output_norm.weight"] = (e,)
+    if not tied:
+        shapes["output.weight"] = (c.n_vocab, e)
+    return shapes
+
+
+def choose(c: GPT2Config, ftype: str, tied: bool = True, pure: bool = False) -> dict[str, T]:
+    ft = file_type(ftype)
+    return {
+        n: tensor_type(n, s, ft, n_layer=c.n_layer, tied=tied, pure=pure).qtype
+        for n, s in gpt2_shapes(c, tied).items()
+    }
+
+
+def file_values(path) -> dict[str, np.ndarray]:
+    """Every tensor of a GGUF in f64, decoded by gguf-py (the oracle)."""
+    contents = read_gguf(path)
+    values = {}
+    for info in contents.tensors.values():
+        blocks = info.blocks(contents.data)
+        if info.qtype == T.F32:
+            x = blocks.view(np.float32)
+        elif info.qtype == T.F16:
+            x = blocks.view(np.float16)
+        else:
+            x = quants.dequantize(blocks, info.qtype)
+        values[info.name] = x.astype(np.float64).reshape(info.shape)
+    return values
+
+
+def rel_err(ours: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
+
+
+def our_logits(path) -> np.ndarray:
+    mf = ModelFile(path)
+    model = GPT2Model(mf.weights, mf.config)
+    return model.forward(IDS, model.new_cache())
+
+
+@functools.cache
+def source_checkpoint(path) -> Checkpoint:
+    return load_source(str(path))
+
+
+@pytest.fixture(scope="module")
+def tiny_k_f32(tmp_path_factory):
+    path = tmp_path_factory.mktemp("src") / "tiny-k.F32.gguf"
+    build_gguf(path, config=TINY_K)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_f32(tmp_path_factory):
+    """Rows of 64 weights: no K-quant fits, every K type falls back."""
+    path = tmp_path_factory.mktemp("src") / "tiny.F32.gguf"
+    build_gguf(path, config=TINY)
+    return path
+
+
+# --- llama-quantize's choices ------------------------------------------------------------------------------
+
+
+def test_file_type_names_ids_and_bits():
+    assert file_type("q4_k_m").name == "Q4_K_M"
+    assert int(file_type("Q4_K_M").id) == 15
+    assert {n: int(ft.id) for n, ft in FILE_TYPES.items() if n in ("F16", "Q8_0", "Q2_K", "Q6_K")} == {
+        "F16": 1,
+        "Q8_0": 7,
+        "Q2_K": 10,
+        "Q6_K": 18,
+    }
+    assert [file_type_for_bits(b).name for b in BITS] == [
+        "Q2_K",
+        "Q3_K_M",
+        "Q4_K_M",
+        "Q5_K_M",
+        "Q6_K",
+        "Q8_0",
+    ]
+    with pytest.raises(Gpt2Error, match="unknown type"):
+        file_type("Q4_K_X")
+    with pytest.raises(Gpt2Error, match="--bits"):
+        file_type_for_bits(7)
+
+
+def test_use_more_bits_layers():
+    assert [i for i in range(12) if use_more_bits(i, 12)] == [0, 3, 6, 9, 10, 11]
+    assert [i for i in range(6) if use_more_bits(i, 6)] == [2, 5]
+
+
+def test_q4_k_m_mix_for_gpt2():
+    types = choose(GPT2Config(), "Q4_K_M")
+    assert types["token_embd.weight"] == T.Q6_K  # tied: the output rule
+    more = {0, 3, 6, 9, 10, 11}
+    for i in range(12):
+        assert types[f"blk.{i}.attn_qkv.weight"] == (T.Q6_K if i in more else T.Q4_K)
+        assert types[f"blk.{i}.ffn_down.weight"] == (T.Q6_K if i in more else T.Q4_K)
+        assert types[f"blk.{i}.attn_output.weight"] == T.Q4_K
+        assert types[f"blk.{i}.ffn_up.weight"] == T.Q4_K
+        assert types[f"blk.{i}.attn_qkv.bias"] == T.F32
+        assert types[f"blk.{i}.attn_norm.weight"] == T.F32
+    assert types["position_embd.weight"] == T.F32
+
+
+@pytest.mark.parametrize(
+    ("ftype", "qkv0", "qkv4", "down0", "down4", "attn_out", "up"),
+    [
+        ("Q2_K", T.Q3_K, T.Q3_K, T.Q3_K, T.Q3_K, T.Q3_K, T.Q2_K),
+        ("Q3_K_S", T.Q3_K, T.Q3_K, T.Q3_K, T.Q3_K, T.Q3_K, T.Q3_K),
+        ("Q3_K_M", T.Q5_K, T.Q4_K, T.Q5_K, T.Q4_K, T.Q4_K, T.Q3_K),
+        ("Q3_K_L", T.Q5_K, T.Q5_K, T.Q5_K, T.Q5_K, T.Q5_K, T.Q3_K),
+        ("Q4_K_S", T.Q5_K, T.Q4_K, T.Q5_K, T.Q4_K, T.Q4_K, T.Q4_K),
+        ("Q5_K_M", T.Q6_K, T.Q5_K, T.Q6_K, T.Q5_K, T.Q5_K, T.Q5_K),
+        ("Q4_0", T.Q4_0, T.Q4_0, T.Q4_0, T.Q4_0, T.Q4_0, T.Q4_0),
+    ],
+)
+def test_mixes_by_file_type(ftype, qkv0, qkv4, down0, down4, attn_out, up):
+    # gpt2-medium: 24 layers, use_more_bits on 0-2, 5, 8, ..., 21-23; n/16 = 1, n/8 = 3.
+    types = choose(GPT2Config(n_layer=24, n_embd=1024, n_head=16, n_ff=4096), ftype)
+    assert types["blk.0.attn_qkv.weight"] == qkv0
+    assert types["blk.4.attn_qkv.weight"] == qkv4
+    assert types["blk.0.ffn_down.weight"] == down0
+    assert types["blk.4.ffn_down.weight"] == down4
+    assert types["blk.4.attn_output.weight"] == attn_out
+    assert types["blk.4.ffn_up.weight"] == up
+    assert types["token_embd.weight"] == T.Q6_K
+
+
+def test_q8_0_and_float_types():
+    assert set(choose(GPT2Config(), "Q8_0").values()) == {T.Q8_0, T.F32}
+    assert set(choose(GPT2Config(), "F16").values()) == {T.F16, T.F32}
+    assert set(choose(GPT2Config(), "BF16").values()) == {T.BF16, T.F32}
+
+
+def test_untied_output_and_pure():
+    types = choose(GPT2Config(n_layer=2), "Q4_K_M", tied=False)
+    assert types["output.weight"] == T.Q6_K
+    assert types["token_embd.weight"] == T.Q4_K  # an untied embedding keeps the default
+    shapes = gpt2_shapes(GPT2Config(n_layer=2))
+    pure = choose(GPT2Config(n_layer=2), "Q4_K_M", pure=True)
+    assert {pure[n] for n, s in shapes.items() if len(s) == 2 and n != "position_embd.weight"} == {T.Q4_K}
+
+
+def test_gpt2_xl_rows_fall_back():
+    ft = file_type("Q4_K_M")
+    types = choose(GPT2_XL, "Q4_K_M")
+    assert types["token_embd.weight"] == T.Q8_0
+    assert types["blk.0.attn_qkv.weight"] == T.Q8_0  # Q6_K wanted
+    assert types["blk.7.attn_qkv.weight"] == T.Q5_0  # Q4_K wanted
+    assert types["blk.1.ffn_up.weight"] == T.Q5_0
+    assert types["blk.7.ffn_down.weight"] == T.Q4_K  # rows of 6400 = 25 blocks of 256
+    choice = tensor_type("blk.1.ffn_up.weight", (6400, 1600), ft, n_layer=48, tied=True)
+    assert choice.wanted == T.Q4_K
+    assert choose(GPT2_XL, "Q2_K")["blk.1.ffn_up.weight"] == T.Q4_0
+    assert choose(GPT2_XL, "Q5_K_M")["blk.1.ffn_up.weight"] == T.Q5_1
+    assert fallback_type(T.Q6_K, 40) == T.F16  # not even 32 divides the row
+    with pytest.raises(Gpt2Error, match="no fallback"):  # llama-quantize throws here too
+        fallback_type(T.Q8_0, 40)
+
+
+# --- the written file ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ftype", ["Q4_K_M", "Q2_K"])
+def test_quantized_file_loads_and_matches_its_values(tmp_path, tiny_k_f32, ftype):
+    ckpt = source_checkpoint(tiny_k_f32)
+    out = tmp_path / "q.gguf"
+    report = quantize_checkpoint(ckpt, file_type(ftype), out)
+
+    contents = read_gguf(out)
+    assert contents.metadata["general.file_type"] == int(file_type(ftype).id)
+    assert contents.metadata["general.quantization_version"] == 2
+    assert "output.weight" not in contents.tensors
+    choices = tensor_choices(ckpt, file_type(ftype))
+    assert {n: i.qtype for n, i in contents.tensors.items()} == {n: c.qtype for n, c in choices.items()}
+    assert [(r.name, r.qtype) for r in report.tensors] == [(n, c.qtype) for n, c in choices.items()]
+
+    values = file_values(out)
+    logits = our_logits(out)
+    assert rel_err(logits, gpt2_logits(values, IDS, TINY_K.n_head)) < 1e-4
+    assert rel_err(logits, gpt2_logits(file_values(tiny_k_f32), IDS, TINY_K.n_head)) < F32_DRIFT[ftype]
+
+    by_name = {r.name: r for r in report.tensors}
+    assert by_name["blk.0.attn_norm.weight"].rel_rms_error == 0
+    assert 0 < by_name["blk.0.ffn_up.weight"].rel_rms_error < 0.5
+    assert report.file_size == out.stat().st_size
+    assert report.f16_size > report.file_size
+
+
+def test_fallbacks_are_reported(tmp_path, tiny_f32):
+    report = quantize_checkpoint(source_checkpoint(tiny_f32), file_type("Q4_K_M"), tmp_path / "q.gguf")
+    wanted = {r.name: (r.wanted, r.qtype) for r in report.fallbacks}
+    assert wanted["blk.0.ffn_up.weight"] == (T.Q4_K, T.Q5_0)
+    assert "blk.0.ffn_down.weight" not in wanted  # rows of 256
+    assert report.bits_per_weight > 5
+
+
+def test_interrupted_run_leaves_nothing(tmp_path, tiny_f32):
+    ckpt = source_checkpoint(tiny_f32)
+
+    def interrupt(report):
+        if report.name.startswith("blk.1"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        quantize_checkpoint(ckpt, file_type("Q8_0"), tmp_path / "q.gguf", on_tensor=interrupt)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_quantized_input_refused(tmp_path, tiny_f32):
+    ckpt = source_checkpoint(tiny_f32)
+    path = tmp_path / "tiny.Q8_0.gguf"
+    quantize_checkpoint(ckpt, file_type("Q8_0"), path)
+    with pytest.raises(Gpt2Error, match="already Q8_0"):
+        load_source(str(path))
+
+
+def test_default_output_path(tmp_path, monkeypatch, tiny_f32):
+    monkeypatch.setenv("GPT2_HOME", str(tmp_path))
+    ckpt = source_checkpoint(tiny_f32)
+    assert ckpt.name == "tiny-gpt2"  # general.name
+    assert default_output_path(ckpt, file_type("q4_k_m")) == tmp_path / "tiny-gpt2.Q4_K_M.gguf"
+
+
+# --- llama.cpp compatibility, both ways ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama_cpp():
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed")
+    quiet = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+    llama_cpp.llama_log_set(quiet, ctypes.c_void_p())
+    yield llama_cpp
+    llama_cpp.llama_log_set(ctypes.cast(None, llama_cpp.llama_log_callback), ctypes.c_void_p())
+    del quiet
+
+
+def llama_quantize(llama_cpp, src, dst, ftype: str) -> None:
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = int(file_type(ftype).id)
+    params.nthread = 2
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) == 0
+
+
+def llama_logits(llama_cpp, path, monkeypatch) -> np.ndarray:
+    # The CPU backend's extra buffer types (weights repacked for AMX/AVX-512) crash this build on quantized
+    # files on this machine, llama-quantize's own included; the plain CPU path is the reference anyway.
+    defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+    def plain_cpu_params():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    monkeypatch.setattr(llama_cpp.llama_cpp, "llama_model_default_params", plain_cpu_params)
+    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=64, verbose=False)
+    llm.eval(IDS)
+    logits = np.array(llm.scores[: len(IDS)], dtype=np.float64)
+    llm.close()
+    return logits
+
+
+@pytest.mark.parametrize("ftype", ["Q8_0", "Q4_K_M"])
+def test_our_file_runs_in_llama_cpp(tmp_path, monkeypatch, llama_cpp, tiny_k_f32, ftype):
+    out = tmp_path / "ours.gguf"
+    quantize_checkpoint(source_checkpoint(tiny_k_f32), file_type(ftype), out)
+    # ggml quantizes the activations to 8 bits in its quantized matmuls: close, not equal.
+    assert rel_err(llama_logits(llama_cpp, out, monkeypatch), our_logits(out)) < 0.05
+
+
+@pytest.mark.parametrize("source", ["tiny_k_f32", "tiny_f32"])  # tiny: rows of 64, every K type falls back
+@pytest.mark.parametrize("ftype", list(FILE_TYPES))
+def test_same_types_as_llama_quantize(tmp_path, request, llama_cpp, source, ftype):
+    src = request.getfixturevalue(source)
+    theirs = tmp_path / "llama.gguf"
+    llama_quantize(llama_cpp, src, theirs, ftype)
+    contents = read_gguf(theirs)
+    assert contents.metadata["general.file_type"] == int(file_type(ftype).id)
+    ours = tensor_choices(source_checkpoint(src), file_type(ftype))
+    assert {n: i.qtype for n, i in contents.tensors.items()} == {n: c.qtype for n, c in ours.items()}
+
+
+@pytest.mark.parametrize(
+    ("source", "ftype"),
+    [
+        ("tiny_k_f32", f)
+        for f in ("BF16", "Q4_0", "Q4_1", "Q5_1", "Q8_0", "Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M")
+    ]
+    + [("tiny_f32", "Q4_K_M")],
+)
+def test_same_bytes_as_llama_quantize(tmp_path, request, llama_cpp, source, ftype):
+    """Without an importance matrix ggml's quantizers are deterministic: the tensors agree bit for bit."""
+    src = request.getfixturevalue(source)
+    theirs, ours = tmp_path / "llama.gguf", tmp_path / "ours.gguf"
+    llama_quantize(llama_cpp, src, theirs, ftype)
+    quantize_checkpoint(source_checkpoint(src), file_type(ftype), ours)
+    a, b = read_gguf(theirs), read_gguf(ours)
+    for name, info in a.tensors.items():
+        assert info.qtype == b.tensors[name].qtype, name
+        assert np.array_equal(info.blocks(a.data), b.tensors[name].blocks(b.data)), name
+
+
+def test_llama_quantize_output_runs_in_ours(tmp_path, llama_cpp, tiny_k_f32):
+    out = tmp_path / "llama.Q4_K_M.gguf"
+    llama_quantize(llama_cpp, tiny_k_f32, out, "Q4_K_M")
+    logits = our_logits(out)
+    assert rel_err(logits, gpt2_logits(file_values(out), IDS, TINY_K.n_head)) < 1e-4
+    assert rel_err(logits, gpt2_logits(file_values(tiny_k_f32), IDS, TINY_K.n_head)) < F32_DRIFT["Q4_K_M"]
