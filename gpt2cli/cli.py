@@ -231,6 +231,82 @@ def ppl(
         print("\n".join(format_report(result)))
 
 
+@app.command()
+def quantize(
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="A registry name (its safetensors checkpoint is downloaded), a Hugging Face directory, "
+            "or an F32/F16/BF16 .gguf."
+        ),
+    ],
+    bits: Annotated[
+        int | None, typer.Option(help="2, 3, 4, 5, 6 or 8: Q2_K, Q3_K_M, Q4_K_M, Q5_K_M, Q6_K or Q8_0.")
+    ] = None,
+    qtype: Annotated[
+        str | None,
+        typer.Option("--type", "-t", help="A llama.cpp file type: F16, BF16, Q4_0 ... Q6_K (default Q8_0)."),
+    ] = None,
+    output: Annotated[
+        str | None, typer.Option("--output", "-o", help="Default: <model dir>/<name>.<TYPE>.gguf.")
+    ] = None,
+    pure: Annotated[
+        bool, typer.Option(help="Every 2-D weight in the type's own block type: no mix.")
+    ] = False,
+    eval_file: Annotated[
+        str | None,
+        typer.Option(
+            "--eval", metavar="TEXT_FILE", help="Then report KL divergence from the original on it."
+        ),
+    ] = None,
+    eval_tokens: Annotated[int, typer.Option(help="Tokens of the --eval text to use.")] = 8192,
+) -> None:
+    """Write SOURCE as a llama.cpp-compatible GGUF, with llama-quantize's per-tensor type mix."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from gpt2cli.quant_types import file_type, file_type_for_bits
+    from gpt2cli.quantize import (
+        compare_with_original,
+        default_output_path,
+        kld_lines,
+        load_source,
+        quantize_checkpoint,
+        report_table,
+        summary_lines,
+    )
+    from gpt2cli.registry import DEFAULT_TYPE
+
+    if bits is not None and qtype is not None:
+        raise Gpt2Error("give --bits or --type, not both")
+    ft = file_type_for_bits(bits) if bits is not None else file_type(qtype or DEFAULT_TYPE)
+    checkpoint = load_source(source)
+    path = output or default_output_path(checkpoint, ft)
+    err_console = Console(stderr=True)
+    columns = (TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err_console, disable=not err_console.is_terminal, transient=True) as bar:
+        task = bar.add_task(f"{checkpoint.name} -> {ft.name}", total=len(checkpoint.shapes))
+        report = quantize_checkpoint(
+            checkpoint, ft, path, pure=pure, on_tensor=lambda t: bar.update(task, advance=1)
+        )
+    Console().print(report_table(report))
+    print("\n".join(summary_lines(report)))
+    if eval_file is not None:
+        with Progress(
+            *columns, console=err_console, disable=not err_console.is_terminal, transient=True
+        ) as bar:
+            task = bar.add_task("KL divergence", total=None)
+            kld = compare_with_original(
+                checkpoint,
+                report.path,
+                eval_file,
+                max_tokens=eval_tokens,
+                progress=lambda done, total, _: bar.update(task, completed=done, total=total),
+            )
+        print(f"eval          {eval_file}: {kld.tokens:,} tokens scored (llama-perplexity's chunks)")
+        print("\n".join(kld_lines(kld)))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: click's own errors and Gpt2Error become one line on stderr and exit code 2."""
     command = typer.main.get_command(app)
