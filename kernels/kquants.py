@@ -333,16 +333,17 @@ def matvec_q2_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
             for s in range(16):
                 mins += np.float32(_byte(row, o + s) >> 4) * x_sums[16 * b + s]
             for half in range(2):
-                # sub-block 8h + 2j + half: the 2-bit fields j of qs[32h + 16 half + e], 16 elements each
+                # sub-block 8h + 2j + half: the 2-bit fields j of qs[32h + 16 half + e], 16 elements each;
+                # fields are masked in place, not shifted down, and the scale takes the 4**-j instead
                 s = o + half
                 sc0 = np.float32(_byte(row, s) & 15)
-                sc1 = np.float32(_byte(row, s + 2) & 15)
-                sc2 = np.float32(_byte(row, s + 4) & 15)
-                sc3 = np.float32(_byte(row, s + 6) & 15)
+                sc1 = np.float32(_byte(row, s + 2) & 15) * np.float32(0.25)
+                sc2 = np.float32(_byte(row, s + 4) & 15) * np.float32(0.0625)
+                sc3 = np.float32(_byte(row, s + 6) & 15) * np.float32(0.015625)
                 sc4 = np.float32(_byte(row, s + 8) & 15)
-                sc5 = np.float32(_byte(row, s + 10) & 15)
-                sc6 = np.float32(_byte(row, s + 12) & 15)
-                sc7 = np.float32(_byte(row, s + 14) & 15)
+                sc5 = np.float32(_byte(row, s + 10) & 15) * np.float32(0.25)
+                sc6 = np.float32(_byte(row, s + 12) & 15) * np.float32(0.0625)
+                sc7 = np.float32(_byte(row, s + 14) & 15) * np.float32(0.015625)
                 qs = row[o + 16 + 16 * half : o + 80]
                 xs = x[QK_K * b + 16 * half : QK_K * (b + 1)]
                 for e in range(16):
@@ -350,13 +351,13 @@ def matvec_q2_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
                     p = qs[32 + e]
                     scaled += (
                         sc0 * np.float32(_field(q, 0, 3)) * xs[e]
-                        + sc1 * np.float32(_field(q, 2, 3)) * xs[32 + e]
-                        + sc2 * np.float32(_field(q, 4, 3)) * xs[64 + e]
-                        + sc3 * np.float32(_field(q, 6, 3)) * xs[96 + e]
+                        + sc1 * np.float32(_field(q, 0, 12)) * xs[32 + e]
+                        + sc2 * np.float32(_field(q, 0, 48)) * xs[64 + e]
+                        + sc3 * np.float32(_field(q, 0, 192)) * xs[96 + e]
                         + sc4 * np.float32(_field(p, 0, 3)) * xs[128 + e]
-                        + sc5 * np.float32(_field(p, 2, 3)) * xs[160 + e]
-                        + sc6 * np.float32(_field(p, 4, 3)) * xs[192 + e]
-                        + sc7 * np.float32(_field(p, 6, 3)) * xs[224 + e]
+                        + sc5 * np.float32(_field(p, 0, 12)) * xs[160 + e]
+                        + sc6 * np.float32(_field(p, 0, 48)) * xs[192 + e]
+                        + sc7 * np.float32(_field(p, 0, 192)) * xs[224 + e]
                     )
             acc += read_f16(row, o + 80) * scaled - read_f16(row, o + 82) * mins
         y[r] = acc
