@@ -7,6 +7,7 @@ import functools
 
 import numpy as np
 import pytest
+from cli_helpers import run_cli
 from gguf import GGMLQuantizationType, quants
 from reference_gpt2 import gpt2_logits
 from synthetic import TINY, TINY_K, build_gguf
@@ -361,3 +362,32 @@ def test_llama_quantize_output_runs_in_ours(tmp_path, llama_cpp, tiny_k_f32):
     logits = our_logits(out)
     assert rel_err(logits, gpt2_logits(file_values(out), IDS, TINY_K.n_head)) < 1e-4
     assert rel_err(logits, gpt2_logits(file_values(tiny_k_f32), IDS, TINY_K.n_head)) < F32_DRIFT["Q4_K_M"]
+
+
+# --- the command --------------------------------------------------------------------------------------------
+
+
+def test_cli_quantize_to_model_dir_with_eval(tmp_path, tiny_f32):
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40, encoding="utf-8")
+    env = {"GPT2_HOME": str(tmp_path / "models")}
+    code, out, err = run_cli(
+        ["quantize", str(tiny_f32), "--bits", "4", "--eval", str(text), "--eval-tokens", "200"], env
+    )
+    assert code == 0, err
+    path = tmp_path / "models" / "tiny-gpt2.Q4_K_M.gguf"
+    assert ModelFile(path).config.n_embd == TINY.n_embd
+    assert "blk.1.ffn_up.weight" in out and "Q5_0 (for Q4_K)" in out
+    assert f"wrote         {path} (Q4_K_M, general.file_type 15)" in out
+    assert "fallbacks     6 tensors with rows of 64 weights" in out
+    assert "mean KLD" in out and "same top p" in out
+
+
+def test_cli_quantize_errors(tmp_path, tiny_f32):
+    code, _, err = run_cli(["quantize", str(tiny_f32), "--bits", "7"])
+    assert code == 2 and "gpt2: error: --bits must be one of 2, 3, 4, 5, 6, 8" in err
+    code, _, err = run_cli(["quantize", str(tiny_f32), "--type", "q4_k_x", "-o", str(tmp_path / "x.gguf")])
+    assert code == 2 and "unknown type 'q4_k_x'" in err
+    code, _, err = run_cli(["quantize", str(tmp_path / "missing.gguf")])
+    assert code == 2 and "no such file" in err
+    assert list(tmp_path.iterdir()) == []
