@@ -2,9 +2,10 @@
 
     python benchmarks/bench_kernels.py [--types Q4_0 Q8_0 ...] [--shapes 50257x768 3072x768] [--matmul]
 
-Per type: dequantization throughput (weights/s, median of --runs) against gguf-py on the same blocks and
-against a numpy copy of as many f32 values (how much of the memory bandwidth it reaches), then matvec in GB/s
-of weight bytes read. --matmul adds the fused matmul against "dequantize everything, then numpy matmul".
+Per type and shape: dequantization throughput (weights/s, median of --runs) against gguf-py on the same
+blocks and against a numpy copy of as many f32 values (how much of the memory bandwidth it reaches), then
+matvec in GB/s of weight bytes read. --matmul adds the fused matmul against "dequantize everything, then
+numpy matmul".
 """
 
 from __future__ import annotations
@@ -62,26 +63,28 @@ def parse_shape(text: str) -> tuple[int, int]:
     return int(rows), int(cols)
 
 
-def bench_type(kernels: BlockKernels, shapes: list[tuple[int, int]], runs: int) -> list[str]:
-    rows, cols = shapes[0]
+def bench_dequantize(kernels: BlockKernels, rows: int, cols: int, runs: int) -> str:
     blocks = stored_blocks(kernels, rows, cols)
     out = np.empty((rows, cols), dtype=np.float32)
     ours = median_seconds(lambda: kernels.dequantize(blocks, out), runs)
     oracle = median_seconds(lambda: quants.dequantize(blocks, kernels.qtype), max(1, runs // 4))
     source = np.ones((rows, cols), dtype=np.float32)
     copy = median_seconds(lambda: np.copyto(out, source), runs)
-    cells = [
-        kernels.qtype.name,
-        f"{rows * cols / ours / 1e9:.2f} G",
-        f"{oracle / ours:.3g}x",
-        f"{copy / ours:.2f}",
-    ]
-    for shape_rows, shape_cols in shapes:
-        blocks = stored_blocks(kernels, shape_rows, shape_cols)
-        x = np.random.default_rng(1).standard_normal(shape_cols, dtype=np.float32)
-        y = np.empty(shape_rows, dtype=np.float32)
-        seconds = median_seconds(lambda b=blocks, x=x, y=y: kernels.matvec(b, x, y), runs)
-        cells.append(f"{blocks.nbytes / seconds / 1e9:.1f} GB/s ({seconds * 1e3:.2f} ms)")
+    return f"{rows * cols / ours / 1e9:.2f} G ({oracle / ours:.3g}x, {copy / ours:.2f})"
+
+
+def bench_matvec(kernels: BlockKernels, rows: int, cols: int, runs: int) -> str:
+    blocks = stored_blocks(kernels, rows, cols)
+    x = np.random.default_rng(1).standard_normal(cols, dtype=np.float32)
+    y = np.empty(rows, dtype=np.float32)
+    seconds = median_seconds(lambda: kernels.matvec(blocks, x, y), runs)
+    return f"{blocks.nbytes / seconds / 1e9:.1f} GB/s ({seconds * 1e3:.2f} ms)"
+
+
+def bench_type(kernels: BlockKernels, shapes: list[tuple[int, int]], runs: int) -> list[str]:
+    cells = [kernels.qtype.name]
+    cells += [bench_dequantize(kernels, rows, cols, runs) for rows, cols in shapes]
+    cells += [bench_matvec(kernels, rows, cols, runs) for rows, cols in shapes]
     return cells
 
 
@@ -130,10 +133,10 @@ def main() -> None:
 
     names = [name.upper() for name in args.types] if args.types else [q.name for q in KERNELS]
     selected = [KERNELS[GGMLQuantizationType[name]] for name in names]
-    rows, cols = args.shapes[0]
-    print(f"numba threads: {numba.get_num_threads()}, {args.clock} clock, dequantize on {rows}x{cols}\n")
+    print(f"numba threads: {numba.get_num_threads()}, {args.clock} clock")
+    print("dequantize: weights/s (speed-up over gguf-py, fraction of a numpy copy of as many f32)\n")
 
-    header = ["type", "dequant weights/s", "vs gguf-py", "of f32 copy speed"]
+    header = ["type"] + [f"dequantize {rows}x{cols}" for rows, cols in args.shapes]
     header += [f"matvec {rows}x{cols}" for rows, cols in args.shapes]
     print(markdown_table(header, [bench_type(k, args.shapes, args.runs) for k in selected]))
 
