@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
+from gguf import GGMLQuantizationType
 from rich.table import Table
 
 from gpt2cli import registry
@@ -30,19 +30,9 @@ from gpt2cli.model import GPT2Model
 from gpt2cli.ppl import KLDStats, ProgressCallback, compare_models, tokenize_file
 from gpt2cli.quant_types import FILE_TYPES, FileType, TensorChoice, is_quantizable, tensor_type
 from kernels import KERNELS
-from kernels import kquants_quantize as kq
 
 T = GGMLQuantizationType
 FLOAT_INPUTS = (T.F32, T.F16, T.BF16)
-
-# ggml's reference K-quantizers, for as long as the registry does not carry them itself.
-_K_QUANTIZERS = {
-    T.Q2_K: kq.quantize_q2_k,
-    T.Q3_K: kq.quantize_q3_k,
-    T.Q4_K: kq.quantize_q4_k,
-    T.Q5_K: kq.quantize_q5_k,
-    T.Q6_K: kq.quantize_q6_k,
-}
 
 
 @dataclass(frozen=True)
@@ -123,7 +113,7 @@ def _gguf_loader(info: TensorInfo, data: np.ndarray) -> Callable[[], np.ndarray]
             return blocks.view(np.float32).reshape(info.shape)
         if info.qtype == T.F16:
             return blocks.view(np.float16).astype(np.float32).reshape(info.shape)
-        return quants.dequantize(blocks, T.BF16).reshape(info.shape)
+        return stored_values(blocks, T.BF16, info.shape)
 
     return load
 
@@ -151,14 +141,9 @@ def quantize_matrix(x: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
         return x
     if qtype == T.F16:
         return x.astype(np.float16)
-    kernels = KERNELS.get(qtype)
-    quantize = kernels.quantize if kernels is not None else None
-    quantize = quantize or _K_QUANTIZERS.get(qtype)
-    if quantize is None:
-        return quants.quantize(x, qtype)
-    block_size, type_size = GGML_QUANT_SIZES[qtype]
-    out = np.empty((x.shape[0], x.shape[1] // block_size * type_size), dtype=np.uint8)
-    quantize(np.ascontiguousarray(x, dtype=np.float32), out)
+    kernels = KERNELS[qtype]
+    out = np.empty((x.shape[0], kernels.row_bytes(x.shape[1])), dtype=np.uint8)
+    kernels.quantize(np.ascontiguousarray(x, dtype=np.float32), out)
     return out
 
 
@@ -166,11 +151,8 @@ def stored_values(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[in
     """What a stored tensor means, as f32[shape]."""
     if qtype in (T.F32, T.F16):
         return data.astype(np.float32).reshape(shape)
-    kernels = KERNELS.get(qtype)
-    if kernels is None:
-        return quants.dequantize(data, qtype).reshape(shape)
     out = np.empty((data.shape[0], shape[-1]), dtype=np.float32)
-    kernels.dequantize(np.ascontiguousarray(data), out)
+    KERNELS[qtype].dequantize(np.ascontiguousarray(data), out)
     return out.reshape(shape)
 
 

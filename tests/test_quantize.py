@@ -271,6 +271,17 @@ def test_quantized_input_refused(tmp_path, tiny_f32):
         load_source(str(path))
 
 
+@pytest.mark.parametrize("ftype", ["F16", "BF16"])
+def test_half_precision_files_are_inputs(tmp_path, tiny_f32, ftype):
+    half = tmp_path / f"tiny.{ftype}.gguf"
+    quantize_checkpoint(source_checkpoint(tiny_f32), file_type(ftype), half)
+    ckpt = load_source(str(half))
+    original = source_checkpoint(tiny_f32).load("blk.0.ffn_up.weight")
+    assert rel_err(ckpt.load("blk.0.ffn_up.weight"), original) < 1e-2
+    report = quantize_checkpoint(ckpt, file_type("Q8_0"), tmp_path / "q.gguf")
+    assert {r.qtype for r in report.tensors} == {T.Q8_0, T.F32}
+
+
 def test_default_output_path(tmp_path, monkeypatch, tiny_f32):
     monkeypatch.setenv("GPT2_HOME", str(tmp_path))
     ckpt = source_checkpoint(tiny_f32)
