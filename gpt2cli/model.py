@@ -13,9 +13,11 @@ import numpy as np
 
 from gpt2cli.errors import Gpt2Error
 from gpt2cli.gguf_file import GPT2Config, GPT2Weights, LayerWeights, WeightMatrix
+from kernels import ops
 
-# Batches at least this long dequantize into scratch and use BLAS (see benchmarks/bench_prefill.py).
-BLAS_MIN_TOKENS = 16
+# Batches at least this long dequantize into scratch and use BLAS: the fused kernels win at 8 tokens, tie
+# near 64 and lose by 1.4x at 512 (benchmarks/bench_kernels.py --matmul).
+BLAS_MIN_TOKENS = 64
 # Scratch for one dequantized tile of a weight matrix: bounds the extra memory of a BLAS prefill.
 SCRATCH_BYTES = 16 << 20
 
@@ -35,19 +37,23 @@ class KVCache:
 
 
 def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:  # [n, e] -> [n, e]
-    mean = x.mean(axis=-1, keepdims=True)
-    centered = x - mean
-    var = np.mean(centered * centered, axis=-1, keepdims=True)
-    return centered / np.sqrt(var + eps) * w + b
+    out = np.empty_like(x)
+    ops.layer_norm(x, w, b, eps, out)
+    return out
 
 
-def gelu(x: np.ndarray) -> np.ndarray:  # HF's gelu_new, the tanh form GPT-2 was trained with
-    return 0.5 * x * (1.0 + np.tanh(np.float32(0.7978845608028654) * (x + np.float32(0.044715) * x * x * x)))
-
-
-def softmax_rows(x: np.ndarray) -> np.ndarray:
-    x = np.exp(x - x.max(axis=-1, keepdims=True))
-    return x / x.sum(axis=-1, keepdims=True)
+def gelu(x: np.ndarray) -> np.ndarray:
+    """HF's gelu_new (GPT-2's tanh form), in place: numpy's tanh is vectorized, numba's is not."""
+    inner = x * x
+    inner *= x
+    inner *= np.float32(0.044715)
+    inner += x
+    inner *= np.float32(0.7978845608028654)  # sqrt(2 / pi)
+    np.tanh(inner, out=inner)
+    inner += 1
+    x *= inner
+    x *= np.float32(0.5)
+    return x
 
 
 class GPT2Model:
@@ -89,15 +95,15 @@ class GPT2Model:
         )
         cache.k[layer, :, p0 : p0 + n] = k.transpose(1, 0, 2)
         cache.v[layer, :, p0 : p0 + n] = v.transpose(1, 0, 2)
-        keys = cache.k[layer, :, : p0 + n]  # [h, p0+n, hd]
-        values = cache.v[layer, :, : p0 + n]
-        scores = np.matmul(q.transpose(1, 0, 2), keys.transpose(0, 2, 1))  # [h, n, p0+n]
-        scores *= np.float32(1.0 / np.sqrt(c.head_dim))
-        if n > 1:
-            future = np.arange(p0 + n)[None, :] > (p0 + np.arange(n))[:, None]  # [n, p0+n]
-            scores[:, future] = -np.inf
-        out = np.matmul(softmax_rows(scores), values)  # [h, n, hd]
-        return self.linear(out.transpose(1, 0, 2).reshape(n, c.n_embd), lw.attn_output, lw.attn_output_b)
+        if n == 1:  # one query: a fused loop beats BLAS calls on a single row
+            out = np.empty((n, c.n_head, c.head_dim), dtype=np.float32)
+            ops.causal_attention(np.ascontiguousarray(q), cache.k[layer], cache.v[layer], p0, out)
+        else:
+            keys = cache.k[layer, :, : p0 + n]  # [h, p0+n, hd]
+            scores = np.matmul(q.transpose(1, 0, 2), keys.transpose(0, 2, 1))  # [h, n, p0+n]
+            ops.causal_softmax(scores, p0, 1.0 / np.sqrt(c.head_dim))
+            out = np.matmul(scores, cache.v[layer, :, : p0 + n]).transpose(1, 0, 2)  # [n, h, hd]
+        return self.linear(out.reshape(n, c.n_embd), lw.attn_output, lw.attn_output_b)
 
     def mlp(self, x: np.ndarray, lw: LayerWeights) -> np.ndarray:  # [n, e] -> [n, e]
         return self.linear(gelu(self.linear(x, lw.ffn_up, lw.ffn_up_b)), lw.ffn_down, lw.ffn_down_b)
