@@ -168,14 +168,14 @@ def resolve_gguf(spec: str) -> Path:
             raise Gpt2Error(f"no such file: {spec}")
         return path
     name, qtype = parse_model_spec(spec)
+    qtype = qtype or DEFAULT_TYPE
+    local = local_gguf_path(name, qtype)
+    if local.is_file():  # what `gpt2 quantize` made, for a registry model or any other checkpoint
+        return local
     registry = load_registry()
     entry = registry.get(name)
     if entry is None:
         raise Gpt2Error(f"unknown model {name!r}; known models: {', '.join(registry)} (or {LOCAL_FILE_HINT})")
-    qtype = qtype or DEFAULT_TYPE
-    local = local_gguf_path(name, qtype)
-    if local.is_file():
-        return local
     filename = entry.gguf_files.get(qtype)
     if filename is None:
         raise Gpt2Error(_missing_type_message(entry, qtype))

@@ -370,3 +370,12 @@ def test_a_registry_checkpoint_without_network_says_so(monkeypatch: pytest.Monke
     monkeypatch.setattr(huggingface_hub, "snapshot_download", failing_snapshot)
     with pytest.raises(Gpt2Error, match="unreachable .* pass a local Hugging Face directory"):
         registry.fetch_checkpoint("gpt2-xl")
+
+
+def test_quantized_file_of_an_unregistered_model_is_found_by_name():
+    path = registry.local_gguf_path("my-gpt2", "Q4_K_M")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"GGUF")
+    assert registry.resolve_gguf("my-gpt2:q4_k_m") == path
+    with pytest.raises(Gpt2Error, match="unknown model 'my-gpt2'"):
+        registry.resolve_gguf("my-gpt2:q8_0")
