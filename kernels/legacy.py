@@ -25,6 +25,7 @@ from numba import prange
 
 from kernels import BlockKernels, register
 from kernels.common import f32_to_f16, n_tiles, read_f16, read_u32, tile_times_tokens, write_u16
+from kernels.simd import INT8_DOT, dot_i8_32, load_f16, quantize_activations
 
 QK = 32
 I32_1, I32_4, I32_8, I32_15, I32_16 = (np.int32(v) for v in (1, 4, 8, 15, 16))
@@ -608,6 +609,28 @@ def matvec_q8_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
 
 
 @numba.njit(cache=True, fastmath=True)
+def _matvec_rows_q8_0_int8(
+    blocks: np.ndarray, xq: np.ndarray, xd: np.ndarray, y: np.ndarray, r0: int, r1: int
+) -> None:
+    n_blocks = blocks.shape[1] // 34
+    for r in range(r0, r1):
+        row = blocks[r]
+        acc = np.float32(0)
+        for b in range(n_blocks):
+            acc += load_f16(row, b * 34) * xd[b] * np.float32(dot_i8_32(row, b * 34 + 2, xq, b * QK))
+        y[r] = acc
+
+
+@numba.njit(cache=True, parallel=True)
+def matvec_q8_0_int8(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
+    """matvec_q8_0 with x quantized to int8 per 32 (ggml's Q8_0) and integer dot products (kernels.simd)."""
+    xq, xd = quantize_activations(x)
+    rows = blocks.shape[0]
+    for tile in prange(n_tiles(rows, ROW_TILE)):
+        _matvec_rows_q8_0_int8(blocks, xq, xd, y, tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE))
+
+
+@numba.njit(cache=True, fastmath=True)
 def _matmul_tile_q8_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray, r0: int, r1: int) -> None:
     weights = np.empty((r1 - r0, x.shape[1]), np.float32)
     n_blocks = blocks.shape[1] // 34
@@ -637,4 +660,12 @@ register(BlockKernels(GGMLQuantizationType.Q4_0, dequantize_q4_0, matvec_q4_0, m
 register(BlockKernels(GGMLQuantizationType.Q4_1, dequantize_q4_1, matvec_q4_1, matmul_q4_1, quantize_q4_1))
 register(BlockKernels(GGMLQuantizationType.Q5_0, dequantize_q5_0, matvec_q5_0, matmul_q5_0, quantize_q5_0))
 register(BlockKernels(GGMLQuantizationType.Q5_1, dequantize_q5_1, matvec_q5_1, matmul_q5_1, quantize_q5_1))
-register(BlockKernels(GGMLQuantizationType.Q8_0, dequantize_q8_0, matvec_q8_0, matmul_q8_0, quantize_q8_0))
+register(
+    BlockKernels(
+        GGMLQuantizationType.Q8_0,
+        dequantize_q8_0,
+        matvec_q8_0_int8 if INT8_DOT else matvec_q8_0,
+        matmul_q8_0,
+        quantize_q8_0,
+    )
+)

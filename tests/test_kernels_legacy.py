@@ -3,6 +3,10 @@
 dequantize and quantize must match gguf.quants bit for bit. matvec and matmul reorder sums (fastmath), so they
 are held to |y - y_ref| <= 1e-5 * (|W| |x|) elementwise, where y_ref is computed in f64 from gguf-py's
 dequantized W: a relative error of 1e-5 on the sum of the absolute products.
+
+Where the CPU has integer dot products, the registered Q8_0 matvec quantizes x to int8 per 32 values first
+(scale d_b = max |x_b| / 127, rounding to nearest): each x_j is then off by at most d_b / 2, so the bound
+gains sum_j |w_j| d_b(j) / 2, the worst case of the activation rounding.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from gguf import GGMLQuantizationType, quants
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels import kernels_for
+from kernels import kernels_for, legacy, simd
 
 Q = GGMLQuantizationType
 QUANTIZED = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0]
@@ -24,6 +28,10 @@ SCALE_OFFSETS = {Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_0: (0,), Q.Q5_1: (0, 2), Q.Q
 MATMUL_TOLERANCE = 1e-5
 
 SETTINGS = settings(max_examples=25, deadline=None)
+# the matvec kernels that quantize x to int8 (registered when kernels.simd has an instruction set), and the
+# f32 kernels registered otherwise, which the tests hold to the f32 tolerance on every CPU
+INT8_MATVEC = {Q.Q8_0: legacy.matvec_q8_0_int8}
+F32_MATVEC = {Q.Q8_0: legacy.matvec_q8_0}
 
 
 def finite_halves(rng: np.random.Generator, shape: tuple[int, ...], exponent_bits: int) -> np.ndarray:
@@ -155,6 +163,17 @@ def reference_products(blocks: np.ndarray, qtype: GGMLQuantizationType, x: np.nd
     return x.astype(np.float64) @ w.T, np.abs(x.astype(np.float64)) @ np.abs(w).T
 
 
+def activation_rounding_bound(blocks: np.ndarray, qtype: GGMLQuantizationType, x: np.ndarray) -> np.ndarray:
+    """f64[rows]: sum_j |w_j| d(j) / 2, d(j) = max |x| / 127 over the 32-block of x_j, with 1e-4 of slack for
+    the f32 rounding of d and of x / d."""
+    step = np.repeat(np.abs(x.astype(np.float64)).reshape(-1, 32).max(axis=1) / 127, 32)
+    return np.abs(quants.dequantize(blocks, qtype).astype(np.float64)) @ (step / 2 * (1 + 1e-4))
+
+
+def int8_activations(qtype: GGMLQuantizationType) -> bool:
+    return simd.INT8_DOT is not None and qtype in INT8_MATVEC
+
+
 @pytest.mark.parametrize("qtype", ALL, ids=lambda q: q.name)
 @SETTINGS
 @given(rows=st.integers(1, 40), n_blocks=st.integers(1, 8), seed=st.integers(0, 2**32 - 1))
@@ -165,7 +184,41 @@ def test_matvec_matches_dequantized_product(qtype: GGMLQuantizationType, rows: i
     y = np.empty(rows, dtype=np.float32)
     kernels_for(qtype).matvec(blocks, x, y)
     expected, scale = reference_products(blocks, qtype, x)
+    tolerance = MATMUL_TOLERANCE * scale
+    if int8_activations(qtype):
+        tolerance += activation_rounding_bound(blocks, qtype, x)
+    assert np.all(np.abs(y - expected) <= tolerance)
+
+
+@pytest.mark.parametrize("qtype", list(F32_MATVEC), ids=lambda q: q.name)
+@SETTINGS
+@given(rows=st.integers(1, 40), n_blocks=st.integers(1, 8), seed=st.integers(0, 2**32 - 1))
+def test_f32_fallback_matvec_matches_dequantized_product(qtype: Q, rows: int, n_blocks: int, seed: int):
+    blocks = oracle_bytes(real_looking(rows, n_blocks * 32, seed), qtype)
+    x = np.random.default_rng(seed).standard_normal(n_blocks * 32, dtype=np.float32)
+    y = np.empty(rows, dtype=np.float32)
+    F32_MATVEC[qtype](blocks, x, y)
+    expected, scale = reference_products(blocks, qtype, x)
     assert np.all(np.abs(y - expected) <= MATMUL_TOLERANCE * scale)
+
+
+@pytest.mark.parametrize("qtype", list(INT8_MATVEC), ids=lambda q: q.name)
+def test_int8_matvec_is_registered_where_supported(qtype: GGMLQuantizationType):
+    expected = INT8_MATVEC[qtype] if simd.INT8_DOT else F32_MATVEC[qtype]
+    assert kernels_for(qtype).matvec is expected
+
+
+@pytest.mark.parametrize("qtype", list(INT8_MATVEC), ids=lambda q: q.name)
+def test_int8_matvec_on_zeros_ties_and_extremes(qtype: GGMLQuantizationType):
+    if simd.INT8_DOT is None:
+        pytest.skip("no int8 dot product instructions on this CPU")
+    blocks = oracle_bytes(np.concatenate([real_looking(8, 256, seed=2), awkward_rows(256)]), qtype)
+    for x in awkward_rows(256):
+        y = np.empty(blocks.shape[0], dtype=np.float32)
+        INT8_MATVEC[qtype](blocks, x, y)
+        expected, scale = reference_products(blocks, qtype, x)
+        tolerance = MATMUL_TOLERANCE * scale + activation_rounding_bound(blocks, qtype, x)
+        assert np.all(np.abs(y - expected) <= tolerance)
 
 
 @pytest.mark.parametrize("qtype", ALL, ids=lambda q: q.name)
@@ -190,3 +243,20 @@ def test_registered_with_all_four_kernels(qtype: GGMLQuantizationType):
     kernels = kernels_for(qtype)
     assert kernels.qtype == qtype
     assert None not in (kernels.dequantize, kernels.matvec, kernels.matmul, kernels.quantize)
+
+
+@SETTINGS
+@given(
+    n_blocks=st.integers(1, 8),
+    scale=st.sampled_from([1e-30, 1e-6, 1.0, 1e30]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_quantize_activations_rounds_to_nearest(n_blocks: int, scale: float, seed: int):
+    x = np.random.default_rng(seed).standard_normal(n_blocks * 32).astype(np.float32) * np.float32(scale)
+    x[:32] = awkward_rows(32)[seed % 8]
+    q, d = simd.quantize_activations(x)
+    step = np.abs(x).reshape(-1, 32).max(axis=1) / np.float32(127)
+    np.testing.assert_allclose(d, step, rtol=1e-6)
+    assert np.all(np.abs(q.astype(np.int32)) <= 127)
+    error = np.abs(x.astype(np.float64) - np.repeat(d, 32).astype(np.float64) * q)
+    assert np.all(error <= np.repeat(d, 32).astype(np.float64) / 2 * (1 + 1e-4))

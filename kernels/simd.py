@@ -1,0 +1,213 @@
+"""Integer dot products for matvec: activations quantized to int8, weights kept as small integers.
+
+LLVM makes no vpdpbusd / pmaddubsw out of numba's integer loops, so the dot products are written in LLVM IR
+here (numba intrinsics, compatible with `cache=True`). Each one reads 32 weights and 32 int8 activations
+and returns their integer dot product; the caller applies the weight and activation scales in f32.
+
+Products of unsigned and signed bytes are what the hardware multiplies (vpdpbusd, pmaddubsw), so signed
+weights use the sign trick: dot(w, x) = dot(|w|, sign(w) x), with |w| <= 128 read as unsigned and x in
+[-127, 127] (pmaddubsw then never saturates: 2 * 128 * 127 < 2**15).
+
+`INT8_DOT` names the instruction set the intrinsics lower to on the target numba compiles for (AVX-512 VNNI,
+AVX-VNNI, or AVX2's pmaddubsw + pmaddwd), or is None when it has none of them: the kernel modules then
+register their f32 matvec kernels instead.
+
+Activations are quantized like ggml's Q8_0, per 32 values: d = max|x| / 127, q = rint(x / d), so that
+|x - d q| <= d / 2 (up to f32 rounding).
+"""
+
+from __future__ import annotations
+
+import llvmlite.binding as llvm
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils, config
+from numba.extending import intrinsic
+
+QK8 = 32
+
+I1, I8, I16, I32 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32)
+V32I8 = ir.VectorType(I8, 32)
+V16I16 = ir.VectorType(I16, 16)
+V8I32 = ir.VectorType(I32, 8)
+
+
+def _target_features() -> set[str]:
+    """The CPU features numba compiles for: the host's, unless NUMBA_CPU_NAME / NUMBA_CPU_FEATURES say so."""
+    if config.CPU_FEATURES is not None:
+        return {f[1:] for f in config.CPU_FEATURES.split(",") if f.startswith("+")}
+    if config.CPU_NAME not in (None, "host"):
+        return set()  # a named CPU without a feature list: its features are unknown here
+    return {name for name, enabled in llvm.get_host_cpu_features().items() if enabled}
+
+
+def _int8_dot_kind(features: set[str]) -> str | None:
+    # f16c: block scales are converted with vcvtph2ps; fma: the f32 accumulation
+    if not {"avx2", "f16c", "fma"} <= features:
+        return None
+    if {"avx512vnni", "avx512vl"} <= features or "avxvnni" in features:
+        return "vnni"
+    return "avx2"
+
+
+INT8_DOT = _int8_dot_kind(_target_features())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# IR helpers
+
+
+def _pointer(context, builder, array_type, array, offset) -> ir.Value:
+    """i8* to array.data + offset bytes."""
+    data = context.make_array(array_type)(context, builder, array).data
+    return builder.gep(builder.bitcast(data, I8.as_pointer()), [offset])
+
+
+def _load(builder, pointer: ir.Value, vector_type: ir.VectorType) -> ir.Value:
+    return builder.load(builder.bitcast(pointer, vector_type.as_pointer()), align=1)
+
+
+def _call(builder, name: str, return_type: ir.Type, *args: ir.Value) -> ir.Value:
+    function_type = ir.FunctionType(return_type, [a.type for a in args])
+    return builder.call(cgutils.get_or_insert_function(builder.module, function_type, name), args)
+
+
+def _splat(builder, vector_type: ir.VectorType, value: ir.Value) -> ir.Value:
+    """The vector with `value` (an integer of any width, truncated) in every lane."""
+    element = (
+        builder.trunc(value, vector_type.element) if value.type.width > vector_type.element.width else value
+    )
+    single = builder.insert_element(ir.Constant(vector_type, ir.Undefined), element, ir.Constant(I32, 0))
+    return builder.shuffle_vector(single, single, ir.Constant(ir.VectorType(I32, vector_type.count), None))
+
+
+def _dot_u8_s8(builder, unsigned: ir.Value, signed: ir.Value) -> ir.Value:
+    """<32 x i8> u8, <32 x i8> s8 -> <8 x i32>: lane i sums the products of bytes 4i .. 4i + 3."""
+    if INT8_DOT == "vnni":
+        zero = ir.Constant(V8I32, None)
+        a, b = builder.bitcast(unsigned, V8I32), builder.bitcast(signed, V8I32)
+        return _call(builder, "llvm.x86.avx512.vpdpbusd.256", V8I32, zero, a, b)
+    pairs = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", V16I16, unsigned, signed)
+    ones = ir.Constant(V16I16, [1] * 16)
+    return _call(builder, "llvm.x86.avx2.pmadd.wd", V8I32, pairs, ones)
+
+
+def _dot_s8_s8(builder, weights: ir.Value, x: ir.Value) -> ir.Value:
+    """<32 x i8> s8 (|w| <= 128), <32 x i8> s8 in [-127, 127] -> <8 x i32>, by the sign trick."""
+    magnitudes = _call(builder, "llvm.abs.v32i8", V32I8, weights, ir.Constant(I1, 0))
+    signed_x = _call(builder, "llvm.x86.avx2.psign.b", V32I8, x, weights)
+    return _dot_u8_s8(builder, magnitudes, signed_x)
+
+
+def _sum(builder, lanes: ir.Value) -> ir.Value:
+    return _call(builder, "llvm.vector.reduce.add.v8i32", I32, lanes)
+
+
+def _field(builder, bytes_: ir.Value, shift: ir.Value, mask: int) -> ir.Value:
+    """(bytes >> shift) & mask per byte, for a shift in [0, 7]."""
+    shifted = builder.lshr(bytes_, _splat(builder, V32I8, shift))
+    return builder.and_(shifted, ir.Constant(V32I8, [mask] * 32))
+
+
+def _is_byte_array(t) -> bool:
+    return isinstance(t, types.Array) and t.dtype in (types.uint8, types.int8) and t.layout in "CA"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Intrinsics. Offsets are in bytes (elements of the uint8 / int8 arrays); nothing is bounds-checked.
+
+
+@intrinsic
+def load_f16(typingctx, row, offset):
+    """row[offset:offset + 2] as a little-endian f16, converted to f32 (vcvtph2ps: exact)."""
+    if not (_is_byte_array(row) and isinstance(offset, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        pointer = _pointer(context, builder, signature.args[0], args[0], args[1])
+        half = builder.load(builder.bitcast(pointer, ir.HalfType().as_pointer()), align=1)
+        return builder.fpext(half, ir.FloatType())
+
+    return types.float32(row, offset), codegen
+
+
+@intrinsic
+def dot_i8_32(typingctx, w, w_offset, x, x_offset):
+    """sum_k int8(w[w_offset + k]) * x[x_offset + k], k < 32: Q8_0 weights against int8 activations."""
+    if not (_is_byte_array(w) and _is_byte_array(x)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        weights = _load(builder, _pointer(context, builder, signature.args[0], args[0], args[1]), V32I8)
+        xs = _load(builder, _pointer(context, builder, signature.args[2], args[2], args[3]), V32I8)
+        return _sum(builder, _dot_s8_s8(builder, weights, xs))
+
+    return types.int32(w, w_offset, x, x_offset), codegen
+
+
+@intrinsic
+def dot_u4_32(typingctx, w, w_offset, shift, x, x_offset):
+    """sum_k ((w[w_offset + k] >> shift) & 15) * x[x_offset + k], k < 32: one nibble of 32 bytes (Q4_K)."""
+    if not (_is_byte_array(w) and _is_byte_array(x)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        packed = _load(builder, _pointer(context, builder, signature.args[0], args[0], args[1]), V32I8)
+        xs = _load(builder, _pointer(context, builder, signature.args[3], args[3], args[4]), V32I8)
+        return _sum(builder, _dot_u8_s8(builder, _field(builder, packed, args[2], 15), xs))
+
+    return types.int32(w, w_offset, shift, x, x_offset), codegen
+
+
+@intrinsic
+def dot_q6_32(typingctx, ql, ql_offset, low_shift, qh_offset, high_shift, x, x_offset, scale0, scale1):
+    """Q6_K: 32 weights q_k = ((ql[ql_offset + k] >> low_shift) & 15 | ((ql[qh_offset + k] >> high_shift) & 3)
+    << 4) - 32 against int8 activations, weights 0-15 weighted by scale0 and 16-31 by scale1:
+    scale0 sum_{k<16} q_k x_k + scale1 sum_{k>=16} q_k x_k."""
+    if not (_is_byte_array(ql) and _is_byte_array(x)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        row, ql_at, low, qh_at, high, xs_array, x_at, s0, s1 = args
+        low_bits = _load(builder, _pointer(context, builder, signature.args[0], row, ql_at), V32I8)
+        high_bits = _load(builder, _pointer(context, builder, signature.args[0], row, qh_at), V32I8)
+        q = builder.or_(
+            _field(builder, low_bits, low, 15),
+            builder.shl(_field(builder, high_bits, high, 3), _splat(builder, V32I8, ir.Constant(I8, 4))),
+        )
+        weights = builder.sub(q, ir.Constant(V32I8, [32] * 32))
+        xs = _load(builder, _pointer(context, builder, signature.args[5], xs_array, x_at), V32I8)
+        lanes = _dot_s8_s8(builder, weights, xs)
+        # lanes 0-3 hold weights 0-15, lanes 4-7 weights 16-31
+        first, second = _splat(builder, ir.VectorType(I32, 4), s0), _splat(builder, ir.VectorType(I32, 4), s1)
+        scales = builder.shuffle_vector(first, second, ir.Constant(ir.VectorType(I32, 8), list(range(8))))
+        return _sum(builder, builder.mul(lanes, scales))
+
+    signature = types.int32(
+        ql, ql_offset, low_shift, qh_offset, high_shift, x, x_offset, types.int32, types.int32
+    )
+    return signature, codegen
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Activations
+
+
+@numba.njit(cache=True, fastmath=True)
+def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x f32[cols] (cols a multiple of 32) -> (q int8[cols], d f32[cols // 32]) with x ~ d q per 32-block."""
+    n_blocks = x.shape[0] // QK8
+    q = np.empty(x.shape[0], np.int8)
+    d = np.empty(n_blocks, np.float32)
+    for b in range(n_blocks):
+        amax = np.float32(0)
+        for k in range(QK8):
+            amax = max(amax, abs(x[QK8 * b + k]))
+        scale = amax / np.float32(127)
+        inverse = np.float32(127) / amax if amax > 0 else np.float32(0)
+        for k in range(QK8):
+            q[QK8 * b + k] = np.int8(np.int32(np.rint(x[QK8 * b + k] * inverse)))
+        d[b] = scale
+    return q, d
