@@ -27,6 +27,7 @@ from gguf import GGMLQuantizationType
 from kernels import BlockKernels, register
 from kernels.common import read_f16
 from kernels.kquants_quantize import quantize_q2_k, quantize_q3_k, quantize_q4_k, quantize_q5_k, quantize_q6_k
+from kernels.simd import INT8_DOT, dot_q6_32, dot_u4_32, load_f16, quantize_activations
 
 QK_K = 256
 # Rows of W dequantized together by matmul: 64 rows x 3072 cols x 4 bytes = 768 KiB, within L2 (2 MiB);
@@ -544,6 +545,105 @@ def matvec_q6_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         y[r] = acc
 
 
+# --- matvec with int8 activations (kernels.simd): x quantized per 32 values, which is one Q4_K sub-block and
+# two Q6_K sub-blocks, so every integer dot product needs one activation scale. Rows are handed out in tiles;
+# LLVM keeps the intrinsics' vector code tighter in a plain njit function than in a parfor body.
+
+MATVEC_ROW_TILE = 32
+
+
+@numba.njit(inline="always")
+def _sub_block_q4_k(row: np.ndarray, o: int, j: int, xq: np.ndarray, xd: np.ndarray, s: int) -> np.float32:
+    """sc_j d_x sum_k q_k xq_k over Q4_K sub-block j (nibble j % 2 of bytes 32 (j // 2) ..), x block s."""
+    sc, _ = _scale_min_k4(row, o + 4, j)
+    return (
+        np.float32(sc) * xd[s] * np.float32(dot_u4_32(row, o + 16 + 32 * (j // 2), 4 * (j % 2), xq, 32 * s))
+    )
+
+
+@numba.njit(cache=True, fastmath=True)
+def _matvec_rows_q4_k_int8(
+    blocks: np.ndarray, xq: np.ndarray, xd: np.ndarray, x_sums: np.ndarray, y: np.ndarray, r0: int, r1: int
+) -> None:
+    n_blocks = blocks.shape[1] // Q4_K_BYTES
+    for r in range(r0, r1):
+        row = blocks[r]
+        acc = np.float32(0)
+        for b in range(n_blocks):
+            o = b * Q4_K_BYTES
+            s = 8 * b
+            scaled = _sub_block_q4_k(row, o, 0, xq, xd, s) + _sub_block_q4_k(row, o, 1, xq, xd, s + 1)
+            scaled += _sub_block_q4_k(row, o, 2, xq, xd, s + 2) + _sub_block_q4_k(row, o, 3, xq, xd, s + 3)
+            scaled += _sub_block_q4_k(row, o, 4, xq, xd, s + 4) + _sub_block_q4_k(row, o, 5, xq, xd, s + 5)
+            scaled += _sub_block_q4_k(row, o, 6, xq, xd, s + 6) + _sub_block_q4_k(row, o, 7, xq, xd, s + 7)
+            # the mins multiply the f32 sums of x, not its int8 form
+            _, m0 = _scale_min_k4(row, o + 4, 0)
+            _, m1 = _scale_min_k4(row, o + 4, 1)
+            _, m2 = _scale_min_k4(row, o + 4, 2)
+            _, m3 = _scale_min_k4(row, o + 4, 3)
+            _, m4 = _scale_min_k4(row, o + 4, 4)
+            _, m5 = _scale_min_k4(row, o + 4, 5)
+            _, m6 = _scale_min_k4(row, o + 4, 6)
+            _, m7 = _scale_min_k4(row, o + 4, 7)
+            mins = np.float32(m0) * x_sums[s] + np.float32(m1) * x_sums[s + 1]
+            mins += np.float32(m2) * x_sums[s + 2] + np.float32(m3) * x_sums[s + 3]
+            mins += np.float32(m4) * x_sums[s + 4] + np.float32(m5) * x_sums[s + 5]
+            mins += np.float32(m6) * x_sums[s + 6] + np.float32(m7) * x_sums[s + 7]
+            acc += load_f16(row, o) * scaled - load_f16(row, o + 2) * mins
+        y[r] = acc
+
+
+@numba.njit(cache=True, parallel=True)
+def matvec_q4_k_int8(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
+    xq, xd = quantize_activations(x)
+    x_sums = _sub_block_sums(x, 32)
+    rows = blocks.shape[0]
+    for t in numba.prange((rows + MATVEC_ROW_TILE - 1) // MATVEC_ROW_TILE):
+        r0 = t * MATVEC_ROW_TILE
+        _matvec_rows_q4_k_int8(blocks, xq, xd, x_sums, y, r0, min(rows, r0 + MATVEC_ROW_TILE))
+
+
+@numba.njit(inline="always")
+def _chunk_q6_k(
+    row: np.ndarray, o: int, half: int, j: int, xq: np.ndarray, xd: np.ndarray, s: int
+) -> np.float32:
+    """d_x sum_k sc q_k xq_k over elements 128 half + 32 j .. + 32 of a Q6_K block (sub-blocks 2j, 2j + 1 of
+    the half): low nibbles of ql[32 (j % 2) ..] (high nibbles for j >= 2), bits 2j, 2j + 1 of qh."""
+    ql = o + 64 * half + 32 * (j % 2)
+    qh = o + 128 + 32 * half
+    sc = o + 192 + 8 * half + 2 * j
+    sc0, sc1 = np.int32(_signed_byte(row, sc)), np.int32(_signed_byte(row, sc + 1))
+    return xd[s] * np.float32(dot_q6_32(row, ql, 4 * (j // 2), qh, 2 * j, xq, 32 * s, sc0, sc1))
+
+
+@numba.njit(cache=True, fastmath=True)
+def _matvec_rows_q6_k_int8(
+    blocks: np.ndarray, xq: np.ndarray, xd: np.ndarray, y: np.ndarray, r0: int, r1: int
+) -> None:
+    n_blocks = blocks.shape[1] // Q6_K_BYTES
+    for r in range(r0, r1):
+        row = blocks[r]
+        acc = np.float32(0)
+        for b in range(n_blocks):
+            o = b * Q6_K_BYTES
+            s = 8 * b
+            scaled = _chunk_q6_k(row, o, 0, 0, xq, xd, s) + _chunk_q6_k(row, o, 0, 1, xq, xd, s + 1)
+            scaled += _chunk_q6_k(row, o, 0, 2, xq, xd, s + 2) + _chunk_q6_k(row, o, 0, 3, xq, xd, s + 3)
+            scaled += _chunk_q6_k(row, o, 1, 0, xq, xd, s + 4) + _chunk_q6_k(row, o, 1, 1, xq, xd, s + 5)
+            scaled += _chunk_q6_k(row, o, 1, 2, xq, xd, s + 6) + _chunk_q6_k(row, o, 1, 3, xq, xd, s + 7)
+            acc += load_f16(row, o + 208) * scaled
+        y[r] = acc
+
+
+@numba.njit(cache=True, parallel=True)
+def matvec_q6_k_int8(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
+    xq, xd = quantize_activations(x)
+    rows = blocks.shape[0]
+    for t in numba.prange((rows + MATVEC_ROW_TILE - 1) // MATVEC_ROW_TILE):
+        r0 = t * MATVEC_ROW_TILE
+        _matvec_rows_q6_k_int8(blocks, xq, xd, y, r0, min(rows, r0 + MATVEC_ROW_TILE))
+
+
 # --- matmul: Y[n, rows] = X W^T, one dequantized tile of W at a time -------------------------------------
 
 
@@ -650,6 +750,22 @@ def matmul_q6_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
 
 register(BlockKernels(GGMLQuantizationType.Q2_K, dequantize_q2_k, matvec_q2_k, matmul_q2_k, quantize_q2_k))
 register(BlockKernels(GGMLQuantizationType.Q3_K, dequantize_q3_k, matvec_q3_k, matmul_q3_k, quantize_q3_k))
-register(BlockKernels(GGMLQuantizationType.Q4_K, dequantize_q4_k, matvec_q4_k, matmul_q4_k, quantize_q4_k))
+register(
+    BlockKernels(
+        GGMLQuantizationType.Q4_K,
+        dequantize_q4_k,
+        matvec_q4_k_int8 if INT8_DOT else matvec_q4_k,
+        matmul_q4_k,
+        quantize_q4_k,
+    )
+)
 register(BlockKernels(GGMLQuantizationType.Q5_K, dequantize_q5_k, matvec_q5_k, matmul_q5_k, quantize_q5_k))
-register(BlockKernels(GGMLQuantizationType.Q6_K, dequantize_q6_k, matvec_q6_k, matmul_q6_k, quantize_q6_k))
+register(
+    BlockKernels(
+        GGMLQuantizationType.Q6_K,
+        dequantize_q6_k,
+        matvec_q6_k_int8 if INT8_DOT else matvec_q6_k,
+        matmul_q6_k,
+        quantize_q6_k,
+    )
+)

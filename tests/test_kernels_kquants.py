@@ -7,6 +7,11 @@ quantized fields is valid, so random bytes cover the format; the f16 fields are 
 Tolerance of matvec/matmul: |y - y_exact| <= 1e-4 * sum_k (|w_k| + |min_k|) |x_k| per output, where y_exact
 is the f64 product of gguf-py's dequantized weights and min_k the `dmin * m` part of w_k (summation order
 differs from a plain dot product, and the `- dmin * m` terms are applied through per-sub-block sums of x).
+
+Where the CPU has integer dot products, the registered Q4_K and Q6_K matvec quantize x to int8 per 32 values
+(scale d_b = max |x_b| / 127, rounding to nearest) and use it for the `d * sc * q` part of each weight, whose
+magnitude is at most |w_k| + |min_k|: the bound gains sum_k (|w_k| + |min_k|) d_b(k) / 2, the worst case of
+the activation rounding.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels import kernels_for, kquants, kquants_quantize
+from kernels import kernels_for, kquants, kquants_quantize, simd
 
 # byte offsets of the f16 fields (d, dmin) inside each block, and of the quantized values (zeroed to isolate
 # the `- dmin * m` part of each weight)
@@ -36,6 +41,11 @@ QUANT_RANGES = {
 }
 QTYPES = list(F16_OFFSETS)
 RTOL = 1e-4
+# the matvec kernels registered instead of matvec_<type> when kernels.simd has an instruction set
+INT8_MATVEC = {
+    GGMLQuantizationType.Q4_K: kquants.matvec_q4_k_int8,
+    GGMLQuantizationType.Q6_K: kquants.matvec_q6_k_int8,
+}
 
 
 def make_blocks(
@@ -80,10 +90,25 @@ def weight_magnitudes(qtype: GGMLQuantizationType, blocks: np.ndarray) -> np.nda
     return magnitudes
 
 
+def activation_rounding_bound(magnitudes: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """f64[..., rows]: sum_k magnitudes_k d(k) / 2, d(k) = max |x| / 127 over the 32-block of x_k, with 1e-4
+    of slack for the f32 rounding of d and of x / d."""
+    blocks = np.abs(x.astype(np.float64)).reshape(*x.shape[:-1], -1, 32)
+    step = np.repeat(blocks.max(axis=-1) / 127, 32, axis=-1)
+    return (step / 2 * (1 + 1e-4)) @ magnitudes.T
+
+
+def int8_activations(qtype: GGMLQuantizationType) -> bool:
+    return simd.INT8_DOT is not None and qtype in INT8_MATVEC
+
+
 @pytest.mark.parametrize("qtype", QTYPES, ids=lambda q: q.name)
 def test_registered(qtype: GGMLQuantizationType) -> None:
     kernels = kernels_for(qtype)
-    assert (kernels.dequantize, kernels.matvec, kernels.matmul) == kernels_of(qtype)
+    dequantize, matvec, matmul = kernels_of(qtype)
+    if int8_activations(qtype):
+        matvec = INT8_MATVEC[qtype]
+    assert (kernels.dequantize, kernels.matvec, kernels.matmul) == (dequantize, matvec, matmul)
     assert kernels.quantize is getattr(kquants_quantize, f"quantize_{qtype.name.lower()}")
 
 
@@ -102,10 +127,14 @@ def test_blocks_of_real_looking_weights(qtype: GGMLQuantizationType) -> None:
 
     x = rng.standard_normal((5, 768)).astype(np.float32)
     expected = x.astype(np.float64) @ out.T.astype(np.float64)
-    tolerance = RTOL * (np.abs(x).astype(np.float64) @ weight_magnitudes(qtype, blocks).T)
+    magnitudes = weight_magnitudes(qtype, blocks)
+    tolerance = RTOL * (np.abs(x).astype(np.float64) @ magnitudes.T)
     y = np.empty(67, np.float32)
     kernels.matvec(blocks, x[0], y)
-    assert np.all(np.abs(y - expected[0]) <= tolerance[0])
+    matvec_tolerance = tolerance[0]
+    if int8_activations(qtype):
+        matvec_tolerance = matvec_tolerance + activation_rounding_bound(magnitudes, x[0])
+    assert np.all(np.abs(y - expected[0]) <= matvec_tolerance)
     product = np.empty((5, 67), np.float32)
     kernels.matmul(blocks, x, product)
     assert np.all(np.abs(product - expected) <= tolerance)
@@ -166,3 +195,29 @@ def test_matvec_matmul_match_dequantized(
     out = np.empty((n_tokens, rows), np.float32)
     matmul(blocks, x, out)
     assert np.all(np.abs(out - expected) <= tolerance)
+
+
+@pytest.mark.parametrize("qtype", list(INT8_MATVEC), ids=lambda q: q.name)
+@settings(max_examples=25, deadline=None)
+@given(
+    rows=st.integers(1, 70),
+    n_blocks=st.integers(1, 4),
+    seed=st.integers(0, 2**32 - 1),
+    realistic=st.booleans(),
+    x_scale=st.sampled_from([1e-3, 1.0, 1e3]),
+)
+def test_int8_matvec_within_activation_rounding(
+    qtype: GGMLQuantizationType, rows: int, n_blocks: int, seed: int, realistic: bool, x_scale: float
+):
+    if simd.INT8_DOT is None:
+        pytest.skip("no int8 dot product instructions on this CPU")
+    blocks = make_blocks(qtype, rows, n_blocks, seed, realistic)
+    rng = np.random.default_rng(seed + 1)
+    x = (rng.standard_t(4, n_blocks * 256) * x_scale).astype(np.float32)
+    x[rng.random(x.shape) < 0.05] = 0  # blocks with zeros, some possibly all zero
+    magnitudes = weight_magnitudes(qtype, blocks)
+    expected = gguf.quants.dequantize(blocks, qtype).astype(np.float64) @ x.astype(np.float64)
+    tolerance = RTOL * (magnitudes @ np.abs(x).astype(np.float64)) + activation_rounding_bound(magnitudes, x)
+    y = np.empty(rows, np.float32)
+    INT8_MATVEC[qtype](blocks, x, y)
+    assert np.all(np.abs(y - expected) <= tolerance + 1e-30)
