@@ -11,6 +11,7 @@ import pytest
 from gguf import GGMLQuantizationType as T
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from llama_oracle import llama_model
 from reference_gpt2 import gpt2_logits
 from synthetic import TINY, build_gguf
 
@@ -321,19 +322,16 @@ def test_hf_equals_transformers(tiny, text_ids):
 
 
 def test_llama_protocol_equals_llama_cpp(tiny, text_ids):
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (optional oracle)")
     path, _, _, model = tiny
     n_ctx = 32
-    llm = llama_cpp.Llama(
-        model_path=str(path), logits_all=True, n_ctx=n_ctx, n_batch=n_ctx, n_threads=2, verbose=False
-    )
+    with llama_model(path, logits_all=True, n_ctx=n_ctx, n_batch=n_ctx, n_threads=2) as llm:
 
-    def llama_logits(chunk: np.ndarray) -> np.ndarray:
-        llm.reset()  # and llama_cpp clears the KV cache before evaluating from position 0
-        llm.eval(chunk.tolist())
-        return np.array(llm.scores[: len(chunk)])
+        def llama_logits(chunk: np.ndarray) -> np.ndarray:
+            llm.reset()  # and llama_cpp clears the KV cache before evaluating from position 0
+            llm.eval(chunk.tolist())
+            return np.array(llm.scores[: len(chunk)])
 
-    want, _ = llama_perplexity(llama_logits, text_ids, n_ctx)
+        want, _ = llama_perplexity(llama_logits, text_ids, n_ctx)
     assert perplexity(model, text_ids, PplSettings("llama", n_ctx, n_ctx)).ppl == pytest.approx(
         want, rel=5e-3
     )

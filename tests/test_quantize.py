@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from cli_helpers import run_cli
 from gguf import GGMLQuantizationType, quants
+from llama_oracle import import_llama_cpp, llama_model
 from reference_gpt2 import gpt2_logits
 from synthetic import TINY, TINY_K, build_gguf
 
@@ -294,12 +295,7 @@ def test_default_output_path(tmp_path, monkeypatch, tiny_f32):
 
 @pytest.fixture(scope="module")
 def llama_cpp():
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed")
-    quiet = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
-    llama_cpp.llama_log_set(quiet, ctypes.c_void_p())
-    yield llama_cpp
-    llama_cpp.llama_log_set(ctypes.cast(None, llama_cpp.llama_log_callback), ctypes.c_void_p())
-    del quiet
+    return import_llama_cpp()
 
 
 def llama_quantize(llama_cpp, src, dst, ftype: str) -> None:
@@ -309,30 +305,18 @@ def llama_quantize(llama_cpp, src, dst, ftype: str) -> None:
     assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) == 0
 
 
-def llama_logits(llama_cpp, path, monkeypatch) -> np.ndarray:
-    # The CPU backend's extra buffer types (weights repacked for AMX/AVX-512) crash this build on quantized
-    # files on this machine, llama-quantize's own included; the plain CPU path is the reference anyway.
-    defaults = llama_cpp.llama_cpp.llama_model_default_params
-
-    def plain_cpu_params():
-        params = defaults()
-        params.use_extra_bufts = False
-        return params
-
-    monkeypatch.setattr(llama_cpp.llama_cpp, "llama_model_default_params", plain_cpu_params)
-    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=64, verbose=False)
-    llm.eval(IDS)
-    logits = np.array(llm.scores[: len(IDS)], dtype=np.float64)
-    llm.close()
-    return logits
+def llama_logits(path) -> np.ndarray:
+    with llama_model(path, logits_all=True, n_ctx=64) as llm:
+        llm.eval(IDS)
+        return np.array(llm.scores[: len(IDS)], dtype=np.float64)
 
 
 @pytest.mark.parametrize("ftype", ["Q8_0", "Q4_K_M"])
-def test_our_file_runs_in_llama_cpp(tmp_path, monkeypatch, llama_cpp, tiny_k_f32, ftype):
+def test_our_file_runs_in_llama_cpp(tmp_path, llama_cpp, tiny_k_f32, ftype):
     out = tmp_path / "ours.gguf"
     quantize_checkpoint(source_checkpoint(tiny_k_f32), file_type(ftype), out)
     # ggml quantizes the activations to 8 bits in its quantized matmuls: close, not equal.
-    assert rel_err(llama_logits(llama_cpp, out, monkeypatch), our_logits(out)) < 0.05
+    assert rel_err(llama_logits(out), our_logits(out)) < 0.05
 
 
 @pytest.mark.parametrize("source", ["tiny_k_f32", "tiny_f32"])  # tiny: rows of 64, every K type falls back
