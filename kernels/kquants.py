@@ -27,7 +27,15 @@ from gguf import GGMLQuantizationType
 from kernels import BlockKernels, register
 from kernels.common import read_f16
 from kernels.kquants_quantize import quantize_q2_k, quantize_q3_k, quantize_q4_k, quantize_q5_k, quantize_q6_k
-from kernels.simd import INT8_DOT, dot_q6_32, dot_u4_32, load_f16, quantize_activations
+from kernels.simd import (
+    INT8_DOT,
+    accumulate_q6_32,
+    accumulate_u4_32,
+    load_f16,
+    quantize_activations,
+    sum_f32x8,
+    zeros_f32x8,
+)
 
 QK_K = 256
 # Rows of W dequantized together by matmul: 64 rows x 3072 cols x 4 bytes = 768 KiB, within L2 (2 MiB);
@@ -553,12 +561,10 @@ MATVEC_ROW_TILE = 32
 
 
 @numba.njit(inline="always")
-def _sub_block_q4_k(row: np.ndarray, o: int, j: int, xq: np.ndarray, xd: np.ndarray, s: int) -> np.float32:
-    """sc_j d_x sum_k q_k xq_k over Q4_K sub-block j (nibble j % 2 of bytes 32 (j // 2) ..), x block s."""
+def _scale_q4_k(row: np.ndarray, o: int, j: int, d: np.float32, xd: np.ndarray, s: int) -> np.float32:
+    """d sc_j d_x: the scale of Q4_K sub-block j's integer dot product with x block s."""
     sc, _ = _scale_min_k4(row, o + 4, j)
-    return (
-        np.float32(sc) * xd[s] * np.float32(dot_u4_32(row, o + 16 + 32 * (j // 2), 4 * (j % 2), xq, 32 * s))
-    )
+    return d * np.float32(sc) * xd[s]
 
 
 @numba.njit(cache=True, fastmath=True)
@@ -568,14 +574,28 @@ def _matvec_rows_q4_k_int8(
     n_blocks = blocks.shape[1] // Q4_K_BYTES
     for r in range(r0, r1):
         row = blocks[r]
-        acc = np.float32(0)
+        # sub-blocks of low and high nibbles go to separate accumulators: two chains of dependent adds
+        low = zeros_f32x8()
+        high = zeros_f32x8()
+        mins = np.float32(0)
         for b in range(n_blocks):
             o = b * Q4_K_BYTES
             s = 8 * b
-            scaled = _sub_block_q4_k(row, o, 0, xq, xd, s) + _sub_block_q4_k(row, o, 1, xq, xd, s + 1)
-            scaled += _sub_block_q4_k(row, o, 2, xq, xd, s + 2) + _sub_block_q4_k(row, o, 3, xq, xd, s + 3)
-            scaled += _sub_block_q4_k(row, o, 4, xq, xd, s + 4) + _sub_block_q4_k(row, o, 5, xq, xd, s + 5)
-            scaled += _sub_block_q4_k(row, o, 6, xq, xd, s + 6) + _sub_block_q4_k(row, o, 7, xq, xd, s + 7)
+            d = load_f16(row, o)
+            for j in range(4):
+                qs = o + 16 + 32 * j
+                low = accumulate_u4_32(
+                    low, row, qs, 0, xq, 32 * (s + 2 * j), _scale_q4_k(row, o, 2 * j, d, xd, s + 2 * j)
+                )
+                high = accumulate_u4_32(
+                    high,
+                    row,
+                    qs,
+                    4,
+                    xq,
+                    32 * (s + 2 * j + 1),
+                    _scale_q4_k(row, o, 2 * j + 1, d, xd, s + 2 * j + 1),
+                )
             # the mins multiply the f32 sums of x, not its int8 form
             _, m0 = _scale_min_k4(row, o + 4, 0)
             _, m1 = _scale_min_k4(row, o + 4, 1)
@@ -585,12 +605,12 @@ def _matvec_rows_q4_k_int8(
             _, m5 = _scale_min_k4(row, o + 4, 5)
             _, m6 = _scale_min_k4(row, o + 4, 6)
             _, m7 = _scale_min_k4(row, o + 4, 7)
-            mins = np.float32(m0) * x_sums[s] + np.float32(m1) * x_sums[s + 1]
-            mins += np.float32(m2) * x_sums[s + 2] + np.float32(m3) * x_sums[s + 3]
-            mins += np.float32(m4) * x_sums[s + 4] + np.float32(m5) * x_sums[s + 5]
-            mins += np.float32(m6) * x_sums[s + 6] + np.float32(m7) * x_sums[s + 7]
-            acc += load_f16(row, o) * scaled - load_f16(row, o + 2) * mins
-        y[r] = acc
+            block_mins = np.float32(m0) * x_sums[s] + np.float32(m1) * x_sums[s + 1]
+            block_mins += np.float32(m2) * x_sums[s + 2] + np.float32(m3) * x_sums[s + 3]
+            block_mins += np.float32(m4) * x_sums[s + 4] + np.float32(m5) * x_sums[s + 5]
+            block_mins += np.float32(m6) * x_sums[s + 6] + np.float32(m7) * x_sums[s + 7]
+            mins += load_f16(row, o + 2) * block_mins
+        y[r] = sum_f32x8(low) + sum_f32x8(high) - mins
 
 
 @numba.njit(cache=True, parallel=True)
@@ -603,19 +623,6 @@ def matvec_q4_k_int8(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         _matvec_rows_q4_k_int8(blocks, xq, xd, x_sums, y, r0, min(rows, r0 + MATVEC_ROW_TILE))
 
 
-@numba.njit(inline="always")
-def _chunk_q6_k(
-    row: np.ndarray, o: int, half: int, j: int, xq: np.ndarray, xd: np.ndarray, s: int
-) -> np.float32:
-    """d_x sum_k sc q_k xq_k over elements 128 half + 32 j .. + 32 of a Q6_K block (sub-blocks 2j, 2j + 1 of
-    the half): low nibbles of ql[32 (j % 2) ..] (high nibbles for j >= 2), bits 2j, 2j + 1 of qh."""
-    ql = o + 64 * half + 32 * (j % 2)
-    qh = o + 128 + 32 * half
-    sc = o + 192 + 8 * half + 2 * j
-    sc0, sc1 = np.int32(_signed_byte(row, sc)), np.int32(_signed_byte(row, sc + 1))
-    return xd[s] * np.float32(dot_q6_32(row, ql, 4 * (j // 2), qh, 2 * j, xq, 32 * s, sc0, sc1))
-
-
 @numba.njit(cache=True, fastmath=True)
 def _matvec_rows_q6_k_int8(
     blocks: np.ndarray, xq: np.ndarray, xd: np.ndarray, y: np.ndarray, r0: int, r1: int
@@ -623,16 +630,33 @@ def _matvec_rows_q6_k_int8(
     n_blocks = blocks.shape[1] // Q6_K_BYTES
     for r in range(r0, r1):
         row = blocks[r]
-        acc = np.float32(0)
+        # low and high nibbles go to separate accumulators: two chains of dependent adds
+        low = zeros_f32x8()
+        high = zeros_f32x8()
         for b in range(n_blocks):
             o = b * Q6_K_BYTES
-            s = 8 * b
-            scaled = _chunk_q6_k(row, o, 0, 0, xq, xd, s) + _chunk_q6_k(row, o, 0, 1, xq, xd, s + 1)
-            scaled += _chunk_q6_k(row, o, 0, 2, xq, xd, s + 2) + _chunk_q6_k(row, o, 0, 3, xq, xd, s + 3)
-            scaled += _chunk_q6_k(row, o, 1, 0, xq, xd, s + 4) + _chunk_q6_k(row, o, 1, 1, xq, xd, s + 5)
-            scaled += _chunk_q6_k(row, o, 1, 2, xq, xd, s + 6) + _chunk_q6_k(row, o, 1, 3, xq, xd, s + 7)
-            acc += load_f16(row, o + 208) * scaled
-        y[r] = acc
+            d = load_f16(row, o + 208)
+            for half in range(2):
+                # elements 128 half + 32 j + k: nibble j // 2 of ql[32 (j % 2) + k], bits 2j, 2j + 1 of qh[k],
+                # sub-blocks 2j, 2j + 1 of the half; x block 8b + 4 half + j
+                ql = o + 64 * half
+                qh = o + 128 + 32 * half
+                sc = o + 192 + 8 * half
+                s = 8 * b + 4 * half
+                for j in range(2):
+                    scale = d * xd[s + j]
+                    scale0 = scale * np.float32(_signed_byte(row, sc + 2 * j))
+                    scale1 = scale * np.float32(_signed_byte(row, sc + 2 * j + 1))
+                    low = accumulate_q6_32(
+                        low, row, ql + 32 * j, 0, qh, 2 * j, xq, 32 * (s + j), scale0, scale1
+                    )
+                    scale = d * xd[s + j + 2]
+                    scale0 = scale * np.float32(_signed_byte(row, sc + 2 * j + 4))
+                    scale1 = scale * np.float32(_signed_byte(row, sc + 2 * j + 5))
+                    high = accumulate_q6_32(
+                        high, row, ql + 32 * j, 4, qh, 2 * j + 4, xq, 32 * (s + j + 2), scale0, scale1
+                    )
+        y[r] = sum_f32x8(low) + sum_f32x8(high)
 
 
 @numba.njit(cache=True, parallel=True)

@@ -25,7 +25,7 @@ from numba import prange
 
 from kernels import BlockKernels, register
 from kernels.common import f32_to_f16, n_tiles, read_f16, read_u32, tile_times_tokens, write_u16
-from kernels.simd import INT8_DOT, dot_i8_32, load_f16, quantize_activations
+from kernels.simd import INT8_DOT, accumulate_i8_32, load_f16, quantize_activations, sum_f32x8, zeros_f32x8
 
 QK = 32
 I32_1, I32_4, I32_8, I32_15, I32_16 = (np.int32(v) for v in (1, 4, 8, 15, 16))
@@ -615,10 +615,10 @@ def _matvec_rows_q8_0_int8(
     n_blocks = blocks.shape[1] // 34
     for r in range(r0, r1):
         row = blocks[r]
-        acc = np.float32(0)
+        acc = zeros_f32x8()
         for b in range(n_blocks):
-            acc += load_f16(row, b * 34) * xd[b] * np.float32(dot_i8_32(row, b * 34 + 2, xq, b * QK))
-        y[r] = acc
+            acc = accumulate_i8_32(acc, row, b * 34 + 2, xq, b * QK, load_f16(row, b * 34) * xd[b])
+        y[r] = sum_f32x8(acc)
 
 
 @numba.njit(cache=True, parallel=True)

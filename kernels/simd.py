@@ -1,8 +1,9 @@
 """Integer dot products for matvec: activations quantized to int8, weights kept as small integers.
 
 LLVM makes no vpdpbusd / pmaddubsw out of numba's integer loops, so the dot products are written in LLVM IR
-here (numba intrinsics, compatible with `cache=True`). Each one reads 32 weights and 32 int8 activations
-and returns their integer dot product; the caller applies the weight and activation scales in f32.
+here (numba intrinsics, compatible with `cache=True`). Each one reads 32 weights and 32 int8 activations,
+takes their integer dot product in 8 lanes of 4 products, and adds the lanes, converted to f32 and times the
+block's weight and activation scales, to an 8-lane f32 accumulator that numba carries as a value (f32x8).
 
 Products of unsigned and signed bytes are what the hardware multiplies (vpdpbusd, pmaddubsw), so signed
 weights use the sign trick: dot(w, x) = dot(|w|, sign(w) x), with |w| <= 128 read as unsigned and x in
@@ -24,7 +25,7 @@ import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils, config
-from numba.extending import intrinsic
+from numba.extending import intrinsic, models, register_model
 
 QK8 = 32
 
@@ -32,6 +33,8 @@ I1, I8, I16, I32 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32)
 V32I8 = ir.VectorType(I8, 32)
 V16I16 = ir.VectorType(I16, 16)
 V8I32 = ir.VectorType(I32, 8)
+F32 = ir.FloatType()
+V8F32 = ir.VectorType(F32, 8)
 
 
 def _target_features() -> set[str]:
@@ -101,10 +104,6 @@ def _dot_s8_s8(builder, weights: ir.Value, x: ir.Value) -> ir.Value:
     return _dot_u8_s8(builder, magnitudes, signed_x)
 
 
-def _sum(builder, lanes: ir.Value) -> ir.Value:
-    return _call(builder, "llvm.vector.reduce.add.v8i32", I32, lanes)
-
-
 def _field(builder, bytes_: ir.Value, shift: ir.Value, mask: int) -> ir.Value:
     """(bytes >> shift) & mask per byte, for a shift in [0, 7]."""
     shifted = builder.lshr(bytes_, _splat(builder, V32I8, shift))
@@ -116,7 +115,60 @@ def _is_byte_array(t) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Intrinsics. Offsets are in bytes (elements of the uint8 / int8 arrays); nothing is bounds-checked.
+# An f32 vector accumulator that numba carries between the intrinsics: 8 lanes, each the running sum of its
+# lane's integer dot products times their scales, so a row needs one horizontal sum, not one per 32 weights.
+
+
+class F32x8Type(types.Type):
+    def __init__(self) -> None:
+        super().__init__(name="f32x8")
+
+
+f32x8 = F32x8Type()
+
+
+@register_model(F32x8Type)
+class F32x8Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type) -> None:
+        super().__init__(dmm, fe_type, V8F32)
+
+
+def _accumulate(builder, acc: ir.Value, lanes: ir.Value, scales: ir.Value) -> ir.Value:
+    """acc + f32(lanes) * scales, one fused multiply-add."""
+    return _call(builder, "llvm.fma.v8f32", V8F32, builder.sitofp(lanes, V8F32), scales, acc)
+
+
+def _splat_f32(builder, value: ir.Value, count: int = 8) -> ir.Value:
+    vector_type = ir.VectorType(F32, count)
+    single = builder.insert_element(ir.Constant(vector_type, ir.Undefined), value, ir.Constant(I32, 0))
+    return builder.shuffle_vector(single, single, ir.Constant(ir.VectorType(I32, count), None))
+
+
+@intrinsic
+def zeros_f32x8(typingctx):
+    def codegen(context, builder, signature, args):
+        return ir.Constant(V8F32, None)
+
+    return f32x8(), codegen
+
+
+@intrinsic
+def sum_f32x8(typingctx, acc):
+    """The sum of the 8 lanes, in any order."""
+
+    def codegen(context, builder, signature, args):
+        function_type = ir.FunctionType(F32, [F32, V8F32])
+        function = cgutils.get_or_insert_function(
+            builder.module, function_type, "llvm.vector.reduce.fadd.v8f32"
+        )
+        return builder.call(function, [ir.Constant(F32, 0.0), args[0]], fastmath=("reassoc",))
+
+    return types.float32(acc), codegen
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Intrinsics. Offsets are in bytes (elements of the uint8 / int8 arrays); nothing is bounds-checked. Each
+# accumulate_* adds scale * sum_k w_k x_k over 32 weights w and int8 activations x to an f32x8 accumulator.
 
 
 @intrinsic
@@ -128,65 +180,66 @@ def load_f16(typingctx, row, offset):
     def codegen(context, builder, signature, args):
         pointer = _pointer(context, builder, signature.args[0], args[0], args[1])
         half = builder.load(builder.bitcast(pointer, ir.HalfType().as_pointer()), align=1)
-        return builder.fpext(half, ir.FloatType())
+        return builder.fpext(half, F32)
 
     return types.float32(row, offset), codegen
 
 
 @intrinsic
-def dot_i8_32(typingctx, w, w_offset, x, x_offset):
-    """sum_k int8(w[w_offset + k]) * x[x_offset + k], k < 32: Q8_0 weights against int8 activations."""
-    if not (_is_byte_array(w) and _is_byte_array(x)):
+def accumulate_i8_32(typingctx, acc, w, w_offset, x, x_offset, scale):
+    """w_k = int8(w[w_offset + k]): Q8_0 weights."""
+    if not (acc == f32x8 and _is_byte_array(w) and _is_byte_array(x)):
         return None
 
     def codegen(context, builder, signature, args):
-        weights = _load(builder, _pointer(context, builder, signature.args[0], args[0], args[1]), V32I8)
-        xs = _load(builder, _pointer(context, builder, signature.args[2], args[2], args[3]), V32I8)
-        return _sum(builder, _dot_s8_s8(builder, weights, xs))
-
-    return types.int32(w, w_offset, x, x_offset), codegen
-
-
-@intrinsic
-def dot_u4_32(typingctx, w, w_offset, shift, x, x_offset):
-    """sum_k ((w[w_offset + k] >> shift) & 15) * x[x_offset + k], k < 32: one nibble of 32 bytes (Q4_K)."""
-    if not (_is_byte_array(w) and _is_byte_array(x)):
-        return None
-
-    def codegen(context, builder, signature, args):
-        packed = _load(builder, _pointer(context, builder, signature.args[0], args[0], args[1]), V32I8)
+        weights = _load(builder, _pointer(context, builder, signature.args[1], args[1], args[2]), V32I8)
         xs = _load(builder, _pointer(context, builder, signature.args[3], args[3], args[4]), V32I8)
-        return _sum(builder, _dot_u8_s8(builder, _field(builder, packed, args[2], 15), xs))
+        return _accumulate(builder, args[0], _dot_s8_s8(builder, weights, xs), _splat_f32(builder, args[5]))
 
-    return types.int32(w, w_offset, shift, x, x_offset), codegen
+    return f32x8(acc, w, w_offset, x, x_offset, types.float32), codegen
 
 
 @intrinsic
-def dot_q6_32(typingctx, ql, ql_offset, low_shift, qh_offset, high_shift, x, x_offset, scale0, scale1):
-    """Q6_K: 32 weights q_k = ((ql[ql_offset + k] >> low_shift) & 15 | ((ql[qh_offset + k] >> high_shift) & 3)
-    << 4) - 32 against int8 activations, weights 0-15 weighted by scale0 and 16-31 by scale1:
-    scale0 sum_{k<16} q_k x_k + scale1 sum_{k>=16} q_k x_k."""
-    if not (_is_byte_array(ql) and _is_byte_array(x)):
+def accumulate_u4_32(typingctx, acc, w, w_offset, shift, x, x_offset, scale):
+    """w_k = (w[w_offset + k] >> shift) & 15, shift 0 or 4: one nibble of 32 bytes (Q4_K)."""
+    if not (acc == f32x8 and _is_byte_array(w) and _is_byte_array(x)):
         return None
 
     def codegen(context, builder, signature, args):
-        row, ql_at, low, qh_at, high, xs_array, x_at, s0, s1 = args
-        low_bits = _load(builder, _pointer(context, builder, signature.args[0], row, ql_at), V32I8)
-        high_bits = _load(builder, _pointer(context, builder, signature.args[0], row, qh_at), V32I8)
+        packed = _load(builder, _pointer(context, builder, signature.args[1], args[1], args[2]), V32I8)
+        xs = _load(builder, _pointer(context, builder, signature.args[4], args[4], args[5]), V32I8)
+        lanes = _dot_u8_s8(builder, _field(builder, packed, args[3], 15), xs)
+        return _accumulate(builder, args[0], lanes, _splat_f32(builder, args[6]))
+
+    return f32x8(acc, w, w_offset, shift, x, x_offset, types.float32), codegen
+
+
+@intrinsic
+def accumulate_q6_32(
+    typingctx, acc, row, ql_offset, low_shift, qh_offset, high_shift, x, x_offset, scale0, scale1
+):
+    """Q6_K: w_k = ((row[ql_offset + k] >> low_shift) & 15 | ((row[qh_offset + k] >> high_shift) & 3) << 4)
+    - 32, with scale0 for k < 16 and scale1 for k >= 16 (two sub-blocks)."""
+    if not (acc == f32x8 and _is_byte_array(row) and _is_byte_array(x)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        accumulator, row_, ql_at, low, qh_at, high, xs_array, x_at, s0, s1 = args
+        low_bits = _load(builder, _pointer(context, builder, signature.args[1], row_, ql_at), V32I8)
+        high_bits = _load(builder, _pointer(context, builder, signature.args[1], row_, qh_at), V32I8)
+        four = _splat(builder, V32I8, ir.Constant(I8, 4))
         q = builder.or_(
-            _field(builder, low_bits, low, 15),
-            builder.shl(_field(builder, high_bits, high, 3), _splat(builder, V32I8, ir.Constant(I8, 4))),
+            _field(builder, low_bits, low, 15), builder.shl(_field(builder, high_bits, high, 3), four)
         )
         weights = builder.sub(q, ir.Constant(V32I8, [32] * 32))
-        xs = _load(builder, _pointer(context, builder, signature.args[5], xs_array, x_at), V32I8)
-        lanes = _dot_s8_s8(builder, weights, xs)
+        xs = _load(builder, _pointer(context, builder, signature.args[6], xs_array, x_at), V32I8)
         # lanes 0-3 hold weights 0-15, lanes 4-7 weights 16-31
-        first, second = _splat(builder, ir.VectorType(I32, 4), s0), _splat(builder, ir.VectorType(I32, 4), s1)
+        first, second = _splat_f32(builder, s0, 4), _splat_f32(builder, s1, 4)
         scales = builder.shuffle_vector(first, second, ir.Constant(ir.VectorType(I32, 8), list(range(8))))
-        return _sum(builder, builder.mul(lanes, scales))
+        return _accumulate(builder, accumulator, _dot_s8_s8(builder, weights, xs), scales)
 
-    signature = types.int32(
-        ql, ql_offset, low_shift, qh_offset, high_shift, x, x_offset, types.int32, types.int32
+    signature = f32x8(
+        acc, row, ql_offset, low_shift, qh_offset, high_shift, x, x_offset, types.float32, types.float32
     )
     return signature, codegen
 
