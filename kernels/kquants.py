@@ -29,8 +29,8 @@ from kernels.common import read_f16
 from kernels.kquants_quantize import quantize_q2_k, quantize_q3_k, quantize_q4_k, quantize_q5_k, quantize_q6_k
 from kernels.simd import (
     INT8_DOT,
+    accumulate_q4_k,
     accumulate_q6_32,
-    accumulate_u4_32,
     load_f16,
     quantize_activations,
     sum_f32x8,
@@ -560,13 +560,6 @@ def matvec_q6_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
 MATVEC_ROW_TILE = 32
 
 
-@numba.njit(inline="always")
-def _scale_q4_k(row: np.ndarray, o: int, j: int, d: np.float32, xd: np.ndarray, s: int) -> np.float32:
-    """d sc_j d_x: the scale of Q4_K sub-block j's integer dot product with x block s."""
-    sc, _ = _scale_min_k4(row, o + 4, j)
-    return d * np.float32(sc) * xd[s]
-
-
 @numba.njit(cache=True, fastmath=True)
 def _matvec_rows_q4_k_int8(
     blocks: np.ndarray, xq: np.ndarray, xd: np.ndarray, x_sums: np.ndarray, y: np.ndarray, r0: int, r1: int
@@ -574,43 +567,10 @@ def _matvec_rows_q4_k_int8(
     n_blocks = blocks.shape[1] // Q4_K_BYTES
     for r in range(r0, r1):
         row = blocks[r]
-        # sub-blocks of low and high nibbles go to separate accumulators: two chains of dependent adds
-        low = zeros_f32x8()
-        high = zeros_f32x8()
-        mins = np.float32(0)
+        acc = zeros_f32x8()
         for b in range(n_blocks):
-            o = b * Q4_K_BYTES
-            s = 8 * b
-            d = load_f16(row, o)
-            for j in range(4):
-                qs = o + 16 + 32 * j
-                low = accumulate_u4_32(
-                    low, row, qs, 0, xq, 32 * (s + 2 * j), _scale_q4_k(row, o, 2 * j, d, xd, s + 2 * j)
-                )
-                high = accumulate_u4_32(
-                    high,
-                    row,
-                    qs,
-                    4,
-                    xq,
-                    32 * (s + 2 * j + 1),
-                    _scale_q4_k(row, o, 2 * j + 1, d, xd, s + 2 * j + 1),
-                )
-            # the mins multiply the f32 sums of x, not its int8 form
-            _, m0 = _scale_min_k4(row, o + 4, 0)
-            _, m1 = _scale_min_k4(row, o + 4, 1)
-            _, m2 = _scale_min_k4(row, o + 4, 2)
-            _, m3 = _scale_min_k4(row, o + 4, 3)
-            _, m4 = _scale_min_k4(row, o + 4, 4)
-            _, m5 = _scale_min_k4(row, o + 4, 5)
-            _, m6 = _scale_min_k4(row, o + 4, 6)
-            _, m7 = _scale_min_k4(row, o + 4, 7)
-            block_mins = np.float32(m0) * x_sums[s] + np.float32(m1) * x_sums[s + 1]
-            block_mins += np.float32(m2) * x_sums[s + 2] + np.float32(m3) * x_sums[s + 3]
-            block_mins += np.float32(m4) * x_sums[s + 4] + np.float32(m5) * x_sums[s + 5]
-            block_mins += np.float32(m6) * x_sums[s + 6] + np.float32(m7) * x_sums[s + 7]
-            mins += load_f16(row, o + 2) * block_mins
-        y[r] = sum_f32x8(low) + sum_f32x8(high) - mins
+            acc = accumulate_q4_k(acc, row, b * Q4_K_BYTES, xq, xd, x_sums, b)
+        y[r] = sum_f32x8(acc)
 
 
 @numba.njit(cache=True, parallel=True)

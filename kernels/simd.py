@@ -199,19 +199,105 @@ def accumulate_i8_32(typingctx, acc, w, w_offset, x, x_offset, scale):
     return f32x8(acc, w, w_offset, x, x_offset, types.float32), codegen
 
 
+def _f32_pointer(context, builder, array_type, array, index) -> ir.Value:
+    """float* to array[index] of an f32 array."""
+    return builder.gep(context.make_array(array_type)(context, builder, array).data, [index])
+
+
+def _q4_k_scales_and_mins(builder, packed: ir.Value) -> tuple[ir.Value, ir.Value]:
+    """The 12 bytes b of a Q4_K block's scales (in a <16 x i8>) -> (scales, mins) as <8 x f32>: ggml's
+    get_scale_min_k4, b[j] & 63 and b[j + 4] & 63 for j < 4, else the low or high nibble of b[j + 4] with
+    the top two bits of b[j - 4] or b[j] above it."""
+
+    def pick(indices: list[int]) -> ir.Value:
+        return builder.shuffle_vector(packed, packed, ir.Constant(ir.VectorType(I32, 8), indices))
+
+    def constant(values: list[int]) -> ir.Value:
+        return ir.Constant(ir.VectorType(I8, 8), values)
+
+    first = [True] * 4 + [False] * 4
+    mask = ir.Constant(ir.VectorType(I1, 8), first)
+    low_scale = pick([0, 1, 2, 3, 8, 9, 10, 11])
+    low_min = pick([4, 5, 6, 7, 8, 9, 10, 11])
+    top_scale = builder.shl(
+        builder.lshr(pick([0, 0, 0, 0, 0, 1, 2, 3]), constant([6] * 8)), constant([4] * 8)
+    )
+    top_min = builder.shl(builder.lshr(pick([0, 0, 0, 0, 4, 5, 6, 7]), constant([6] * 8)), constant([4] * 8))
+    scales = builder.select(
+        mask,
+        builder.and_(low_scale, constant([63] * 8)),
+        builder.or_(builder.and_(low_scale, constant([15] * 8)), top_scale),
+    )
+    mins = builder.select(
+        mask,
+        builder.and_(low_min, constant([63] * 8)),
+        builder.or_(builder.lshr(low_min, constant([4] * 8)), top_min),
+    )
+    as_f32 = ir.VectorType(F32, 8)
+    return builder.uitofp(scales, as_f32), builder.uitofp(mins, as_f32)
+
+
 @intrinsic
-def accumulate_u4_32(typingctx, acc, w, w_offset, shift, x, x_offset, scale):
-    """w_k = (w[w_offset + k] >> shift) & 15, shift 0 or 4: one nibble of 32 bytes (Q4_K)."""
-    if not (acc == f32x8 and _is_byte_array(w) and _is_byte_array(x)):
+def accumulate_q4_k(typingctx, acc, row, offset, xq, xd, x_sums, s):
+    """One Q4_K block at row[offset:offset + 144] times x block s (x[256 s:256 s + 256]):
+    sum_j d sc_j xd[8s + j] dot(q_j, xq_j) - dmin m_j x_sums[8s + j], the sub-block scales unpacked in
+    vector registers. xq int8[cols] and xd f32[cols // 32] are x quantized per 32, x_sums f32[cols // 32]
+    its sums."""
+    if not (acc == f32x8 and _is_byte_array(row) and _is_byte_array(xq)):
         return None
 
     def codegen(context, builder, signature, args):
-        packed = _load(builder, _pointer(context, builder, signature.args[1], args[1], args[2]), V32I8)
-        xs = _load(builder, _pointer(context, builder, signature.args[4], args[4], args[5]), V32I8)
-        lanes = _dot_u8_s8(builder, _field(builder, packed, args[3], 15), xs)
-        return _accumulate(builder, args[0], lanes, _splat_f32(builder, args[6]))
+        accumulator, row_, o, xq_, xd_, x_sums_, s_ = args
+        row_type, xq_type, xd_type, x_sums_type = (
+            signature.args[1],
+            signature.args[3],
+            signature.args[4],
+            signature.args[5],
+        )
+        i64 = o.type
 
-    return f32x8(acc, w, w_offset, shift, x, x_offset, types.float32), codegen
+        def at(k: int) -> ir.Value:
+            return builder.add(o, ir.Constant(i64, k))
+
+        def halves(k: int) -> ir.Value:
+            pointer = _pointer(context, builder, row_type, row_, at(k))
+            return builder.fpext(
+                builder.load(builder.bitcast(pointer, ir.HalfType().as_pointer()), align=1), F32
+            )
+
+        d, dmin = halves(0), halves(2)
+        packed_scales = _load(
+            builder, _pointer(context, builder, row_type, row_, at(4)), ir.VectorType(I8, 16)
+        )
+        scales, mins = _q4_k_scales_and_mins(builder, packed_scales)
+        first = builder.mul(s_, ir.Constant(i64, 8))
+        xd_vector = builder.load(
+            builder.bitcast(_f32_pointer(context, builder, xd_type, xd_, first), V8F32.as_pointer()), align=4
+        )
+        sums = builder.load(
+            builder.bitcast(_f32_pointer(context, builder, x_sums_type, x_sums_, first), V8F32.as_pointer()),
+            align=4,
+        )
+        scales = builder.fmul(builder.fmul(scales, _splat_f32(builder, d)), xd_vector)
+        minus_mins = builder.fmul(mins, _splat_f32(builder, builder.fneg(dmin)))
+        # sub-blocks of low and high nibbles into separate sums: two chains of dependent adds
+        partial = [ir.Constant(V8F32, None), ir.Constant(V8F32, None)]
+        x_at = builder.mul(first, ir.Constant(i64, 32))
+        for j in range(8):
+            packed = _load(builder, _pointer(context, builder, row_type, row_, at(16 + 32 * (j // 2))), V32I8)
+            nibbles = _field(builder, packed, ir.Constant(I8, 4 * (j % 2)), 15)
+            xs = _load(
+                builder,
+                _pointer(context, builder, xq_type, xq_, builder.add(x_at, ir.Constant(i64, 32 * j))),
+                V32I8,
+            )
+            scale = builder.shuffle_vector(scales, scales, ir.Constant(ir.VectorType(I32, 8), [j] * 8))
+            partial[j % 2] = _accumulate(builder, partial[j % 2], _dot_u8_s8(builder, nibbles, xs), scale)
+        block = builder.fadd(partial[0], partial[1])
+        block = _call(builder, "llvm.fma.v8f32", V8F32, minus_mins, sums, block)
+        return builder.fadd(accumulator, block)
+
+    return f32x8(acc, row, offset, xq, xd, x_sums, s), codegen
 
 
 @intrinsic
