@@ -30,8 +30,7 @@ from kernels.kquants_quantize import quantize_q2_k, quantize_q3_k, quantize_q4_k
 from kernels.simd import (
     INT8_DOT,
     accumulate_q4_k,
-    accumulate_q6_32,
-    load_f16,
+    accumulate_q6_k,
     quantize_activations,
     sum_f32x8,
     zeros_f32x8,
@@ -590,33 +589,10 @@ def _matvec_rows_q6_k_int8(
     n_blocks = blocks.shape[1] // Q6_K_BYTES
     for r in range(r0, r1):
         row = blocks[r]
-        # low and high nibbles go to separate accumulators: two chains of dependent adds
-        low = zeros_f32x8()
-        high = zeros_f32x8()
+        acc = zeros_f32x8()
         for b in range(n_blocks):
-            o = b * Q6_K_BYTES
-            d = load_f16(row, o + 208)
-            for half in range(2):
-                # elements 128 half + 32 j + k: nibble j // 2 of ql[32 (j % 2) + k], bits 2j, 2j + 1 of qh[k],
-                # sub-blocks 2j, 2j + 1 of the half; x block 8b + 4 half + j
-                ql = o + 64 * half
-                qh = o + 128 + 32 * half
-                sc = o + 192 + 8 * half
-                s = 8 * b + 4 * half
-                for j in range(2):
-                    scale = d * xd[s + j]
-                    scale0 = scale * np.float32(_signed_byte(row, sc + 2 * j))
-                    scale1 = scale * np.float32(_signed_byte(row, sc + 2 * j + 1))
-                    low = accumulate_q6_32(
-                        low, row, ql + 32 * j, 0, qh, 2 * j, xq, 32 * (s + j), scale0, scale1
-                    )
-                    scale = d * xd[s + j + 2]
-                    scale0 = scale * np.float32(_signed_byte(row, sc + 2 * j + 4))
-                    scale1 = scale * np.float32(_signed_byte(row, sc + 2 * j + 5))
-                    high = accumulate_q6_32(
-                        high, row, ql + 32 * j, 4, qh, 2 * j + 4, xq, 32 * (s + j + 2), scale0, scale1
-                    )
-        y[r] = sum_f32x8(low) + sum_f32x8(high)
+            acc = accumulate_q6_k(acc, row, b * Q6_K_BYTES, xq, xd, b)
+        y[r] = sum_f32x8(acc)
 
 
 @numba.njit(cache=True, parallel=True)

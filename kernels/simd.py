@@ -77,15 +77,6 @@ def _call(builder, name: str, return_type: ir.Type, *args: ir.Value) -> ir.Value
     return builder.call(cgutils.get_or_insert_function(builder.module, function_type, name), args)
 
 
-def _splat(builder, vector_type: ir.VectorType, value: ir.Value) -> ir.Value:
-    """The vector with `value` (an integer of any width, truncated) in every lane."""
-    element = (
-        builder.trunc(value, vector_type.element) if value.type.width > vector_type.element.width else value
-    )
-    single = builder.insert_element(ir.Constant(vector_type, ir.Undefined), element, ir.Constant(I32, 0))
-    return builder.shuffle_vector(single, single, ir.Constant(ir.VectorType(I32, vector_type.count), None))
-
-
 def _dot_u8_s8(builder, unsigned: ir.Value, signed: ir.Value) -> ir.Value:
     """<32 x i8> u8, <32 x i8> s8 -> <8 x i32>: lane i sums the products of bytes 4i .. 4i + 3."""
     if INT8_DOT == "vnni":
@@ -104,9 +95,9 @@ def _dot_s8_s8(builder, weights: ir.Value, x: ir.Value) -> ir.Value:
     return _dot_u8_s8(builder, magnitudes, signed_x)
 
 
-def _field(builder, bytes_: ir.Value, shift: ir.Value, mask: int) -> ir.Value:
-    """(bytes >> shift) & mask per byte, for a shift in [0, 7]."""
-    shifted = builder.lshr(bytes_, _splat(builder, V32I8, shift))
+def _field(builder, bytes_: ir.Value, shift: int, mask: int) -> ir.Value:
+    """(bytes >> shift) & mask per byte of a <32 x i8>."""
+    shifted = builder.lshr(bytes_, ir.Constant(V32I8, [shift] * 32))
     return builder.and_(shifted, ir.Constant(V32I8, [mask] * 32))
 
 
@@ -285,7 +276,7 @@ def accumulate_q4_k(typingctx, acc, row, offset, xq, xd, x_sums, s):
         x_at = builder.mul(first, ir.Constant(i64, 32))
         for j in range(8):
             packed = _load(builder, _pointer(context, builder, row_type, row_, at(16 + 32 * (j // 2))), V32I8)
-            nibbles = _field(builder, packed, ir.Constant(I8, 4 * (j % 2)), 15)
+            nibbles = _field(builder, packed, 4 * (j % 2), 15)
             xs = _load(
                 builder,
                 _pointer(context, builder, xq_type, xq_, builder.add(x_at, ir.Constant(i64, 32 * j))),
@@ -301,33 +292,71 @@ def accumulate_q4_k(typingctx, acc, row, offset, xq, xd, x_sums, s):
 
 
 @intrinsic
-def accumulate_q6_32(
-    typingctx, acc, row, ql_offset, low_shift, qh_offset, high_shift, x, x_offset, scale0, scale1
-):
-    """Q6_K: w_k = ((row[ql_offset + k] >> low_shift) & 15 | ((row[qh_offset + k] >> high_shift) & 3) << 4)
-    - 32, with scale0 for k < 16 and scale1 for k >= 16 (two sub-blocks)."""
-    if not (acc == f32x8 and _is_byte_array(row) and _is_byte_array(x)):
+def accumulate_q6_k(typingctx, acc, row, offset, xq, xd, s):
+    """One Q6_K block at row[offset:offset + 210] times x block s (x[256 s:256 s + 256]):
+    sum_i d sc_i xd[16 s + i // 2] dot(q_i - 32, xq_i) over its 16 sub-blocks of 16 weights; xq int8[cols]
+    and xd f32[cols // 32] are x quantized per 32."""
+    if not (acc == f32x8 and _is_byte_array(row) and _is_byte_array(xq)):
         return None
 
     def codegen(context, builder, signature, args):
-        accumulator, row_, ql_at, low, qh_at, high, xs_array, x_at, s0, s1 = args
-        low_bits = _load(builder, _pointer(context, builder, signature.args[1], row_, ql_at), V32I8)
-        high_bits = _load(builder, _pointer(context, builder, signature.args[1], row_, qh_at), V32I8)
-        four = _splat(builder, V32I8, ir.Constant(I8, 4))
-        q = builder.or_(
-            _field(builder, low_bits, low, 15), builder.shl(_field(builder, high_bits, high, 3), four)
-        )
-        weights = builder.sub(q, ir.Constant(V32I8, [32] * 32))
-        xs = _load(builder, _pointer(context, builder, signature.args[6], xs_array, x_at), V32I8)
-        # lanes 0-3 hold weights 0-15, lanes 4-7 weights 16-31
-        first, second = _splat_f32(builder, s0, 4), _splat_f32(builder, s1, 4)
-        scales = builder.shuffle_vector(first, second, ir.Constant(ir.VectorType(I32, 8), list(range(8))))
-        return _accumulate(builder, accumulator, _dot_s8_s8(builder, weights, xs), scales)
+        accumulator, row_, o, xq_, xd_, s_ = args
+        row_type, xq_type, xd_type = signature.args[1], signature.args[3], signature.args[4]
+        i64 = o.type
 
-    signature = f32x8(
-        acc, row, ql_offset, low_shift, qh_offset, high_shift, x, x_offset, types.float32, types.float32
-    )
-    return signature, codegen
+        def bytes_at(k: int, vector_type: ir.VectorType) -> ir.Value:
+            return _load(
+                builder,
+                _pointer(context, builder, row_type, row_, builder.add(o, ir.Constant(i64, k))),
+                vector_type,
+            )
+
+        half = builder.load(
+            builder.bitcast(
+                _pointer(context, builder, row_type, row_, builder.add(o, ir.Constant(i64, 208))),
+                ir.HalfType().as_pointer(),
+            ),
+            align=1,
+        )
+        d = builder.fpext(half, F32)
+        first = builder.mul(s_, ir.Constant(i64, 8))
+        xd_vector = builder.load(
+            builder.bitcast(_f32_pointer(context, builder, xd_type, xd_, first), V8F32.as_pointer()), align=4
+        )
+        # sub-block i (16 weights) lies in x block i // 2: scale_i = d sc_i xd[i // 2], in two 8-lane halves
+        scales = []
+        for h in range(2):
+            xd_pairs = builder.shuffle_vector(
+                xd_vector, xd_vector, ir.Constant(ir.VectorType(I32, 8), [4 * h + i // 2 for i in range(8)])
+            )
+            sub_block_scales = builder.sitofp(bytes_at(192 + 8 * h, ir.VectorType(I8, 8)), V8F32)
+            scales.append(builder.fmul(builder.fmul(sub_block_scales, _splat_f32(builder, d)), xd_pairs))
+        four = ir.Constant(V32I8, [4] * 32)
+        thirty_two = ir.Constant(V32I8, [32] * 32)
+        x_at = builder.mul(first, ir.Constant(i64, 32))
+        # chunk c = 4 h + j: weights 128 h + 32 j + k, nibble j // 2 of ql[64 h + 32 (j % 2) + k], bits 2j
+        # and 2j + 1 of qh[32 h + k], sub-blocks 2c and 2c + 1; low and high nibbles into separate sums (two
+        # chains of dependent adds)
+        partial = [ir.Constant(V8F32, None), ir.Constant(V8F32, None)]
+        for c in range(8):
+            h, j = divmod(c, 4)
+            low_bits = bytes_at(64 * h + 32 * (j % 2), V32I8)
+            high_bits = bytes_at(128 + 32 * h, V32I8)
+            low = _field(builder, low_bits, 4 * (j // 2), 15)
+            high = builder.shl(_field(builder, high_bits, 2 * j, 3), four)
+            weights = builder.sub(builder.or_(low, high), thirty_two)
+            xs = _load(
+                builder,
+                _pointer(context, builder, xq_type, xq_, builder.add(x_at, ir.Constant(i64, 32 * c))),
+                V32I8,
+            )
+            # lanes 0-3 hold weights 0-15 (sub-block 2c), lanes 4-7 weights 16-31 (sub-block 2c + 1)
+            lanes = [2 * j] * 4 + [2 * j + 1] * 4
+            scale = builder.shuffle_vector(scales[h], scales[h], ir.Constant(ir.VectorType(I32, 8), lanes))
+            partial[j // 2] = _accumulate(builder, partial[j // 2], _dot_s8_s8(builder, weights, xs), scale)
+        return builder.fadd(accumulator, builder.fadd(partial[0], partial[1]))
+
+    return f32x8(acc, row, offset, xq, xd, s), codegen
 
 
 # ---------------------------------------------------------------------------------------------------------
