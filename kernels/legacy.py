@@ -1,11 +1,10 @@
 """Kernels for ggml's original 32-weight blocks: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0.
 
 Dequantization and quantization reproduce gguf-py (gguf/quants.py) bit for bit: the same f32 operations in
-the same order, never fused (no fastmath there). The matrix products keep the activations in f32 and
-dequantize each block in registers; they run with fastmath, which reorders the sums (see the tests for the
-tolerance). llama.cpp's alternative, activations quantized to int8 per 32-block and integer dot products,
-was measured slower here (numba/LLVM emits no pmaddubsw/vpdpbusd for it: Q8_0 3.9 vs 9.4 GB/s, Q4_0 3.4 vs
-3.7 GB/s on one core) and is less exact, so it is not used.
+the same order, never fused (no fastmath there). matmul keeps the activations in f32 and dequantizes each
+block in registers. matvec, where the CPU allows (kernels.simd.INT8_DOT), does as llama.cpp does: x is
+quantized to int8 per 32 values and each block is one integer dot product (vpdpbusd / pmaddubsw, 2.3-4x the
+f32 kernels, which stay registered elsewhere); the activation rounding costs ~5e-3 relative error.
 
 Block layouts (32 weights each, little-endian, f16 scales):
     Q4_0  d, qs[16]              w = (q - 8) d
@@ -25,7 +24,18 @@ from numba import prange
 
 from kernels import BlockKernels, register
 from kernels.common import f32_to_f16, n_tiles, read_f16, read_u32, tile_times_tokens, write_u16
-from kernels.simd import INT8_DOT, accumulate_i8_32, load_f16, quantize_activations, sum_f32x8, zeros_f32x8
+from kernels.simd import (
+    INT8_DOT,
+    accumulate_i8_32,
+    accumulate_q4_0,
+    accumulate_q4_1,
+    accumulate_q5_0,
+    accumulate_q5_1,
+    load_f16,
+    quantize_activations,
+    sum_f32x8,
+    zeros_f32x8,
+)
 
 QK = 32
 I32_1, I32_4, I32_8, I32_15, I32_16 = (np.int32(v) for v in (1, 4, 8, 15, 16))
@@ -321,6 +331,28 @@ def matvec_q4_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
 
 
 @numba.njit(cache=True, fastmath=True)
+def _matvec_rows_q4_0_int8(
+    blocks: np.ndarray, xq: np.ndarray, xd: np.ndarray, y: np.ndarray, r0: int, r1: int
+) -> None:
+    n_blocks = blocks.shape[1] // 18
+    for r in range(r0, r1):
+        row = blocks[r]
+        acc = zeros_f32x8()
+        for b in range(n_blocks):
+            acc = accumulate_q4_0(acc, row, b * 18, xq, b * QK, load_f16(row, b * 18) * xd[b])
+        y[r] = sum_f32x8(acc)
+
+
+@numba.njit(cache=True, parallel=True)
+def matvec_q4_0_int8(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
+    """matvec_q4_0 with x quantized to int8 per 32 and integer dot products (kernels.simd)."""
+    xq, xd = quantize_activations(x)
+    rows = blocks.shape[0]
+    for tile in prange(n_tiles(rows, ROW_TILE)):
+        _matvec_rows_q4_0_int8(blocks, xq, xd, y, tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE))
+
+
+@numba.njit(cache=True, fastmath=True)
 def _matmul_tile_q4_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray, r0: int, r1: int) -> None:
     weights = np.empty((r1 - r0, x.shape[1]), np.float32)
     n_blocks = blocks.shape[1] // 18
@@ -390,6 +422,32 @@ def matvec_q4_1(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, ROW_TILE)):
         _matvec_rows_q4_1(blocks, x, y, tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE))
+
+
+@numba.njit(cache=True, fastmath=True)
+def _matvec_rows_q4_1_int8(
+    blocks: np.ndarray, xq: np.ndarray, xd: np.ndarray, x_sums: np.ndarray, y: np.ndarray, r0: int, r1: int
+) -> None:
+    n_blocks = blocks.shape[1] // 20
+    for r in range(r0, r1):
+        row = blocks[r]
+        acc = zeros_f32x8()
+        mins = np.float32(0)
+        for b in range(n_blocks):
+            acc = accumulate_q4_1(acc, row, b * 20, xq, b * QK, load_f16(row, b * 20) * xd[b])
+            mins += load_f16(row, b * 20 + 2) * x_sums[b]
+        y[r] = sum_f32x8(acc) + mins
+
+
+@numba.njit(cache=True, parallel=True)
+def matvec_q4_1_int8(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
+    """matvec_q4_1 with x quantized to int8 per 32 and integer dot products (kernels.simd); the `+ m` terms
+    multiply the f32 block sums of x."""
+    xq, xd = quantize_activations(x)
+    x_sums = x.reshape(-1, QK).sum(axis=1)
+    rows = blocks.shape[0]
+    for tile in prange(n_tiles(rows, ROW_TILE)):
+        _matvec_rows_q4_1_int8(blocks, xq, xd, x_sums, y, tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE))
 
 
 @numba.njit(cache=True, fastmath=True)
@@ -465,6 +523,28 @@ def matvec_q5_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
 
 
 @numba.njit(cache=True, fastmath=True)
+def _matvec_rows_q5_0_int8(
+    blocks: np.ndarray, xq: np.ndarray, xd: np.ndarray, y: np.ndarray, r0: int, r1: int
+) -> None:
+    n_blocks = blocks.shape[1] // 22
+    for r in range(r0, r1):
+        row = blocks[r]
+        acc = zeros_f32x8()
+        for b in range(n_blocks):
+            acc = accumulate_q5_0(acc, row, b * 22, xq, b * QK, load_f16(row, b * 22) * xd[b])
+        y[r] = sum_f32x8(acc)
+
+
+@numba.njit(cache=True, parallel=True)
+def matvec_q5_0_int8(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
+    """matvec_q5_0 with x quantized to int8 per 32 and integer dot products (kernels.simd)."""
+    xq, xd = quantize_activations(x)
+    rows = blocks.shape[0]
+    for tile in prange(n_tiles(rows, ROW_TILE)):
+        _matvec_rows_q5_0_int8(blocks, xq, xd, y, tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE))
+
+
+@numba.njit(cache=True, fastmath=True)
 def _matmul_tile_q5_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray, r0: int, r1: int) -> None:
     weights = np.empty((r1 - r0, x.shape[1]), np.float32)
     n_blocks = blocks.shape[1] // 22
@@ -534,6 +614,32 @@ def matvec_q5_1(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, ROW_TILE)):
         _matvec_rows_q5_1(blocks, x, y, tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE))
+
+
+@numba.njit(cache=True, fastmath=True)
+def _matvec_rows_q5_1_int8(
+    blocks: np.ndarray, xq: np.ndarray, xd: np.ndarray, x_sums: np.ndarray, y: np.ndarray, r0: int, r1: int
+) -> None:
+    n_blocks = blocks.shape[1] // 24
+    for r in range(r0, r1):
+        row = blocks[r]
+        acc = zeros_f32x8()
+        mins = np.float32(0)
+        for b in range(n_blocks):
+            acc = accumulate_q5_1(acc, row, b * 24, xq, b * QK, load_f16(row, b * 24) * xd[b])
+            mins += load_f16(row, b * 24 + 2) * x_sums[b]
+        y[r] = sum_f32x8(acc) + mins
+
+
+@numba.njit(cache=True, parallel=True)
+def matvec_q5_1_int8(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
+    """matvec_q5_1 with x quantized to int8 per 32 and integer dot products (kernels.simd); the `+ m` terms
+    multiply the f32 block sums of x."""
+    xq, xd = quantize_activations(x)
+    x_sums = x.reshape(-1, QK).sum(axis=1)
+    rows = blocks.shape[0]
+    for tile in prange(n_tiles(rows, ROW_TILE)):
+        _matvec_rows_q5_1_int8(blocks, xq, xd, x_sums, y, tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE))
 
 
 @numba.njit(cache=True, fastmath=True)
@@ -656,10 +762,42 @@ def quantize_q8_0(x: np.ndarray, out: np.ndarray) -> None:
             _encode_q8_0(x_row, b * QK, row, b * 34)
 
 
-register(BlockKernels(GGMLQuantizationType.Q4_0, dequantize_q4_0, matvec_q4_0, matmul_q4_0, quantize_q4_0))
-register(BlockKernels(GGMLQuantizationType.Q4_1, dequantize_q4_1, matvec_q4_1, matmul_q4_1, quantize_q4_1))
-register(BlockKernels(GGMLQuantizationType.Q5_0, dequantize_q5_0, matvec_q5_0, matmul_q5_0, quantize_q5_0))
-register(BlockKernels(GGMLQuantizationType.Q5_1, dequantize_q5_1, matvec_q5_1, matmul_q5_1, quantize_q5_1))
+register(
+    BlockKernels(
+        GGMLQuantizationType.Q4_0,
+        dequantize_q4_0,
+        matvec_q4_0_int8 if INT8_DOT else matvec_q4_0,
+        matmul_q4_0,
+        quantize_q4_0,
+    )
+)
+register(
+    BlockKernels(
+        GGMLQuantizationType.Q4_1,
+        dequantize_q4_1,
+        matvec_q4_1_int8 if INT8_DOT else matvec_q4_1,
+        matmul_q4_1,
+        quantize_q4_1,
+    )
+)
+register(
+    BlockKernels(
+        GGMLQuantizationType.Q5_0,
+        dequantize_q5_0,
+        matvec_q5_0_int8 if INT8_DOT else matvec_q5_0,
+        matmul_q5_0,
+        quantize_q5_0,
+    )
+)
+register(
+    BlockKernels(
+        GGMLQuantizationType.Q5_1,
+        dequantize_q5_1,
+        matvec_q5_1_int8 if INT8_DOT else matvec_q5_1,
+        matmul_q5_1,
+        quantize_q5_1,
+    )
+)
 register(
     BlockKernels(
         GGMLQuantizationType.Q8_0,

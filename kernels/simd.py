@@ -190,6 +190,59 @@ def accumulate_i8_32(typingctx, acc, w, w_offset, x, x_offset, scale):
     return f32x8(acc, w, w_offset, x, x_offset, types.float32), codegen
 
 
+def _legacy_block_intrinsic(qs_at: int, qh_at: int | None, zero: int):
+    """The intrinsic adding scale * dot(q - zero, xq) for one 32-weight block of ggml's 4/5-bit types at
+    row[offset:], its nibbles at qs_at (byte j: weight j low, weight j + 16 high) and, for 5 bits, the fifth
+    bits at qh_at (bit j of the little-endian u32: weight j); `xq` int8 from x_offset."""
+
+    @intrinsic
+    def accumulate(typingctx, acc, row, offset, xq, x_offset, scale):
+        if not (acc == f32x8 and _is_byte_array(row) and _is_byte_array(xq)):
+            return None
+
+        def codegen(context, builder, signature, args):
+            accumulator, row_, o, xq_, x_at, scale_ = args
+            row_type = signature.args[1]
+
+            def at(k: int) -> ir.Value:
+                return _pointer(context, builder, row_type, row_, builder.add(o, ir.Constant(o.type, k)))
+
+            packed = _load(builder, at(qs_at), ir.VectorType(I8, 16))
+            v16i8 = ir.VectorType(I8, 16)
+            low = builder.and_(packed, ir.Constant(v16i8, [15] * 16))
+            high = builder.lshr(packed, ir.Constant(v16i8, [4] * 16))
+            q = builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(I32, 32), list(range(32))))
+            if qh_at is not None:
+                # byte j of the 4 qh bytes to lanes 8j .. 8j + 7, then each lane tests its own bit
+                bits = _load(builder, at(qh_at), ir.VectorType(I8, 4))
+                spread = builder.shuffle_vector(
+                    bits, bits, ir.Constant(ir.VectorType(I32, 32), [k // 8 for k in range(32)])
+                )
+                masks = ir.Constant(V32I8, [1 << (k % 8) for k in range(32)])
+                is_set = builder.icmp_unsigned("!=", builder.and_(spread, masks), ir.Constant(V32I8, None))
+                q = builder.or_(
+                    q, builder.select(is_set, ir.Constant(V32I8, [16] * 32), ir.Constant(V32I8, None))
+                )
+            xs = _load(builder, _pointer(context, builder, signature.args[3], xq_, x_at), V32I8)
+            if zero:
+                lanes = _dot_s8_s8(builder, builder.sub(q, ir.Constant(V32I8, [zero] * 32)), xs)
+            else:
+                lanes = _dot_u8_s8(builder, q, xs)
+            return _accumulate(builder, accumulator, lanes, _splat_f32(builder, scale_))
+
+        return f32x8(acc, row, offset, xq, x_offset, types.float32), codegen
+
+    return accumulate
+
+
+# The integer part of each legacy type; the scale passed in is d times the activation scale, and the `+ m`
+# of the _1 types is the caller's (it multiplies the f32 sum of the block of x).
+accumulate_q4_0 = _legacy_block_intrinsic(qs_at=2, qh_at=None, zero=8)
+accumulate_q4_1 = _legacy_block_intrinsic(qs_at=4, qh_at=None, zero=0)
+accumulate_q5_0 = _legacy_block_intrinsic(qs_at=6, qh_at=2, zero=16)
+accumulate_q5_1 = _legacy_block_intrinsic(qs_at=8, qh_at=4, zero=0)
+
+
 def _f32_pointer(context, builder, array_type, array, index) -> ir.Value:
     """float* to array[index] of an f32 array."""
     return builder.gep(context.make_array(array_type)(context, builder, array).data, [index])

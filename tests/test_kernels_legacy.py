@@ -4,9 +4,10 @@ dequantize and quantize must match gguf.quants bit for bit. matvec and matmul re
 are held to |y - y_ref| <= 1e-5 * (|W| |x|) elementwise, where y_ref is computed in f64 from gguf-py's
 dequantized W: a relative error of 1e-5 on the sum of the absolute products.
 
-Where the CPU has integer dot products, the registered Q8_0 matvec quantizes x to int8 per 32 values first
-(scale d_b = max |x_b| / 127, rounding to nearest): each x_j is then off by at most d_b / 2, so the bound
-gains sum_j |w_j| d_b(j) / 2, the worst case of the activation rounding.
+Where the CPU has integer dot products, the registered matvec kernels quantize x to int8 per 32 values first
+(scale d_b = max |x_b| / 127, rounding to nearest) and use it for the `d q` part of each weight (the `+ m` of
+Q4_1/Q5_1 multiplies the f32 sums of x): each x_j is off by at most d_b / 2, so the bound gains
+sum_j |d q_j| d_b(j) / 2 <= sum_j (|w_j| + |m_j|) d_b(j) / 2, the worst case of the activation rounding.
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ MATMUL_TOLERANCE = 1e-5
 SETTINGS = settings(max_examples=25, deadline=None)
 # the matvec kernels that quantize x to int8 (registered when kernels.simd has an instruction set), and the
 # f32 kernels registered otherwise, which the tests hold to the f32 tolerance on every CPU
-INT8_MATVEC = {Q.Q8_0: legacy.matvec_q8_0_int8}
-F32_MATVEC = {Q.Q8_0: legacy.matvec_q8_0}
+INT8_MATVEC = {q: getattr(legacy, f"matvec_{q.name.lower()}_int8") for q in QUANTIZED}
+F32_MATVEC = {q: getattr(legacy, f"matvec_{q.name.lower()}") for q in QUANTIZED}
+# bytes of the quantized values in a block: zeroed, a block of a _1 type dequantizes to its `m`
+QUANT_RANGES = {Q.Q4_1: (4, 20), Q.Q5_1: (4, 24)}
 
 
 def finite_halves(rng: np.random.Generator, shape: tuple[int, ...], exponent_bits: int) -> np.ndarray:
@@ -164,10 +167,16 @@ def reference_products(blocks: np.ndarray, qtype: GGMLQuantizationType, x: np.nd
 
 
 def activation_rounding_bound(blocks: np.ndarray, qtype: GGMLQuantizationType, x: np.ndarray) -> np.ndarray:
-    """f64[rows]: sum_j |w_j| d(j) / 2, d(j) = max |x| / 127 over the 32-block of x_j, with 1e-4 of slack for
-    the f32 rounding of d and of x / d."""
+    """f64[rows]: sum_j (|w_j| + |m_j|) d(j) / 2, d(j) = max |x| / 127 over the 32-block of x_j, with 1e-4 of
+    slack for the f32 rounding of d and of x / d."""
     step = np.repeat(np.abs(x.astype(np.float64)).reshape(-1, 32).max(axis=1) / 127, 32)
-    return np.abs(quants.dequantize(blocks, qtype).astype(np.float64)) @ (step / 2 * (1 + 1e-4))
+    magnitudes = np.abs(quants.dequantize(blocks, qtype).astype(np.float64))
+    if qtype in QUANT_RANGES:
+        start, stop = QUANT_RANGES[qtype]
+        per_block = blocks.reshape(blocks.shape[0], -1, kernels_for(qtype).type_size).copy()
+        per_block[:, :, start:stop] = 0
+        magnitudes += np.abs(quants.dequantize(per_block.reshape(blocks.shape), qtype))
+    return magnitudes @ (step / 2 * (1 + 1e-4))
 
 
 def int8_activations(qtype: GGMLQuantizationType) -> bool:
