@@ -281,67 +281,85 @@ def _q4_k_scales_and_mins(builder, packed: ir.Value) -> tuple[ir.Value, ir.Value
     return builder.uitofp(scales, as_f32), builder.uitofp(mins, as_f32)
 
 
-@intrinsic
-def accumulate_q4_k(typingctx, acc, row, offset, xq, xd, x_sums, s):
-    """One Q4_K block at row[offset:offset + 144] times x block s (x[256 s:256 s + 256]):
-    sum_j d sc_j xd[8s + j] dot(q_j, xq_j) - dmin m_j x_sums[8s + j], the sub-block scales unpacked in
-    vector registers. xq int8[cols] and xd f32[cols // 32] are x quantized per 32, x_sums f32[cols // 32]
-    its sums."""
-    if not (acc == f32x8 and _is_byte_array(row) and _is_byte_array(xq)):
-        return None
+def _k4_block_intrinsic(qs_at: int, qh_at: int | None):
+    """The intrinsic for one Q4_K (qh_at None) or Q5_K block at row[offset:] times x block s
+    (x[256 s:256 s + 256]): sum_j d sc_j xd[8s + j] dot(q_j, xq_j) - dmin m_j x_sums[8s + j], the sub-block
+    scales unpacked in vector registers. Sub-block j: nibble j % 2 of qs[32 (j // 2) + k], and for Q5_K bit j
+    of qh[k] as the fifth bit. xq int8[cols] and xd f32[cols // 32] are x quantized per 32, x_sums
+    f32[cols // 32] its sums."""
 
-    def codegen(context, builder, signature, args):
-        accumulator, row_, o, xq_, xd_, x_sums_, s_ = args
-        row_type, xq_type, xd_type, x_sums_type = (
-            signature.args[1],
-            signature.args[3],
-            signature.args[4],
-            signature.args[5],
-        )
-        i64 = o.type
+    @intrinsic
+    def accumulate(typingctx, acc, row, offset, xq, xd, x_sums, s):
+        if not (acc == f32x8 and _is_byte_array(row) and _is_byte_array(xq)):
+            return None
 
-        def at(k: int) -> ir.Value:
-            return builder.add(o, ir.Constant(i64, k))
-
-        def halves(k: int) -> ir.Value:
-            pointer = _pointer(context, builder, row_type, row_, at(k))
-            return builder.fpext(
-                builder.load(builder.bitcast(pointer, ir.HalfType().as_pointer()), align=1), F32
+        def codegen(context, builder, signature, args):
+            accumulator, row_, o, xq_, xd_, x_sums_, s_ = args
+            row_type, xq_type, xd_type, x_sums_type = (
+                signature.args[1],
+                signature.args[3],
+                signature.args[4],
+                signature.args[5],
             )
+            i64 = o.type
 
-        d, dmin = halves(0), halves(2)
-        packed_scales = _load(
-            builder, _pointer(context, builder, row_type, row_, at(4)), ir.VectorType(I8, 16)
-        )
-        scales, mins = _q4_k_scales_and_mins(builder, packed_scales)
-        first = builder.mul(s_, ir.Constant(i64, 8))
-        xd_vector = builder.load(
-            builder.bitcast(_f32_pointer(context, builder, xd_type, xd_, first), V8F32.as_pointer()), align=4
-        )
-        sums = builder.load(
-            builder.bitcast(_f32_pointer(context, builder, x_sums_type, x_sums_, first), V8F32.as_pointer()),
-            align=4,
-        )
-        scales = builder.fmul(builder.fmul(scales, _splat_f32(builder, d)), xd_vector)
-        minus_mins = builder.fmul(mins, _splat_f32(builder, builder.fneg(dmin)))
-        # sub-blocks of low and high nibbles into separate sums: two chains of dependent adds
-        partial = [ir.Constant(V8F32, None), ir.Constant(V8F32, None)]
-        x_at = builder.mul(first, ir.Constant(i64, 32))
-        for j in range(8):
-            packed = _load(builder, _pointer(context, builder, row_type, row_, at(16 + 32 * (j // 2))), V32I8)
-            nibbles = _field(builder, packed, 4 * (j % 2), 15)
-            xs = _load(
-                builder,
-                _pointer(context, builder, xq_type, xq_, builder.add(x_at, ir.Constant(i64, 32 * j))),
-                V32I8,
+            def at(k: int) -> ir.Value:
+                return builder.add(o, ir.Constant(i64, k))
+
+            def halves(k: int) -> ir.Value:
+                pointer = _pointer(context, builder, row_type, row_, at(k))
+                return builder.fpext(
+                    builder.load(builder.bitcast(pointer, ir.HalfType().as_pointer()), align=1), F32
+                )
+
+            d, dmin = halves(0), halves(2)
+            packed_scales = _load(
+                builder, _pointer(context, builder, row_type, row_, at(4)), ir.VectorType(I8, 16)
             )
-            scale = builder.shuffle_vector(scales, scales, ir.Constant(ir.VectorType(I32, 8), [j] * 8))
-            partial[j % 2] = _accumulate(builder, partial[j % 2], _dot_u8_s8(builder, nibbles, xs), scale)
-        block = builder.fadd(partial[0], partial[1])
-        block = _call(builder, "llvm.fma.v8f32", V8F32, minus_mins, sums, block)
-        return builder.fadd(accumulator, block)
+            scales, mins = _q4_k_scales_and_mins(builder, packed_scales)
+            first = builder.mul(s_, ir.Constant(i64, 8))
+            xd_vector = builder.load(
+                builder.bitcast(_f32_pointer(context, builder, xd_type, xd_, first), V8F32.as_pointer()),
+                align=4,
+            )
+            sums = builder.load(
+                builder.bitcast(
+                    _f32_pointer(context, builder, x_sums_type, x_sums_, first), V8F32.as_pointer()
+                ),
+                align=4,
+            )
+            scales = builder.fmul(builder.fmul(scales, _splat_f32(builder, d)), xd_vector)
+            minus_mins = builder.fmul(mins, _splat_f32(builder, builder.fneg(dmin)))
+            # sub-blocks of low and high nibbles into separate sums: two chains of dependent adds
+            partial = [ir.Constant(V8F32, None), ir.Constant(V8F32, None)]
+            x_at = builder.mul(first, ir.Constant(i64, 32))
+            for j in range(8):
+                packed = _load(
+                    builder, _pointer(context, builder, row_type, row_, at(qs_at + 32 * (j // 2))), V32I8
+                )
+                nibbles = _field(builder, packed, 4 * (j % 2), 15)
+                if qh_at is not None:
+                    high_bits = _load(builder, _pointer(context, builder, row_type, row_, at(qh_at)), V32I8)
+                    fifth = builder.shl(_field(builder, high_bits, j, 1), ir.Constant(V32I8, [4] * 32))
+                    nibbles = builder.or_(nibbles, fifth)
+                xs = _load(
+                    builder,
+                    _pointer(context, builder, xq_type, xq_, builder.add(x_at, ir.Constant(i64, 32 * j))),
+                    V32I8,
+                )
+                scale = builder.shuffle_vector(scales, scales, ir.Constant(ir.VectorType(I32, 8), [j] * 8))
+                partial[j % 2] = _accumulate(builder, partial[j % 2], _dot_u8_s8(builder, nibbles, xs), scale)
+            block = builder.fadd(partial[0], partial[1])
+            block = _call(builder, "llvm.fma.v8f32", V8F32, minus_mins, sums, block)
+            return builder.fadd(accumulator, block)
 
-    return f32x8(acc, row, offset, xq, xd, x_sums, s), codegen
+        return f32x8(acc, row, offset, xq, xd, x_sums, s), codegen
+
+    return accumulate
+
+
+accumulate_q4_k = _k4_block_intrinsic(qs_at=16, qh_at=None)
+accumulate_q5_k = _k4_block_intrinsic(qs_at=48, qh_at=16)
 
 
 @intrinsic

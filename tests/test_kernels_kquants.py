@@ -8,10 +8,10 @@ Tolerance of matvec/matmul: |y - y_exact| <= 1e-4 * sum_k (|w_k| + |min_k|) |x_k
 is the f64 product of gguf-py's dequantized weights and min_k the `dmin * m` part of w_k (summation order
 differs from a plain dot product, and the `- dmin * m` terms are applied through per-sub-block sums of x).
 
-Where the CPU has integer dot products, the registered Q4_K and Q6_K matvec quantize x to int8 per 32 values
-(scale d_b = max |x_b| / 127, rounding to nearest) and use it for the `d * sc * q` part of each weight, whose
-magnitude is at most |w_k| + |min_k|: the bound gains sum_k (|w_k| + |min_k|) d_b(k) / 2, the worst case of
-the activation rounding.
+Where the CPU has integer dot products, the registered Q4_K, Q5_K and Q6_K matvec quantize x to int8 per 32
+values (scale d_b = max |x_b| / 127, rounding to nearest) and use it for the `d * sc * q` part of each
+weight, whose magnitude is at most |w_k| + |min_k|: the bound gains sum_k (|w_k| + |min_k|) d_b(k) / 2, the
+worst case of the activation rounding.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ QTYPES = list(F16_OFFSETS)
 RTOL = 1e-4
 # the matvec kernels registered instead of matvec_<type> when kernels.simd has an instruction set
 INT8_MATVEC = {
-    GGMLQuantizationType.Q4_K: kquants.matvec_q4_k_int8,
-    GGMLQuantizationType.Q6_K: kquants.matvec_q6_k_int8,
+    q: getattr(kquants, f"matvec_{q.name.lower()}_int8")
+    for q in (GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K)
 }
 
 
