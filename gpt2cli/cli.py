@@ -37,7 +37,7 @@ def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def load_model(spec: str, verbose: bool = False):
+def load_model(spec: str, verbose: bool = False, exact: bool = False):
     from gpt2cli.gguf_file import ModelFile
     from gpt2cli.model import GPT2Model
     from gpt2cli.registry import resolve_gguf
@@ -45,7 +45,7 @@ def load_model(spec: str, verbose: bool = False):
     t0 = time.perf_counter()
     path = resolve_gguf(spec)
     mf = ModelFile(path)
-    model = GPT2Model(mf.weights, mf.config)
+    model = GPT2Model(mf.weights, mf.config, exact=exact)
     if verbose:
         types = ", ".join(sorted(q.name for q in mf.qtypes))
         say(
@@ -72,6 +72,9 @@ def generate(
     truncate_prompt: Annotated[
         bool, typer.Option(help="Keep the tail of a prompt longer than the context instead of failing.")
     ] = False,
+    exact: Annotated[
+        bool, typer.Option(help="Decode with f32 activations (as transformers), not ggml's faster int8 ones.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per sequence.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Speeds on stderr.")] = False,
 ) -> None:
@@ -93,7 +96,7 @@ def generate(
         ),
     )
     settings.validate()
-    mf, gpt2 = load_model(model, verbose)
+    mf, gpt2 = load_model(model, verbose, exact)
     tokenizer = mf.tokenizer
     ids = prompt_ids(tokenizer, prompt, settings, mf.config.n_ctx)
     shown_prompt = tokenizer.decode(ids)

@@ -57,9 +57,12 @@ def gelu(x: np.ndarray) -> np.ndarray:
 
 
 class GPT2Model:
-    def __init__(self, weights: GPT2Weights, config: GPT2Config) -> None:
+    """exact: decode with f32 activations, as transformers computes, instead of ggml's int8 ones (faster)."""
+
+    def __init__(self, weights: GPT2Weights, config: GPT2Config, exact: bool = False) -> None:
         self.w = weights
         self.config = config
+        self.exact = exact
         self._scratch = np.empty(SCRATCH_BYTES // 4, dtype=np.float32)
 
     def new_cache(self, max_len: int | None = None) -> KVCache:
@@ -71,7 +74,8 @@ class GPT2Model:
         x = np.ascontiguousarray(x, dtype=np.float32)
         y = np.empty((n, w.rows), dtype=np.float32)
         if n == 1:
-            w.kernels.matvec(w.blocks, x[0], y[0])
+            matvec = w.kernels.exact_matvec if self.exact else w.kernels.matvec
+            matvec(w.blocks, x[0], y[0])
         elif n < BLAS_MIN_TOKENS:
             w.kernels.matmul(w.blocks, x, y)
         else:

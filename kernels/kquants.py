@@ -742,6 +742,7 @@ register(
         matvec_q4_k_int8 if INT8_DOT else matvec_q4_k,
         matmul_q4_k,
         quantize_q4_k,
+        matvec_f32=matvec_q4_k if INT8_DOT else None,
     )
 )
 register(
@@ -751,6 +752,7 @@ register(
         matvec_q5_k_int8 if INT8_DOT else matvec_q5_k,
         matmul_q5_k,
         quantize_q5_k,
+        matvec_f32=matvec_q5_k if INT8_DOT else None,
     )
 )
 register(
@@ -760,5 +762,6 @@ register(
         matvec_q6_k_int8 if INT8_DOT else matvec_q6_k,
         matmul_q6_k,
         quantize_q6_k,
+        matvec_f32=matvec_q6_k if INT8_DOT else None,
     )
 )

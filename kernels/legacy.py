@@ -769,6 +769,7 @@ register(
         matvec_q4_0_int8 if INT8_DOT else matvec_q4_0,
         matmul_q4_0,
         quantize_q4_0,
+        matvec_f32=matvec_q4_0 if INT8_DOT else None,
     )
 )
 register(
@@ -778,6 +779,7 @@ register(
         matvec_q4_1_int8 if INT8_DOT else matvec_q4_1,
         matmul_q4_1,
         quantize_q4_1,
+        matvec_f32=matvec_q4_1 if INT8_DOT else None,
     )
 )
 register(
@@ -787,6 +789,7 @@ register(
         matvec_q5_0_int8 if INT8_DOT else matvec_q5_0,
         matmul_q5_0,
         quantize_q5_0,
+        matvec_f32=matvec_q5_0 if INT8_DOT else None,
     )
 )
 register(
@@ -796,6 +799,7 @@ register(
         matvec_q5_1_int8 if INT8_DOT else matvec_q5_1,
         matmul_q5_1,
         quantize_q5_1,
+        matvec_f32=matvec_q5_1 if INT8_DOT else None,
     )
 )
 register(
@@ -805,5 +809,6 @@ register(
         matvec_q8_0_int8 if INT8_DOT else matvec_q8_0,
         matmul_q8_0,
         quantize_q8_0,
+        matvec_f32=matvec_q8_0 if INT8_DOT else None,
     )
 )

@@ -14,27 +14,31 @@ from kernels import KERNELS
 
 IDS = [464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13, 50256, 40, 1101, 257, 3303, 2746]
 RTOL = 1e-4  # max |ours - reference| / max |reference|, over all logits
+# Decoding by default quantizes the activations to int8 blocks as ggml does: measured up to 2.4e-2 on these
+# random models (Q4_K/Q5_K), llama.cpp's own error; the kernels' tests bound it per product.
+RTOL_INT8 = 5e-2
 
 
 def rel_err(ours: np.ndarray, ref: np.ndarray) -> float:
     return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
 
 
-def load(path):
+def load(path, exact=True):
     mf = ModelFile(path)
-    return mf, GPT2Model(mf.weights, mf.config)
+    return mf, GPT2Model(mf.weights, mf.config, exact=exact)
 
 
 def check_prefill_and_decode(path, params, n_head, split=6):
-    _, model = load(path)
     ref = gpt2_logits(params, IDS, n_head)
-    cache = model.new_cache()
-    logits = model.forward(IDS[:split], cache)
-    assert rel_err(logits, ref[:split]) < RTOL
-    for i in range(split, len(IDS)):
-        step = model.forward([IDS[i]], cache)
-        assert rel_err(step[0], ref[i]) < RTOL, f"decode step {i}"
-    assert cache.length == len(IDS)
+    for exact, rtol in ((True, RTOL), (False, RTOL_INT8)):
+        _, model = load(path, exact)
+        cache = model.new_cache()
+        logits = model.forward(IDS[:split], cache)
+        assert rel_err(logits, ref[:split]) < RTOL  # prefill products are f32 either way
+        for i in range(split, len(IDS)):
+            step = model.forward([IDS[i]], cache)
+            assert rel_err(step[0], ref[i]) < rtol, f"decode step {i}, exact={exact}"
+        assert cache.length == len(IDS)
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -44,7 +48,9 @@ def test_f32_prefill_and_decode_match_reference(tmp_path, tied):
     check_prefill_and_decode(path, params, TINY.n_head)
 
 
-@pytest.mark.parametrize("qtype", [t for t in (*FLOAT_TYPES, *LEGACY_TYPES) if t != T.F32])
+@pytest.mark.parametrize(
+    "qtype", [t for t in (*FLOAT_TYPES, *LEGACY_TYPES) if t != T.F32], ids=lambda t: t.name
+)
 def test_block_types_match_reference(tmp_path, qtype):
     if qtype not in KERNELS:
         pytest.skip(f"{qtype.name} kernels not registered")
@@ -53,7 +59,7 @@ def test_block_types_match_reference(tmp_path, qtype):
     check_prefill_and_decode(path, params, TINY.n_head)
 
 
-@pytest.mark.parametrize("qtype", K_TYPES)
+@pytest.mark.parametrize("qtype", K_TYPES, ids=lambda t: t.name)
 def test_k_quants_match_reference(tmp_path, qtype):
     if qtype not in KERNELS or KERNELS[qtype].quantize is None:
         pytest.skip(f"{qtype.name} kernels or quantizer not registered")
