@@ -180,6 +180,7 @@ def tokenize_file(
     decoder = codecs.getincrementaldecoder("utf-8")(errors=errors)
     ids: list[int] = []
     pending = ""  # decoded, CRLF already LF, not yet tokenized
+    held = ""  # a CR that may be the first half of a CRLF split across blocks
     read = 0
     with open(path, "rb") as f:
         while max_tokens is None or len(ids) < max_tokens:
@@ -187,7 +188,7 @@ def tokenize_file(
             final = not block
             buffered = len(decoder.getstate()[0])
             try:
-                pending += decoder.decode(block, final)
+                text = held + decoder.decode(block, final)
             except UnicodeDecodeError as e:
                 offset = read - buffered + e.start
                 raise Gpt2Error(
@@ -195,12 +196,12 @@ def tokenize_file(
                     "--errors replace reads it as U+FFFD"
                 ) from None
             read += len(block)
-            # A CR at the end may be half of a CRLF split across blocks: keep it back for the next one.
-            held = "\r" if pending.endswith("\r") and not final else ""
-            pending = pending[: len(pending) - len(held)].replace("\r\n", "\n")
+            held = "\r" if text.endswith("\r") and not final else ""
+            # Each decoded character goes through the CRLF replacement exactly once.
+            pending += text[: len(text) - len(held)].replace("\r\n", "\n")
             cut = len(pending) if final else _last_safe_cut(pending)
             ids.extend(tokenizer.encode(pending[:cut]))
-            pending = pending[cut:] + held
+            pending = pending[cut:]
             if final:
                 break
     return np.asarray(ids[:max_tokens], dtype=np.int64)

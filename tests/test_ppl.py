@@ -472,3 +472,13 @@ def test_cli_replace_reads_invalid_utf8(capsys, tiny, tmp_path):
     code, out, err = run_ppl(capsys, str(tmp_path / "t.txt"), "-m", str(tiny[0]), "--errors", "replace")
     assert code == 0, err
     assert "note          the text has" in out
+
+
+@pytest.mark.parametrize("data", [b"\r\r\n", b"a\r\nb\r\r\n\r\nc\r", b"x\r"])
+@pytest.mark.parametrize("block", [1, 2, 3, 64])
+def test_lone_carriage_returns_beside_crlf(tmp_path, tokenizer, monkeypatch, data, block):
+    # Every character goes through the CRLF replacement once: "\r\r\n" is "\r\n", not "\n".
+    monkeypatch.setattr(ppl, "READ_BLOCK_BYTES", block)
+    path = tmp_path / "t.txt"
+    path.write_bytes(data)
+    assert tokenize_file(path, tokenizer).tolist() == tokenizer.encode(data.decode().replace("\r\n", "\n"))
