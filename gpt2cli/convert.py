@@ -48,9 +48,7 @@ class Checkpoint:
     config: GPT2Config
     shapes: dict[str, tuple[int, ...]]  # GGUF name -> numpy shape, in writing order
     loaders: dict[str, Callable[[], np.ndarray]]
-    tokens: list[str]
-    merges: list[str]
-    eos_id: int
+    tokenizer: Tokenizer
     gguf_path: Path | None = None  # the file itself, when the checkpoint is an F32/F16/BF16 GGUF
 
     def load(self, name: str) -> np.ndarray:  # -> f32[shape]
@@ -175,7 +173,5 @@ def load_hf_checkpoint(directory: str | Path, name: str | None = None) -> Checkp
         config=config,
         shapes={n: shapes[n] for n in order},
         loaders={n: loaders[n] for n in order},
-        tokens=tokenizer.tokens,
-        merges=tokenizer.merges,
-        eos_id=tokenizer.eos_id,
+        tokenizer=tokenizer,
     )

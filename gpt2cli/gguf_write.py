@@ -10,9 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFWriter, TokenType
+from gguf import GGMLQuantizationType, GGUFWriter
 
 from gpt2cli.gguf_file import ARCH, GPT2Config
+from gpt2cli.tokenizer import Tokenizer
 
 QUANTIZATION_VERSION = 2  # ggml's GGML_QNT_VERSION
 
@@ -46,12 +47,10 @@ def write_gpt2_gguf(
     path: str | os.PathLike[str],
     config: GPT2Config,
     tensors: Iterable[TensorData],
-    tokens: list[str],
-    merges: list[str],
+    tokenizer: Tokenizer,
     *,
     file_type: int,
     name: str = "gpt2",
-    eos_id: int = 50256,
 ) -> None:
     """Write the metadata llama.cpp expects for GPT-2, then the tensors, to `path` via a temporary file."""
     with atomic_output(path) as tmp:
@@ -65,16 +64,7 @@ def write_gpt2_gguf(
         writer.add_layer_norm_eps(config.layer_norm_eps)
         writer.add_file_type(file_type)
         writer.add_quantization_version(QUANTIZATION_VERSION)
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre("gpt-2")
-        writer.add_token_list(tokens)
-        token_types = [TokenType.NORMAL] * len(tokens)
-        if 0 <= eos_id < len(tokens):
-            token_types[eos_id] = TokenType.CONTROL
-        writer.add_token_types(token_types)
-        writer.add_token_merges(merges)
-        writer.add_bos_token_id(eos_id)
-        writer.add_eos_token_id(eos_id)
+        tokenizer.add_to_gguf(writer)
         for t in tensors:
             # Blocks go in as u8[rows, row_bytes]: gguf-py derives the logical shape from raw_dtype.
             raw_dtype = None if t.qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16) else t.qtype

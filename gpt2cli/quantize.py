@@ -90,7 +90,6 @@ def load_gguf_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
             )
         shapes[info.name] = info.shape
         loaders[info.name] = _gguf_loader(info, contents.data)
-    tokenizer = mf.tokenizer
     stem = mf.path.name.removesuffix(".gguf")
     head, _, suffix = stem.rpartition(".")
     name = str(mf.metadata.get("general.name") or (head if suffix.upper() in FILE_TYPES else stem))
@@ -99,9 +98,7 @@ def load_gguf_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         config=mf.config,
         shapes=shapes,
         loaders=loaders,
-        tokens=tokenizer.tokens,
-        merges=tokenizer.merges,
-        eos_id=tokenizer.eos_id,
+        tokenizer=mf.tokenizer,
         gguf_path=mf.path,
     )
 
@@ -200,9 +197,7 @@ def quantize_checkpoint(
 
     out_path = Path(out_path)
     c = checkpoint
-    write_gpt2_gguf(
-        out_path, c.config, tensors(), c.tokens, c.merges, file_type=int(ft.id), name=c.name, eos_id=c.eos_id
-    )
+    write_gpt2_gguf(out_path, c.config, tensors(), c.tokenizer, file_type=int(ft.id), name=c.name)
     return QuantizeReport(
         path=out_path,
         file_type=ft,

@@ -16,6 +16,7 @@ from gguf import GGMLQuantizationType, quants
 
 from gpt2cli.gguf_file import GPT2Config
 from gpt2cli.gguf_write import TensorData, write_gpt2_gguf
+from gpt2cli.tokenizer import Tokenizer
 from kernels import KERNELS
 
 T = GGMLQuantizationType
@@ -47,6 +48,11 @@ def gpt2_vocab() -> tuple[list[str], list[str]]:
     lines = (d / "vocab.bpe").read_text(encoding="utf-8").split("\n")
     merges = [line for line in lines[1:] if line]
     return tokens, merges
+
+
+@cache
+def gpt2_tokenizer() -> Tokenizer:
+    return Tokenizer(*gpt2_vocab())
 
 
 def quantize_matrix(x: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
@@ -135,6 +141,6 @@ def build_gguf(
         stored = quantize_matrix(x, t)
         tensors.append(TensorData(name, stored, t))
         values[name] = stored_values(stored, t).reshape(shape)
-    tokens, merges = gpt2_vocab()
-    write_gpt2_gguf(path, c, tensors, tokens, merges, file_type=0 if qtype == T.F32 else 1, name="tiny-gpt2")
+    file_type = 0 if qtype == T.F32 else 1  # llama.cpp's ALL_F32 / MOSTLY_F16: only informative here
+    write_gpt2_gguf(path, c, tensors, gpt2_tokenizer(), file_type=file_type, name="tiny-gpt2")
     return values

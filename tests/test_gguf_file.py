@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from cli_helpers import run_cli
-from synthetic import TINY, T, build_gguf, gpt2_vocab
+from synthetic import TINY, T, build_gguf, gpt2_tokenizer
 
 from gpt2cli.errors import Gpt2Error
 from gpt2cli.gguf_file import ModelFile
@@ -97,8 +97,7 @@ def test_unsupported_block_type(tmp_path):
 
     src = tmp_path / "src.gguf"
     params.update(build_gguf(src, skip=("blk.0.ffn_up.weight",)))
-    tokens, merges = gpt2_vocab()
-    write_gpt2_gguf(path, TINY, tensors(), tokens, merges, file_type=0)
+    write_gpt2_gguf(path, TINY, tensors(), gpt2_tokenizer(), file_type=0)
     expect_error(path, "unsupported block type IQ4_NL")
 
 
