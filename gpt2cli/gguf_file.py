@@ -108,7 +108,7 @@ class ModelFile:
         self.path = contents.path
         self.metadata = contents.metadata
         self.tensors = contents.tensors
-        self._data = contents.data
+        self.data = contents.data  # u8[file size], memory-mapped
         self.config = _read_config(self)
         self.weights = _read_weights(self, self.config)
 
@@ -180,7 +180,7 @@ def _vector(mf: ModelFile, name: str, shape: tuple[int, ...]) -> np.ndarray:
     if tensor.shape != shape:
         raise mf.fail(f"tensor {name} has shape {tensor.shape}, expected {shape}")
     if tensor.qtype == GGMLQuantizationType.F32:
-        return tensor.blocks(mf._data).view(np.float32).reshape(shape)
+        return tensor.blocks(mf.data).view(np.float32).reshape(shape)
     matrix = _as_matrix(mf, tensor, (math.prod(shape[:-1]), shape[-1]))
     return matrix.dequantize().reshape(shape)
 
@@ -195,7 +195,7 @@ def _as_matrix(mf: ModelFile, tensor: TensorInfo, shape: tuple[int, int]) -> Wei
         raise mf.fail(
             f"tensor {tensor.name}: rows of {cols} values do not fit {qtype.name} blocks of {block_size}"
         )
-    return WeightMatrix(tensor.name, qtype, rows, cols, tensor.blocks(mf._data).reshape(rows, -1))
+    return WeightMatrix(tensor.name, qtype, rows, cols, tensor.blocks(mf.data).reshape(rows, -1))
 
 
 def _matrix(mf: ModelFile, name: str, shape: tuple[int, int]) -> WeightMatrix:

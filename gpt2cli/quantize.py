@@ -24,7 +24,7 @@ from gpt2cli import registry
 from gpt2cli.convert import Checkpoint, load_hf_checkpoint
 from gpt2cli.errors import Gpt2Error
 from gpt2cli.gguf_file import ModelFile
-from gpt2cli.gguf_reader import TensorInfo, read_gguf
+from gpt2cli.gguf_reader import TensorInfo
 from gpt2cli.gguf_write import TensorData, write_gpt2_gguf
 from gpt2cli.model import GPT2Model
 from gpt2cli.ppl import KLDStats, ProgressCallback, compare_models, tokenize_file
@@ -80,16 +80,15 @@ class QuantizeReport:
 def load_gguf_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     """An F32/F16/BF16 GGUF as a Checkpoint; a quantized one is refused (requantizing compounds the error)."""
     mf = ModelFile(path)  # validates the config, tensor shapes and vocabulary
-    contents = read_gguf(path)
     shapes, loaders = {}, {}
-    for info in contents.tensors.values():
+    for info in mf.tensors.values():
         if info.qtype not in FLOAT_INPUTS:
             raise Gpt2Error(
                 f"{mf.path}: tensor {info.name} is already {info.qtype.name}; quantize from an F32, F16 or "
                 "BF16 file or the original checkpoint"
             )
         shapes[info.name] = info.shape
-        loaders[info.name] = _gguf_loader(info, contents.data)
+        loaders[info.name] = _gguf_loader(info, mf.data)
     stem = mf.path.name.removesuffix(".gguf")
     head, _, suffix = stem.rpartition(".")
     name = str(mf.metadata.get("general.name") or (head if suffix.upper() in FILE_TYPES else stem))
