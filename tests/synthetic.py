@@ -16,8 +16,8 @@ from gguf import GGMLQuantizationType, quants
 
 from gpt2cli.gguf_file import GPT2Config
 from gpt2cli.gguf_write import TensorData, write_gpt2_gguf
+from gpt2cli.quantize import quantize_matrix
 from gpt2cli.tokenizer import Tokenizer
-from kernels import KERNELS
 
 T = GGMLQuantizationType
 FLOAT_TYPES = (T.F32, T.F16, T.BF16)
@@ -53,20 +53,6 @@ def gpt2_vocab() -> tuple[list[str], list[str]]:
 @cache
 def gpt2_tokenizer() -> Tokenizer:
     return Tokenizer(*gpt2_vocab())
-
-
-def quantize_matrix(x: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
-    """f32 [rows, cols] -> the stored form: f32/f16 arrays, or u8 [rows, row_bytes] blocks."""
-    if qtype == T.F32:
-        return x.astype(np.float32)
-    if qtype == T.F16:
-        return x.astype(np.float16)
-    k = KERNELS.get(qtype)
-    if k is not None and k.quantize is not None:
-        out = np.empty((x.shape[0], k.row_bytes(x.shape[1])), dtype=np.uint8)
-        k.quantize(np.ascontiguousarray(x, dtype=np.float32), out)
-        return out
-    return quants.quantize(x, qtype)
 
 
 def stored_values(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
