@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from gpt2cli.errors import Gpt2Error
+from gpt2cli.registry import DEFAULT_MODEL
 
 # Click's UsageError and ClickException, whichever click typer uses (recent typers vendor their own).
 UsageError = typer.BadParameter.__base__
@@ -58,7 +59,7 @@ def load_model(spec: str, verbose: bool = False, exact: bool = False):
 @app.command()
 def generate(
     prompt: Annotated[str, typer.Argument(help="The text to continue ('' starts from <|endoftext|>).")],
-    model: ModelOption = "distilgpt2",
+    model: ModelOption = DEFAULT_MODEL,
     max_new_tokens: Annotated[
         int | None, typer.Option(help="Tokens to generate (wins over --max-length).")
     ] = None,
@@ -170,7 +171,7 @@ def models() -> None:
 @app.command()
 def ppl(
     file: Annotated[str, typer.Argument(help="A UTF-8 text file (CRLF is read as LF).")],
-    model: ModelOption = "distilgpt2",
+    model: ModelOption = DEFAULT_MODEL,
     ctx: Annotated[
         int | None,
         typer.Option(help="Tokens per window (default: the model's context for hf, 512 for llama)."),
