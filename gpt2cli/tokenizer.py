@@ -26,6 +26,16 @@ PRETOKENIZE_PATTERN = regex.compile(
 ENDOFTEXT = "<|endoftext|>"
 TOKEN_TYPE_NORMAL = 1
 TOKEN_TYPE_CONTROL = 3
+# A pre-token longer than this is split into chunks of this many characters before BPE, so a run without
+# whitespace (a line of digits, /dev/zero) costs linear time and memory. It never changes the tokens of
+# ordinary text: the longest vocabulary token is 128 bytes and WikiText-2's longest pre-token 28 characters.
+MAX_PIECE_CHARS = 4096
+# A cut inside a whitespace-free run keeps at least this many characters after it: enough that the regex's
+# fixed alternatives ('ll, 're, ...) and the special token's text cannot straddle it.
+_CUT_MARGIN = 16
+# A non-space followed by a space: no pre-tokenizer piece spans it, and none looks across it (the only
+# lookahead, `\s+(?!\S)`, ends inside whitespace), so text cut there tokenizes exactly as the whole text.
+_SAFE_CUT = regex.compile(r"(?r)\S\s")
 # Bounds the per-piece cache so a long-running process fed arbitrary text cannot grow it without limit;
 # natural text has far fewer distinct pieces (WikiText-2 test: 21k).
 MAX_CACHED_PIECES = 200_000
@@ -166,14 +176,46 @@ class Tokenizer:
         ids: list[int] = []
         cache = self._cache
         for piece in PRETOKENIZE_PATTERN.findall(text):
-            piece_ids = cache.get(piece)
-            if piece_ids is None:
-                piece_ids = self._bpe(piece)
-                if len(cache) >= MAX_CACHED_PIECES:
-                    cache.clear()
-                cache[piece] = piece_ids
-            ids.extend(piece_ids)
+            for start in range(0, len(piece), MAX_PIECE_CHARS):
+                chunk = piece[start : start + MAX_PIECE_CHARS]
+                chunk_ids = cache.get(chunk)
+                if chunk_ids is None:
+                    chunk_ids = self._bpe(chunk)
+                    if len(cache) >= MAX_CACHED_PIECES:
+                        cache.clear()
+                    cache[chunk] = chunk_ids
+                ids.extend(chunk_ids)
         return ids
+
+    def stable_prefix_length(self, text: str) -> int:
+        """The length of the longest prefix of `text` found whose tokens no following text can change:
+        `encode(text[:n]) + encode(text[n:] + more) == encode(text + more)` for any `more`.
+
+        The cut goes after a non-space followed by a space; failing that (a run without whitespace), at the
+        start of a pre-token or at a MAX_PIECE_CHARS chunk boundary inside one, at least _CUT_MARGIN
+        characters before the end and never inside the special token's text. So text streamed through this
+        is held for at most about MAX_PIECE_CHARS characters.
+        """
+        if m := _SAFE_CUT.search(text):
+            return m.start() + 1
+        special = self.special_text
+        limit = len(text) - max(_CUT_MARGIN, len(special) + 1)
+        if limit <= 0:
+            return 0
+        # Pieces are matched within the text after the last special token that starts before the limit;
+        # the token's start (a segment boundary) is itself a cut.
+        special_start = text.rfind(special, 0, limit - 1 + len(special))
+        segment_start = 0 if special_start < 0 else special_start + len(special)
+        cut = max(special_start, 0) if segment_start > limit else segment_start
+        for m in PRETOKENIZE_PATTERN.finditer(text, segment_start):
+            start, end = m.span()
+            if start > limit:
+                break
+            # Chunk boundaries at least 3 characters before the piece's end: the rest of the run is then
+            # matched again as the same kind of piece, never as 's or 'll.
+            last_chunk = start + (min(limit, end - 3) - start) // MAX_PIECE_CHARS * MAX_PIECE_CHARS
+            cut = max(start, last_chunk)
+        return cut
 
     def _bpe(self, piece: str) -> tuple[int, ...]:
         """Merge the lowest-ranked adjacent pair, leftmost first, until no pair is ranked.

@@ -16,6 +16,7 @@ from reference_gpt2 import gpt2_logits
 from synthetic import TINY, build_gguf
 
 from gpt2cli import ppl
+from gpt2cli import tokenizer as tokenizer_module
 from gpt2cli.cli import main
 from gpt2cli.errors import Gpt2Error
 from gpt2cli.gguf_file import ModelFile
@@ -375,6 +376,39 @@ def test_streamed_tokenization_equals_whole_text(
     monkeypatch_block(block)
     ids = tokenize_file(path, tokenizer)
     assert ids.tolist() == tokenizer.encode(text.replace("\r\n", "\n"))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    pieces=st.lists(st.sampled_from([*TRICKY_PIECES, "aaaaaaa", "'", "1234567", "       "]), max_size=40),
+    block=st.integers(1, 16),
+)
+def test_streamed_runs_without_whitespace_equal_whole_text(
+    tmp_path_factory, tokenizer, monkeypatch_block, pieces, block
+):
+    # With 4-character chunks, the cuts inside whitespace-free runs are exercised on short texts.
+    text = "".join(pieces).replace(" ", "")
+    path = tmp_path_factory.mktemp("text") / "t.txt"
+    path.write_bytes(text.encode())
+    monkeypatch_block(block)
+    original = tokenizer_module.MAX_PIECE_CHARS
+    tokenizer_module.MAX_PIECE_CHARS = 4
+    try:
+        assert tokenize_file(path, tokenizer).tolist() == tokenizer.encode(text.replace("\r\n", "\n"))
+    finally:
+        tokenizer_module.MAX_PIECE_CHARS = original
+
+
+@pytest.mark.parametrize("byte", [b"\0", b"a", b"7"])
+def test_text_without_whitespace_stops_at_max_tokens(tmp_path, tokenizer, byte):
+    # Was: read until a space that never comes, then one BPE piece of the whole file (issue 10).
+    path = tmp_path / "run.txt"
+    path.write_bytes(byte * (8 << 20))
+    assert len(tokenize_file(path, tokenizer, max_tokens=100)) == 100
+
+
+def test_dev_zero_stops_at_max_tokens(tokenizer):
+    assert len(tokenize_file("/dev/zero", tokenizer, max_tokens=100)) == 100
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,14 @@ from hypothesis import strategies as st
 
 from gpt2cli.errors import Gpt2Error
 from gpt2cli.gguf_reader import read_gguf
-from gpt2cli.tokenizer import BYTE_TO_CHAR, ENDOFTEXT, PRETOKENIZE_PATTERN, StreamDecoder, Tokenizer
+from gpt2cli.tokenizer import (
+    BYTE_TO_CHAR,
+    ENDOFTEXT,
+    MAX_PIECE_CHARS,
+    PRETOKENIZE_PATTERN,
+    StreamDecoder,
+    Tokenizer,
+)
 
 VECTOR_SEPARATOR = "\n__ggml_vocab_test__\n"
 
@@ -148,6 +155,15 @@ def test_long_piece(gguf_tokenizer: Tokenizer) -> None:
     ids = gguf_tokenizer.encode(digits)
     assert gguf_tokenizer.decode(ids) == digits
     assert len(ids) < len(digits) / 2
+
+
+def test_pieces_longer_than_the_bound_are_chunked(gguf_tokenizer: Tokenizer) -> None:
+    # A run without whitespace is BPE'd in MAX_PIECE_CHARS chunks: linear time, and the text round-trips.
+    run = "a" * (3 * MAX_PIECE_CHARS + 5)
+    chunk_ids = gguf_tokenizer.encode("a" * MAX_PIECE_CHARS)
+    ids = gguf_tokenizer.encode(run)
+    assert ids[: 3 * len(chunk_ids)] == 3 * chunk_ids
+    assert gguf_tokenizer.decode(ids) == run
 
 
 @settings(max_examples=25, deadline=None)
