@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -89,11 +90,12 @@ def load_gguf_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
             )
         shapes[info.name] = info.shape
         loaders[info.name] = _gguf_loader(info, mf.data)
+    # The name comes from the file's own name, never from its metadata: general.name is untrusted and
+    # becomes part of the default output path.
     stem = mf.path.name.removesuffix(".gguf")
     head, _, suffix = stem.rpartition(".")
-    name = str(mf.metadata.get("general.name") or (head if suffix.upper() in FILE_TYPES else stem))
     return Checkpoint(
-        name=name.lower(),
+        name=(head if suffix.upper() in FILE_TYPES else stem).lower(),
         config=mf.config,
         shapes=shapes,
         loaders=loaders,
@@ -127,8 +129,11 @@ def load_source(spec: str) -> Checkpoint:
 
 
 def default_output_path(checkpoint: Checkpoint, ft: FileType) -> Path:
-    """`<model dir>/<name>.<TYPE>.gguf`, where `gpt2 generate --model name:type` looks first."""
-    return registry.local_gguf_path(checkpoint.name, ft.name)
+    """`<model dir>/<name>.<TYPE>.gguf`, where `gpt2 generate --model name:type` looks first; the name is
+    reduced to a plain file name (letters, digits, `.`, `_`, `-`; no leading dot), so it cannot leave the
+    model directory."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", checkpoint.name).lstrip(".-") or "model"
+    return registry.local_gguf_path(name, ft.name)
 
 
 def quantize_matrix(x: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:

@@ -72,6 +72,7 @@ def build_gguf(
     seed: int = 0,
     skip: tuple[str, ...] = (),
     shape_override: dict[str, tuple[int, ...]] | None = None,
+    name: str = "tiny-gpt2",
 ) -> dict[str, np.ndarray]:
     """Write a random GPT-2 to `path`; return every tensor's stored value in f64 by GGUF name.
 
@@ -128,5 +129,5 @@ def build_gguf(
         tensors.append(TensorData(name, stored, t))
         values[name] = stored_values(stored, t).reshape(shape)
     file_type = 0 if qtype == T.F32 else 1  # llama.cpp's ALL_F32 / MOSTLY_F16: only informative here
-    write_gpt2_gguf(path, c, tensors, gpt2_tokenizer(), file_type=file_type, name="tiny-gpt2")
+    write_gpt2_gguf(path, c, tensors, gpt2_tokenizer(), file_type=file_type, name=name)
     return values

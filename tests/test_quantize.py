@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 
 import numpy as np
@@ -286,8 +287,30 @@ def test_half_precision_files_are_inputs(tmp_path, tiny_f32, ftype):
 def test_default_output_path(tmp_path, monkeypatch, tiny_f32):
     monkeypatch.setenv("GPT2_HOME", str(tmp_path))
     ckpt = source_checkpoint(tiny_f32)
-    assert ckpt.name == "tiny-gpt2"  # general.name
-    assert default_output_path(ckpt, file_type("q4_k_m")) == tmp_path / "tiny-gpt2.Q4_K_M.gguf"
+    assert ckpt.name == "tiny"  # the file's name without its type
+    assert default_output_path(ckpt, file_type("q4_k_m")) == tmp_path / "tiny.Q4_K_M.gguf"
+
+
+@pytest.mark.parametrize(
+    "name, file_name",
+    [("/", "model"), ("../../x", "x"), ("/etc/passwd", "etc-passwd"), ("a\0b", "a-b"), (".hidden", "hidden")],
+)
+def test_default_output_path_is_a_plain_file_name(tmp_path, monkeypatch, tiny_f32, name, file_name):
+    monkeypatch.setenv("GPT2_HOME", str(tmp_path))
+    ckpt = dataclasses.replace(source_checkpoint(tiny_f32), name=name)
+    assert default_output_path(ckpt, file_type("q8_0")) == tmp_path / f"{file_name}.Q8_0.gguf"
+
+
+def test_general_name_never_becomes_the_output_path(tmp_path, monkeypatch):
+    # Was: general.name "../../x" wrote outside the model directory (issue 10).
+    monkeypatch.setenv("GPT2_HOME", str(tmp_path / "home"))
+    src = tmp_path / "src" / "evil.F32.gguf"
+    src.parent.mkdir()
+    build_gguf(src, config=TINY, name="../../x")
+    code, _, err = run_cli(["quantize", str(src), "--type", "Q8_0"])
+    assert code == 0, err
+    assert [p.name for p in (tmp_path / "home").iterdir()] == ["evil.Q8_0.gguf"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home", "src"]
 
 
 # --- llama.cpp compatibility, both ways ---------------------------------------------------------------------
@@ -370,7 +393,7 @@ def test_cli_quantize_to_model_dir_with_eval(tmp_path, tiny_f32):
         ["quantize", str(tiny_f32), "--bits", "4", "--eval", str(text), "--eval-tokens", "200"], env
     )
     assert code == 0, err
-    path = tmp_path / "models" / "tiny-gpt2.Q4_K_M.gguf"
+    path = tmp_path / "models" / "tiny.Q4_K_M.gguf"
     assert ModelFile(path).config.n_embd == TINY.n_embd
     assert "blk.1.ffn_up.weight" in out and "Q5_0 (for Q4_K)" in out
     assert f"wrote         {path} (Q4_K_M, general.file_type 15)" in out
