@@ -106,46 +106,49 @@ def generate(
         if verbose:
             say(f"prompt: {len(ids)} tokens in {seconds:.3f} s ({len(ids) / seconds:.1f} tokens/s)")
 
+    def start(index: int) -> None:  # the prompt, once per sequence, before its first piece
+        nonlocal started
+        if started < index:
+            started = index
+            sys.stdout.write(("\n\n" if index else "") + shown_prompt)
+
     def on_text(index: int, piece: str) -> None:
         if not as_json:
-            if not started[index]:
-                started[index] = True
-                sys.stdout.write(("\n\n" if index else "") + shown_prompt)
+            start(index)
             sys.stdout.write(piece)
             sys.stdout.flush()
 
-    started = [False] * settings.num_return_sequences
+    started = -1
     try:
-        results = run_generate(gpt2, tokenizer, ids, settings, on_text, on_prefill)
+        for gen in run_generate(gpt2, tokenizer, ids, settings, on_text, on_prefill):
+            if as_json:
+                print(
+                    json.dumps(
+                        {
+                            "index": gen.index,
+                            "prompt": shown_prompt,
+                            "text": gen.text,
+                            "generated_text": shown_prompt + gen.text,
+                            "prompt_tokens": len(gen.prompt_ids),
+                            "generated_tokens": len(gen.token_ids),
+                            "token_ids": gen.token_ids,
+                            "finish_reason": gen.finish_reason,
+                        },
+                        ensure_ascii=False,
+                    )
+                )
+            else:
+                start(gen.index)
+            if verbose and gen.seconds > 0:
+                say(
+                    f"sequence {gen.index}: {len(gen.token_ids)} tokens in {gen.seconds:.3f} s "
+                    f"({len(gen.token_ids) / gen.seconds:.1f} tokens/s), stopped by {gen.finish_reason}"
+                )
     except KeyboardInterrupt:
         sys.stdout.write("\n")
         sys.stdout.flush()
         say("interrupted")
         raise typer.Exit(130) from None
-    for gen in results:
-        if as_json:
-            print(
-                json.dumps(
-                    {
-                        "index": gen.index,
-                        "prompt": shown_prompt,
-                        "text": gen.text,
-                        "generated_text": shown_prompt + gen.text,
-                        "prompt_tokens": len(gen.prompt_ids),
-                        "generated_tokens": len(gen.token_ids),
-                        "token_ids": gen.token_ids,
-                        "finish_reason": gen.finish_reason,
-                    },
-                    ensure_ascii=False,
-                )
-            )
-        elif not started[gen.index]:
-            sys.stdout.write(("\n\n" if gen.index else "") + shown_prompt)
-        if verbose and gen.seconds > 0:
-            say(
-                f"sequence {gen.index}: {len(gen.token_ids)} tokens in {gen.seconds:.3f} s "
-                f"({len(gen.token_ids) / gen.seconds:.1f} tokens/s), stopped by {gen.finish_reason}"
-            )
     if not as_json:
         sys.stdout.write("\n")
         sys.stdout.flush()

@@ -81,6 +81,8 @@ class Tokenizer:
     def __init__(self, tokens: list[str], merges: list[str], eos_id: int = 50256) -> None:
         if not 0 <= eos_id < len(tokens):
             raise Gpt2Error(f"eos token id {eos_id} is outside the vocabulary of {len(tokens)} tokens")
+        if not tokens[eos_id]:
+            raise Gpt2Error(f"eos token {eos_id} is an empty string")
         self.tokens = list(tokens)
         self.merges = list(merges)
         self.eos_id = eos_id
@@ -123,8 +125,13 @@ class Tokenizer:
         merges = metadata.get("tokenizer.ggml.merges")
         if tokens is None or merges is None:
             raise Gpt2Error("GGUF file lacks tokenizer.ggml.tokens or tokenizer.ggml.merges")
-        eos_id = metadata.get("tokenizer.ggml.eos_token_id")
-        return cls(tokens, merges, 50256 if eos_id is None else int(eos_id))
+        for key, value in (("tokens", tokens), ("merges", merges)):
+            if not isinstance(value, list) or not all(type(s) is str for s in value):
+                raise Gpt2Error(f"tokenizer.ggml.{key} is not an array of strings")
+        eos_id = metadata.get("tokenizer.ggml.eos_token_id", 50256)
+        if type(eos_id) is not int:
+            raise Gpt2Error(f"tokenizer.ggml.eos_token_id is {eos_id!r:.40}, not an integer")
+        return cls(tokens, merges, eos_id)
 
     @classmethod
     def from_hf_dir(cls, path: str | Path) -> Tokenizer:
@@ -135,13 +142,20 @@ class Tokenizer:
                 break
         else:
             raise Gpt2Error(f"no vocab.json + merges.txt or encoder.json + vocab.bpe in {path}")
-        vocab: dict[str, int] = json.loads((path / vocab_name).read_text(encoding="utf-8"))
+        try:
+            vocab = json.loads((path / vocab_name).read_text(encoding="utf-8"))
+            lines = (path / merges_name).read_text(encoding="utf-8").split("\n")
+        except ValueError as e:  # not JSON, or not UTF-8
+            raise Gpt2Error(
+                f"{path}: cannot read the vocabulary ({' '.join(str(e).split())[:120]})"
+            ) from None
+        if not isinstance(vocab, dict) or not all(type(i) is int for i in vocab.values()):
+            raise Gpt2Error(f"{path / vocab_name}: not a JSON object of token -> integer id")
         tokens = sorted(vocab, key=vocab.__getitem__)
         if [vocab[t] for t in tokens] != list(range(len(tokens))):
             raise Gpt2Error(f"{path / vocab_name}: token ids are not 0..{len(tokens) - 1}")
         if ENDOFTEXT not in vocab:
             raise Gpt2Error(f"{path / vocab_name}: no {ENDOFTEXT} token")
-        lines = (path / merges_name).read_text(encoding="utf-8").split("\n")
         merges = [line for line in lines if line and not line.startswith("#version")]
         return cls(tokens, merges, vocab[ENDOFTEXT])
 

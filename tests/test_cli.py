@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
 from cli_helpers import run_cli
 from synthetic import T, build_gguf
+
+from gpt2cli.generate import GenerationSettings
+from gpt2cli.generate import generate as run_generate
+from gpt2cli.gguf_file import ModelFile
+from gpt2cli.model import GPT2Model
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +100,8 @@ def test_prompt_longer_than_context(tiny_gguf):
         ["--max-new-tokens", "-1"],
         ["--num-return-sequences", "0"],
         ["--max-new-tokens", "many"],
+        ["--seed", "-1"],
+        ["-n", "1e30"],
     ],
 )
 def test_out_of_range_options(tiny_gguf, option):
@@ -112,3 +120,24 @@ def test_empty_prompt_starts_from_endoftext(tiny_gguf):
     code, out, err = run_cli(["generate", "", "--model", str(tiny_gguf), "--max-new-tokens", "3", "--json"])
     assert code == 0, err
     assert json.loads(out)["prompt_tokens"] == 1
+
+
+def test_sequences_are_generated_one_at_a_time(tiny_gguf):
+    # Was: -n 1000000000 held every sequence (and a sampler per sequence) before printing any.
+    mf = ModelFile(tiny_gguf)
+    settings = GenerationSettings(max_new_tokens=2, num_return_sequences=10**30, seed=3)
+    sequences = run_generate(GPT2Model(mf.weights, mf.config), mf.tokenizer, [464], settings)
+    first_two = list(itertools.islice(sequences, 2))
+    spawned = GenerationSettings(max_new_tokens=2, num_return_sequences=2, seed=3)
+    assert [g.token_ids for g in first_two] == [
+        g.token_ids for g in run_generate(GPT2Model(mf.weights, mf.config), mf.tokenizer, [464], spawned)
+    ]
+
+
+@pytest.mark.parametrize(
+    "prompt, byte", [("Hello \udcff", "0xff at offset 6"), ("caf\udce9", "0xe9 at offset 3")]
+)
+def test_prompt_that_is_not_utf8(tiny_gguf, prompt, byte):
+    # Was: UnicodeEncodeError. Python hands undecodable argv bytes over as lone surrogates.
+    code, _, err = run_cli(["generate", prompt, "--model", str(tiny_gguf)])
+    assert code == 2 and err == f"gpt2: error: the prompt is not valid UTF-8 (byte {byte})\n"
