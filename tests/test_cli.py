@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 
+import numpy as np
 import pytest
 from cli_helpers import run_cli
 from synthetic import T, build_gguf
@@ -12,6 +13,7 @@ from synthetic import T, build_gguf
 from gpt2cli.generate import GenerationSettings
 from gpt2cli.generate import generate as run_generate
 from gpt2cli.gguf_file import ModelFile
+from gpt2cli.gguf_reader import read_gguf
 from gpt2cli.model import GPT2Model
 
 
@@ -141,3 +143,39 @@ def test_prompt_that_is_not_utf8(tiny_gguf, prompt, byte):
     # Was: UnicodeEncodeError. Python hands undecodable argv bytes over as lone surrogates.
     code, _, err = run_cli(["generate", prompt, "--model", str(tiny_gguf)])
     assert code == 2 and err == f"gpt2: error: the prompt is not valid UTF-8 (byte {byte})\n"
+
+
+@pytest.fixture(scope="module")
+def nan_gguf(tmp_path_factory):
+    """An F32 model whose final norm weights are NaN: every logit is NaN."""
+    path = tmp_path_factory.mktemp("nan") / "nan.F32.gguf"
+    build_gguf(path, T.F32)
+    info = read_gguf(path).tensors["output_norm.weight"]
+    with open(path, "r+b") as f:
+        f.seek(info.offset)
+        f.write(np.full(info.shape, np.nan, dtype=np.float32).tobytes())
+    return path
+
+
+def test_logits_that_are_not_finite_are_one_line(nan_gguf, tmp_path):
+    # Was: "zero-size array to reduction operation maximum" in sampling, NaN perplexities.
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    runs = [
+        ["generate", "Hello", "--model", str(nan_gguf)],
+        ["generate", "Hello", "--model", str(nan_gguf), "--top-k", "0", "--top-p", "0.5"],
+        ["ppl", str(text), "--model", str(nan_gguf), "--json"],
+        [
+            "quantize",
+            str(nan_gguf),
+            "-o",
+            str(tmp_path / "q.gguf"),
+            "--eval",
+            str(text),
+            "--eval-tokens",
+            "100",
+        ],
+    ]
+    for args in runs:
+        code, _, err = run_cli(args)
+        assert (code, err) == (2, "gpt2: error: the model's logits are not finite\n"), args
