@@ -286,7 +286,7 @@ def quantize(
 
     if bits is not None and qtype is not None:
         raise Gpt2Error("give --bits or --type, not both")
-    ft = file_type_for_bits(bits) if bits is not None else file_type(qtype or DEFAULT_TYPE)
+    ft = file_type_for_bits(bits) if bits is not None else file_type(DEFAULT_TYPE if qtype is None else qtype)
     checkpoint = load_source(source)
     path = output or default_output_path(checkpoint, ft)
     err_console = Console(stderr=True)

@@ -26,7 +26,7 @@ from gpt2cli.convert import Checkpoint, load_hf_checkpoint
 from gpt2cli.errors import Gpt2Error
 from gpt2cli.gguf_file import ModelFile
 from gpt2cli.gguf_reader import TensorInfo
-from gpt2cli.gguf_write import TensorData, write_gpt2_gguf
+from gpt2cli.gguf_write import TensorPlan, exit_on_signals, write_gpt2_gguf
 from gpt2cli.model import GPT2Model
 from gpt2cli.ppl import KLDStats, ProgressCallback, compare_models, tokenize_file
 from gpt2cli.quant_types import FILE_TYPES, FileType, TensorChoice, is_quantizable, tensor_type
@@ -182,26 +182,26 @@ def quantize_checkpoint(
     """Write `checkpoint` as a GGUF of file type `ft` to `out_path` (atomically); report every tensor."""
     t0 = time.perf_counter()
     choices = tensor_choices(checkpoint, ft, pure)
+    plan = [TensorPlan(name, shape, choices[name].qtype) for name, shape in checkpoint.shapes.items()]
     reports: list[TensorReport] = []
 
-    def tensors() -> Iterator[TensorData]:
-        for name, shape in checkpoint.shapes.items():
-            x = checkpoint.load(name)
-            choice = choices[name]
-            matrix = x.reshape(-1, shape[-1])
-            stored = quantize_matrix(matrix, choice.qtype)
-            error = relative_rms_error(matrix, stored_values(stored, choice.qtype, matrix.shape))
-            if choice.qtype in (T.F32, T.F16):
-                stored = stored.reshape(shape)
-            report = TensorReport(name, choice.qtype, shape, stored.nbytes, error, choice.wanted)
+    def stored_tensors() -> Iterator[np.ndarray]:
+        for t in plan:
+            matrix = checkpoint.load(t.name).reshape(-1, t.shape[-1])
+            stored = quantize_matrix(matrix, t.qtype)
+            error = relative_rms_error(matrix, stored_values(stored, t.qtype, matrix.shape))
+            report = TensorReport(t.name, t.qtype, t.shape, stored.nbytes, error, choices[t.name].wanted)
             reports.append(report)
+            yield stored
+            # The writer asks for the next tensor once this one is in the file: progress follows writes.
             if on_tensor is not None:
                 on_tensor(report)
-            yield TensorData(name, stored, choice.qtype)
 
     out_path = Path(out_path)
     c = checkpoint
-    write_gpt2_gguf(out_path, c.config, tensors(), c.tokenizer, file_type=int(ft.id), name=c.name)
+    write_gpt2_gguf(
+        out_path, c.config, plan, stored_tensors(), c.tokenizer, file_type=int(ft.id), name=c.name
+    )
     return QuantizeReport(
         path=out_path,
         file_type=ft,
@@ -223,7 +223,7 @@ def compare_with_original(
     """Mean KL divergence and top-1 agreement of the quantized file against the unquantized model on a text,
     under llama-perplexity's --kl-divergence protocol. The original runs in f32: from its own GGUF when it is
     one, else from an F32 GGUF written to a temporary file by the same conversion."""
-    with tempfile.TemporaryDirectory(prefix="gpt2-quantize-") as tmp:
+    with exit_on_signals(), tempfile.TemporaryDirectory(prefix="gpt2-quantize-") as tmp:
         base_path = checkpoint.gguf_path
         if base_path is None:
             base_path = Path(tmp) / "base.F32.gguf"

@@ -9,7 +9,7 @@ from synthetic import TINY, T, build_gguf, gpt2_tokenizer
 
 from gpt2cli.errors import Gpt2Error
 from gpt2cli.gguf_file import ModelFile
-from gpt2cli.gguf_write import TensorData, write_gpt2_gguf
+from gpt2cli.gguf_write import TensorPlan, write_gpt2_gguf
 
 
 @pytest.fixture(scope="module")
@@ -85,19 +85,14 @@ def test_wrong_shape(tmp_path):
 
 def test_unsupported_block_type(tmp_path):
     path = tmp_path / "iq.gguf"
-    rng = np.random.default_rng(0)
-    params = {}
-
-    def tensors():
-        yield from (TensorData(n, v.astype(np.float32), T.F32) for n, v in params.items())
-        # IQ4_NL: 32 weights in 18 bytes, a type no kernel here supports
-        yield TensorData(
-            "blk.0.ffn_up.weight", rng.integers(0, 255, (TINY.n_ff, 36), dtype=np.uint8), T.IQ4_NL
-        )
-
     src = tmp_path / "src.gguf"
-    params.update(build_gguf(src, skip=("blk.0.ffn_up.weight",)))
-    write_gpt2_gguf(path, TINY, tensors(), gpt2_tokenizer(), file_type=0)
+    params = build_gguf(src, skip=("blk.0.ffn_up.weight",))
+    plan = [TensorPlan(n, v.shape, T.F32) for n, v in params.items()]
+    data = [v.astype(np.float32) for v in params.values()]
+    # IQ4_NL: 32 weights in 18 bytes, a type no kernel here supports
+    plan.append(TensorPlan("blk.0.ffn_up.weight", (TINY.n_ff, TINY.n_embd), T.IQ4_NL))
+    data.append(np.random.default_rng(0).integers(0, 255, (TINY.n_ff, 36), dtype=np.uint8))
+    write_gpt2_gguf(path, TINY, plan, data, gpt2_tokenizer(), file_type=0)
     expect_error(path, "unsupported block type IQ4_NL")
 
 

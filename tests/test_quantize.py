@@ -5,6 +5,8 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import functools
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -262,6 +264,64 @@ def test_interrupted_run_leaves_nothing(tmp_path, tiny_f32):
 
     with pytest.raises(KeyboardInterrupt):
         quantize_checkpoint(ckpt, file_type("Q8_0"), tmp_path / "q.gguf", on_tensor=interrupt)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_terminated_run_leaves_nothing(tmp_path, tiny_f32, signum):
+    # Was: SIGTERM and SIGHUP left .OUT.xxxx.part files (issue 10).
+    ckpt = source_checkpoint(tiny_f32)
+    written = []
+
+    def terminate(report):
+        written.append(report.name)
+        if report.name.startswith("blk.1"):
+            os.kill(os.getpid(), signum)
+
+    with pytest.raises(SystemExit) as exit_info:
+        quantize_checkpoint(ckpt, file_type("Q8_0"), tmp_path / "q.gguf", on_tensor=terminate)
+    assert exit_info.value.code == 128 + signum
+    assert list(tmp_path.iterdir()) == []
+    assert (
+        signal.getsignal(signum) is signal.SIG_DFL or signal.getsignal(signum) == signal.default_int_handler
+    )
+
+
+def test_progress_follows_the_writes(tmp_path, tiny_f32):
+    ckpt = source_checkpoint(tiny_f32)
+    sizes = []
+
+    def on_tensor(report):
+        (part,) = tmp_path.glob("*.part")
+        sizes.append(part.stat().st_size)
+
+    quantize_checkpoint(ckpt, file_type("Q8_0"), tmp_path / "q.gguf", on_tensor=on_tensor)
+    assert len(sizes) == len(ckpt.shapes) and sizes == sorted(sizes) and sizes[0] < sizes[-1]
+    assert sizes[-1] == (tmp_path / "q.gguf").stat().st_size
+
+
+def test_stale_parts_of_dead_runs_are_removed(tmp_path, tiny_f32):
+    # A SIGKILLed run cannot clean up; the next run removes its file if its process is gone.
+    dead_pid = 2**22 + 12345  # above the default pid_max (2**22): never a live process
+    stale = tmp_path / f".q.gguf.{dead_pid}.abcd.part"
+    alive = tmp_path / f".q.gguf.{os.getpid()}.efgh.part"
+    other = tmp_path / ".other.gguf.1.part"
+    for path in (stale, alive, other):
+        path.write_bytes(b"x")
+    quantize_checkpoint(source_checkpoint(tiny_f32), file_type("Q8_0"), tmp_path / "q.gguf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, other.name, "q.gguf"])
+
+
+def test_write_errors_name_the_output(tmp_path, tiny_f32):
+    (tmp_path / "file").write_text("not a directory")
+    out = tmp_path / "file" / "q.gguf"
+    code, _, err = run_cli(["quantize", str(tiny_f32), "-o", str(out)])
+    assert code == 2 and err.startswith(f"gpt2: error: {out}: cannot write") and ".part" not in err
+
+
+def test_empty_type_is_refused(tmp_path, tiny_f32):
+    code, _, err = run_cli(["quantize", str(tiny_f32), "--type", "", "-o", str(tmp_path / "q.gguf")])
+    assert code == 2 and "unknown type ''" in err
     assert list(tmp_path.iterdir()) == []
 
 
