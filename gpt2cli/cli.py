@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from typing import Annotated
@@ -232,7 +233,8 @@ def ppl(
             progress=lambda done, total, running: bar.update(task, completed=done, total=total, ppl=running),
         )
     if as_json:
-        print(json.dumps({"model": str(mf.path), "base": kl_divergence, "file": file, **result_dict(result)}))
+        report = {"model": str(mf.path), "base": kl_divergence, "file": file, **result_dict(result)}
+        print(json.dumps(report, allow_nan=False))
     else:
         print(f"model         {mf.path}" + (f" (KL divergence from {kl_divergence})" if base else ""))
         print("\n".join(format_report(result)))
@@ -316,9 +318,22 @@ def quantize(
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: click's own errors and Gpt2Error become one line on stderr and exit code 2."""
+    import numpy as np
+
     command = typer.main.get_command(app)
+    if sys.stdout is None or sys.stdout.closed:  # started with stdout closed (`gpt2 ... >&-`)
+        sys.exit(_fail("standard output is closed", 2))
     try:
-        code = command.main(args=argv, prog_name="gpt2", standalone_mode=False)
+        with np.errstate(all="ignore"):  # non-finite results are checked where they matter, not warned about
+            code = command.main(args=argv, prog_name="gpt2", standalone_mode=False)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
+    except BrokenPipeError:
+        code = quiet_broken_pipe()
+    except SystemExit:
+        # Click turns a broken pipe inside a command into a silent exit(1), swapping in this wrapper.
+        if type(sys.stdout).__name__ != "PacifyFlushWrapper":
+            raise
+        code = quiet_broken_pipe()
     except UsageError as e:
         code = _fail(e.format_message(), 2)
     except ClickException as e:
@@ -331,6 +346,14 @@ def main(argv: list[str] | None = None) -> None:
         where = f"{e.filename}: " if e.filename else ""
         code = _fail(f"{where}{e.strerror or e}", 2)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def quiet_broken_pipe() -> int:
+    """The reader went away (`gpt2 generate ... | head -1`): stop without a message, as Unix tools do, with
+    the status a process killed by SIGPIPE reports; stdout goes to /dev/null so the final flush is quiet."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 128 + 13  # SIGPIPE
 
 
 def _fail(message: str, code: int) -> int:

@@ -376,10 +376,10 @@ def result_dict(result: PerplexityResult) -> dict:
         "evaluated_tokens": result.evaluated_tokens,
         "ppl": _finite(result.ppl),
         "ppl_uncertainty": _finite(result.ppl_uncertainty),
-        "mean_nll": result.mean_nll,
+        "mean_nll": _finite(result.mean_nll),
         "bits_per_byte": _finite(result.bits_per_byte),
         "scored_bytes": result.scored_bytes,
-        "seconds": result.seconds,
+        "seconds": _finite(result.seconds),
         "tokens_per_second": _finite(result.tokens_per_second),
     }
     if result.kld is not None:

@@ -119,8 +119,8 @@ class Tokenizer:
         model = metadata.get("tokenizer.ggml.model")
         if model is None:
             raise Gpt2Error("GGUF file has no tokenizer (tokenizer.ggml.model is missing)")
-        if model != "gpt2":
-            raise Gpt2Error(f"GGUF tokenizer is {model!r}, not GPT-2 byte-level BPE ('gpt2')")
+        if not isinstance(model, str) or model != "gpt2":
+            raise Gpt2Error(f"GGUF tokenizer is {model!r:.40}, not GPT-2 byte-level BPE ('gpt2')")
         tokens = metadata.get("tokenizer.ggml.tokens")
         merges = metadata.get("tokenizer.ggml.merges")
         if tokens is None or merges is None:
