@@ -13,7 +13,7 @@ from typing import Any
 
 from gpt2cli.gguf_reader import ARRAY, SCALAR_FORMATS, STRING
 
-U32, I32, F32, BOOL, U64, F64 = 4, 5, 6, 7, 10, 12
+U8, U32, I32, F32, BOOL, U64, F64 = 0, 4, 5, 6, 7, 10, 12
 
 
 @dataclass
@@ -46,19 +46,31 @@ class RawGGUF:
         self.kvs = [(k, value if k == key else v) for k, v in self.kvs]
 
     def to_bytes(self) -> bytes:
-        out = bytearray(b"GGUF")
-        out += struct.pack("<IQQ", self.version, len(self.tensors), len(self.kvs))
-        for key, value in self.kvs:
-            out += _string(key) + struct.pack("<I", value.vtype) + _value(value.vtype, value.value)
-        for t in self.tensors:
-            out += _string(t.name) + struct.pack("<I", len(t.dims))
-            out += b"".join(struct.pack("<Q", d) for d in t.dims)
-            out += struct.pack("<IQ", t.raw_type, t.offset)
-        out += b"\0" * (-len(out) % self.alignment if self.alignment > 0 else 0)
-        return bytes(out) + self.data + self.tail
+        return assemble(
+            self.version,
+            [encode_kv(k, v) for k, v in self.kvs],
+            [encode_tensor(t) for t in self.tensors],
+            self.data + self.tail,
+            self.alignment,
+        )
 
     def write(self, path: Path) -> None:
         path.write_bytes(self.to_bytes())
+
+
+def assemble(version: int, kvs: list[bytes], tensors: list[bytes], data: bytes, alignment: int) -> bytes:
+    """A file from encoded key-value pairs and tensor infos, padded to `alignment` before the data."""
+    out = b"GGUF" + struct.pack("<IQQ", version, len(tensors), len(kvs)) + b"".join(kvs) + b"".join(tensors)
+    return out + b"\0" * (-len(out) % alignment if alignment > 0 else 0) + data
+
+
+def encode_kv(key: str, value: Value) -> bytes:
+    return _string(key) + struct.pack("<I", value.vtype) + _value(value.vtype, value.value)
+
+
+def encode_tensor(t: Tensor) -> bytes:
+    dims = b"".join(struct.pack("<Q", d) for d in t.dims)
+    return _string(t.name) + struct.pack("<I", len(t.dims)) + dims + struct.pack("<IQ", t.raw_type, t.offset)
 
 
 def _string(s: str | bytes) -> bytes:
