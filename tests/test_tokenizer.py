@@ -224,7 +224,7 @@ def test_gguf_fields_round_trip(tiny_tokenizer: Tokenizer, tmp_path: Path) -> No
     assert loaded.tokens == tiny_tokenizer.tokens
     assert loaded.merges == tiny_tokenizer.merges
     assert loaded.eos_id == 259
-    assert metadata["tokenizer.ggml.token_type"][-2:] == [1, 3]
+    assert metadata["tokenizer.ggml.token_type"][-2:].tolist() == [1, 3]
     assert metadata["tokenizer.ggml.bos_token_id"] == 259
 
 
