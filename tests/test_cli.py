@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -179,3 +181,37 @@ def test_logits_that_are_not_finite_are_one_line(nan_gguf, tmp_path):
     for args in runs:
         code, _, err = run_cli(args)
         assert (code, err) == (2, "gpt2: error: the model's logits are not finite\n"), args
+
+
+def gpt2_subprocess(*args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "gpt2cli", *args], stderr=subprocess.PIPE, **kwargs)
+
+
+def test_broken_pipe_ends_quietly(tiny_gguf):
+    # Was: exit code 1 from click; now the status of a process killed by SIGPIPE, and no message.
+    process = gpt2_subprocess(
+        "generate",
+        "Hello",
+        "-m",
+        str(tiny_gguf),
+        "-n",
+        "50",
+        "--max-new-tokens",
+        "20",
+        stdout=subprocess.PIPE,
+    )
+    process.stdout.read(5)
+    process.stdout.close()
+    assert process.wait(timeout=120) == 141
+    assert process.stderr.read() == b""
+
+
+def test_closed_stdout_is_one_line(tiny_gguf):
+    # Was: AttributeError on sys.stdout being None.
+    process = subprocess.run(
+        ["sh", "-c", f'"{sys.executable}" -m gpt2cli generate Hello -m "{tiny_gguf}" >&-'],
+        stderr=subprocess.PIPE,
+        timeout=120,
+        check=False,
+    )
+    assert (process.returncode, process.stderr) == (2, b"gpt2: error: standard output is closed\n")

@@ -21,7 +21,16 @@ from gpt2cli.cli import main
 from gpt2cli.errors import Gpt2Error
 from gpt2cli.gguf_file import ModelFile
 from gpt2cli.model import GPT2Model
-from gpt2cli.ppl import PplSettings, compare_models, perplexity, plan_windows, token_nll, tokenize_file
+from gpt2cli.ppl import (
+    PerplexityResult,
+    PplSettings,
+    compare_models,
+    perplexity,
+    plan_windows,
+    result_dict,
+    token_nll,
+    tokenize_file,
+)
 
 TEXT = (
     " = The Lighthouse Keeper = \n\n"
@@ -516,3 +525,12 @@ def test_lone_carriage_returns_beside_crlf(tmp_path, tokenizer, monkeypatch, dat
     path = tmp_path / "t.txt"
     path.write_bytes(data)
     assert tokenize_file(path, tokenizer).tolist() == tokenizer.encode(data.decode().replace("\r\n", "\n"))
+
+
+def test_json_report_has_no_bare_nan():
+    # Was: a bare NaN in --json output, which is not JSON.
+    nan = math.nan
+    result = PerplexityResult(PplSettings("hf", 16, 8), 1, 1, 2, nan, nan, nan, nan, 0, nan)
+    report = result_dict(result)
+    json.dumps(report, allow_nan=False)
+    assert report["ppl"] is None and report["mean_nll"] is None and report["seconds"] is None
