@@ -34,6 +34,7 @@ from kernels import KERNELS
 
 T = GGMLQuantizationType
 FLOAT_INPUTS = (T.F32, T.F16, T.BF16)
+ERROR_BLOCK_BYTES = 16 << 20  # f64 rows per step of the error measurement
 
 
 @dataclass(frozen=True)
@@ -157,10 +158,19 @@ def stored_values(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[in
     return out.reshape(shape)
 
 
-def relative_rms_error(x: np.ndarray, y: np.ndarray) -> float:
-    rms = float(np.sqrt(np.mean(np.square(x, dtype=np.float64))))
-    err = float(np.sqrt(np.mean(np.square(y.astype(np.float64) - x))))
-    return err / rms if rms > 0 else err
+def relative_rms_error(x: np.ndarray, stored: np.ndarray, qtype: GGMLQuantizationType) -> float:
+    """RMS of (stored - x) / RMS of x for x f32[rows, cols] and its stored form (RMS of the error if x is 0).
+
+    A block of rows at a time: the f64 temporaries of gpt2-xl's embedding at once would be ~2 GB."""
+    rows, cols = x.shape
+    step = max(1, ERROR_BLOCK_BYTES // (8 * cols))
+    sum_sq = err_sq = 0.0
+    for r0 in range(0, rows, step):
+        block = x[r0 : r0 + step].astype(np.float64)
+        err = stored_values(stored[r0 : r0 + step], qtype, block.shape) - block
+        sum_sq += float(np.square(block).sum())
+        err_sq += float(np.square(err).sum())
+    return math.sqrt(err_sq / sum_sq) if sum_sq > 0 else math.sqrt(err_sq / x.size)
 
 
 def tensor_choices(checkpoint: Checkpoint, ft: FileType, pure: bool = False) -> dict[str, TensorChoice]:
@@ -189,7 +199,7 @@ def quantize_checkpoint(
         for t in plan:
             matrix = checkpoint.load(t.name).reshape(-1, t.shape[-1])
             stored = quantize_matrix(matrix, t.qtype)
-            error = relative_rms_error(matrix, stored_values(stored, t.qtype, matrix.shape))
+            error = relative_rms_error(matrix, stored, t.qtype)
             report = TensorReport(t.name, t.qtype, t.shape, stored.nbytes, error, choices[t.name].wanted)
             reports.append(report)
             yield stored
