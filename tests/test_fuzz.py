@@ -192,7 +192,8 @@ def random_value(rng: random.Random) -> Value:
         return Value(vtype, rng.choice([True, False]))
     bits = struct.calcsize(fmt) * 8
     lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if fmt.islower() else (0, (1 << bits) - 1)
-    return Value(vtype, rng.choice([lo, hi, 0, 1, 3, 5, 7, 8, 48, 64, 50256, 50257, min(hi, 2**40)]))
+    pool = [lo, hi, 0, 1, 3, 5, 7, 8, 48, 64, 50256, 50257, 2**40]
+    return Value(vtype, rng.choice([v for v in pool if lo <= v <= hi]))
 
 
 @pytest.fixture(scope="module")
