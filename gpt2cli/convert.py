@@ -82,7 +82,11 @@ def read_hf_config(path: Path) -> GPT2Config:
     if not isinstance(hp, dict):
         raise Gpt2Error(f"{path}: not a JSON object")
     architectures = hp.get("architectures") or ["GPT2LMHeadModel"]
-    if hp.get("model_type", "gpt2") != "gpt2" or "GPT2LMHeadModel" not in architectures:
+    if (
+        hp.get("model_type", "gpt2") != "gpt2"
+        or not isinstance(architectures, list)
+        or "GPT2LMHeadModel" not in architectures
+    ):
         raise Gpt2Error(
             f"{path}: not a GPT-2 (model_type {hp.get('model_type')!r:.40}, {architectures!r:.80})"
         )

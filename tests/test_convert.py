@@ -234,6 +234,7 @@ def edited_config(hf_dir, **changes) -> str:
         ({"n_head": "4"}, "n_head is '4', not an int"),
         ({"n_embd": 64.0}, "n_embd is 64.0, not an int"),
         ({"layer_norm_epsilon": "x"}, "layer_norm_epsilon is 'x', not a float"),
+        ({"architectures": 1.5}, "not a GPT-2"),  # found by the fuzzer: a TypeError
     ],
 )
 def test_config_is_checked_against_the_tensors(hf_dir, tmp_path, changes, message):
