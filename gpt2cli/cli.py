@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from typing import Annotated
@@ -106,46 +107,49 @@ def generate(
         if verbose:
             say(f"prompt: {len(ids)} tokens in {seconds:.3f} s ({len(ids) / seconds:.1f} tokens/s)")
 
+    def start(index: int) -> None:  # the prompt, once per sequence, before its first piece
+        nonlocal started
+        if started < index:
+            started = index
+            sys.stdout.write(("\n\n" if index else "") + shown_prompt)
+
     def on_text(index: int, piece: str) -> None:
         if not as_json:
-            if not started[index]:
-                started[index] = True
-                sys.stdout.write(("\n\n" if index else "") + shown_prompt)
+            start(index)
             sys.stdout.write(piece)
             sys.stdout.flush()
 
-    started = [False] * settings.num_return_sequences
+    started = -1
     try:
-        results = run_generate(gpt2, tokenizer, ids, settings, on_text, on_prefill)
+        for gen in run_generate(gpt2, tokenizer, ids, settings, on_text, on_prefill):
+            if as_json:
+                print(
+                    json.dumps(
+                        {
+                            "index": gen.index,
+                            "prompt": shown_prompt,
+                            "text": gen.text,
+                            "generated_text": shown_prompt + gen.text,
+                            "prompt_tokens": len(gen.prompt_ids),
+                            "generated_tokens": len(gen.token_ids),
+                            "token_ids": gen.token_ids,
+                            "finish_reason": gen.finish_reason,
+                        },
+                        ensure_ascii=False,
+                    )
+                )
+            else:
+                start(gen.index)
+            if verbose and gen.seconds > 0:
+                say(
+                    f"sequence {gen.index}: {len(gen.token_ids)} tokens in {gen.seconds:.3f} s "
+                    f"({len(gen.token_ids) / gen.seconds:.1f} tokens/s), stopped by {gen.finish_reason}"
+                )
     except KeyboardInterrupt:
         sys.stdout.write("\n")
         sys.stdout.flush()
         say("interrupted")
         raise typer.Exit(130) from None
-    for gen in results:
-        if as_json:
-            print(
-                json.dumps(
-                    {
-                        "index": gen.index,
-                        "prompt": shown_prompt,
-                        "text": gen.text,
-                        "generated_text": shown_prompt + gen.text,
-                        "prompt_tokens": len(gen.prompt_ids),
-                        "generated_tokens": len(gen.token_ids),
-                        "token_ids": gen.token_ids,
-                        "finish_reason": gen.finish_reason,
-                    },
-                    ensure_ascii=False,
-                )
-            )
-        elif not started[gen.index]:
-            sys.stdout.write(("\n\n" if gen.index else "") + shown_prompt)
-        if verbose and gen.seconds > 0:
-            say(
-                f"sequence {gen.index}: {len(gen.token_ids)} tokens in {gen.seconds:.3f} s "
-                f"({len(gen.token_ids) / gen.seconds:.1f} tokens/s), stopped by {gen.finish_reason}"
-            )
     if not as_json:
         sys.stdout.write("\n")
         sys.stdout.flush()
@@ -229,7 +233,8 @@ def ppl(
             progress=lambda done, total, running: bar.update(task, completed=done, total=total, ppl=running),
         )
     if as_json:
-        print(json.dumps({"model": str(mf.path), "base": kl_divergence, "file": file, **result_dict(result)}))
+        report = {"model": str(mf.path), "base": kl_divergence, "file": file, **result_dict(result)}
+        print(json.dumps(report, allow_nan=False))
     else:
         print(f"model         {mf.path}" + (f" (KL divergence from {kl_divergence})" if base else ""))
         print("\n".join(format_report(result)))
@@ -283,7 +288,7 @@ def quantize(
 
     if bits is not None and qtype is not None:
         raise Gpt2Error("give --bits or --type, not both")
-    ft = file_type_for_bits(bits) if bits is not None else file_type(qtype or DEFAULT_TYPE)
+    ft = file_type_for_bits(bits) if bits is not None else file_type(DEFAULT_TYPE if qtype is None else qtype)
     checkpoint = load_source(source)
     path = output or default_output_path(checkpoint, ft)
     err_console = Console(stderr=True)
@@ -313,9 +318,22 @@ def quantize(
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: click's own errors and Gpt2Error become one line on stderr and exit code 2."""
+    import numpy as np
+
     command = typer.main.get_command(app)
+    if sys.stdout is None or sys.stdout.closed:  # started with stdout closed (`gpt2 ... >&-`)
+        sys.exit(_fail("standard output is closed", 2))
     try:
-        code = command.main(args=argv, prog_name="gpt2", standalone_mode=False)
+        with np.errstate(all="ignore"):  # non-finite results are checked where they matter, not warned about
+            code = command.main(args=argv, prog_name="gpt2", standalone_mode=False)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
+    except BrokenPipeError:
+        code = quiet_broken_pipe()
+    except SystemExit:
+        # Click turns a broken pipe inside a command into a silent exit(1), swapping in this wrapper.
+        if type(sys.stdout).__name__ != "PacifyFlushWrapper":
+            raise
+        code = quiet_broken_pipe()
     except UsageError as e:
         code = _fail(e.format_message(), 2)
     except ClickException as e:
@@ -328,6 +346,14 @@ def main(argv: list[str] | None = None) -> None:
         where = f"{e.filename}: " if e.filename else ""
         code = _fail(f"{where}{e.strerror or e}", 2)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def quiet_broken_pipe() -> int:
+    """The reader went away (`gpt2 generate ... | head -1`): stop without a message, as Unix tools do, with
+    the status a process killed by SIGPIPE reports; stdout goes to /dev/null so the final flush is quiet."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 128 + 13  # SIGPIPE
 
 
 def _fail(message: str, code: int) -> int:

@@ -79,22 +79,43 @@ def read_hf_config(path: Path) -> GPT2Config:
         hp = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise Gpt2Error(f"{path}: cannot read ({e})") from None
+    if not isinstance(hp, dict):
+        raise Gpt2Error(f"{path}: not a JSON object")
     architectures = hp.get("architectures") or ["GPT2LMHeadModel"]
-    if hp.get("model_type", "gpt2") != "gpt2" or "GPT2LMHeadModel" not in architectures:
-        raise Gpt2Error(f"{path}: not a GPT-2 (model_type {hp.get('model_type')!r}, {architectures})")
-    try:
-        n_embd = int(hp["n_embd"])
-        return GPT2Config(
-            n_vocab=int(hp["vocab_size"]),
-            n_ctx=int(hp.get("n_ctx") or hp["n_positions"]),
-            n_embd=n_embd,
-            n_head=int(hp["n_head"]),
-            n_layer=int(hp["n_layer"]),
-            n_ff=int(hp.get("n_inner") or 4 * n_embd),
-            layer_norm_eps=float(hp.get("layer_norm_epsilon", 1e-5)),
+    if (
+        hp.get("model_type", "gpt2") != "gpt2"
+        or not isinstance(architectures, list)
+        or "GPT2LMHeadModel" not in architectures
+    ):
+        raise Gpt2Error(
+            f"{path}: not a GPT-2 (model_type {hp.get('model_type')!r:.40}, {architectures!r:.80})"
         )
-    except (KeyError, TypeError, ValueError) as e:
-        raise Gpt2Error(f"{path}: missing or bad hyper-parameter {e}") from None
+
+    def number(key: str, kind: type, default=None):
+        value = hp.get(key, default)
+        if kind is float and isinstance(value, int):
+            value = float(value)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise Gpt2Error(
+                f"{path}: hyper-parameter {key} is {value!r:.40}, not a{'n' * (kind is int)} {kind.__name__}"
+            )
+        return value
+
+    n_embd = number("n_embd", int)
+    config = GPT2Config(
+        n_vocab=number("vocab_size", int),
+        n_ctx=number("n_ctx" if hp.get("n_ctx") is not None else "n_positions", int),
+        n_embd=n_embd,
+        n_head=number("n_head", int),
+        n_layer=number("n_layer", int),
+        n_ff=number("n_inner", int) if hp.get("n_inner") is not None else 4 * n_embd,
+        layer_norm_eps=number("layer_norm_epsilon", float, 1e-5),
+    )
+    try:
+        config.check()
+    except Gpt2Error as e:
+        raise Gpt2Error(f"{path}: {e}") from None
+    return config
 
 
 def _tensor_loader(path: Path, key: str, transpose: bool) -> Callable[[], np.ndarray]:
@@ -105,21 +126,6 @@ def _tensor_loader(path: Path, key: str, transpose: bool) -> Callable[[], np.nda
         return np.ascontiguousarray(x, dtype=np.float32)
 
     return load
-
-
-def _canonical_order(names: set[str], n_layer: int) -> list[str]:
-    """token_embd, position_embd, the blocks in order, output_norm, output: the order readers expect."""
-    block = [f"{m}.{p}" for m in _BLOCK_NAMES.values() for p in ("weight", "bias")]
-    order = ["token_embd.weight", "position_embd.weight"]
-    order += [f"blk.{i}.{t}" for i in range(n_layer) for t in block]
-    order += ["output_norm.weight", "output_norm.bias", "output.weight"]
-    missing = [n for n in order[:-1] if n not in names]
-    if missing:
-        raise Gpt2Error(f"checkpoint lacks {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
-    extra = sorted(names - set(order))
-    if extra:
-        raise Gpt2Error(f"checkpoint has tensors beyond its {n_layer} layers: {', '.join(extra[:4])}")
-    return [n for n in order if n in names]
 
 
 def load_hf_checkpoint(directory: str | Path, name: str | None = None) -> Checkpoint:
@@ -139,14 +145,16 @@ def load_hf_checkpoint(directory: str | Path, name: str | None = None) -> Checkp
     if unsupported:
         raise Gpt2Error(f"{weights}: tensors of type {', '.join(sorted(unsupported))}; only F32/F16 are read")
 
-    shapes, loaders, hf_key = {}, {}, {}
+    shapes, loaders = {}, {}
     for key in keys:
         gname = gguf_name(key)
         if gname is None:
             continue
         transpose = key.removeprefix("transformer.").split(".", 2)[-1] in _CONV1D
         shape = hf_shapes[key][::-1] if transpose else hf_shapes[key]
-        shapes[gname], loaders[gname], hf_key[gname] = shape, _tensor_loader(weights, key, transpose), key
+        if gname in shapes:
+            raise Gpt2Error(f"{weights}: two tensors are {gname} (one is {key})")
+        shapes[gname], loaders[gname] = shape, _tensor_loader(weights, key, transpose)
     # HF keeps lm_head tied to wte; only a genuinely separate head is written, as the converter does.
     if (
         "output.weight" in shapes
@@ -154,20 +162,15 @@ def load_hf_checkpoint(directory: str | Path, name: str | None = None) -> Checkp
         and np.array_equal(loaders["output.weight"](), loaders["token_embd.weight"]())
     ):
         del shapes["output.weight"], loaders["output.weight"]
-    order = _canonical_order(set(shapes), config.n_layer)
-    e, f, v = config.n_embd, config.n_ff, config.n_vocab
-    expected = {
-        "token_embd.weight": (v, e),
-        "position_embd.weight": (config.n_ctx, e),
-        "blk.0.attn_qkv.weight": (3 * e, e),
-        "blk.0.ffn_up.weight": (f, e),
-        "blk.0.ffn_down.weight": (e, f),
-    }
-    for gname, shape in expected.items():
-        if shapes[gname] != shape:
-            raise Gpt2Error(f"{weights}: {hf_key[gname]} has shape {shapes[gname]}, config says {shape}")
-    if tokenizer.n_vocab != v:
-        raise Gpt2Error(f"{directory}: vocab.json has {tokenizer.n_vocab} tokens, config.json {v}")
+    try:
+        config.check_tensor_shapes(shapes)
+    except Gpt2Error as e:
+        raise Gpt2Error(f"{weights} against config.json: {e}") from None
+    if tokenizer.n_vocab != config.n_vocab:
+        raise Gpt2Error(
+            f"{directory}: vocab.json has {tokenizer.n_vocab} tokens, config.json {config.n_vocab}"
+        )
+    order = config.tensor_shapes("output.weight" not in shapes)
     return Checkpoint(
         name=(name or directory.name).lower(),
         config=config,

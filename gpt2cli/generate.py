@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,6 +32,8 @@ class GenerationSettings:
             raise Gpt2Error(f"--max-length must be >= 1, got {self.max_length}")
         if self.num_return_sequences < 1:
             raise Gpt2Error(f"--num-return-sequences must be >= 1, got {self.num_return_sequences}")
+        if self.seed is not None and self.seed < 0:
+            raise Gpt2Error(f"--seed must be >= 0, got {self.seed}")
 
 
 @dataclass
@@ -45,7 +47,17 @@ class Generation:
 
 
 def prompt_ids(tokenizer: Tokenizer, prompt: str, settings: GenerationSettings, n_ctx: int) -> list[int]:
-    """The prompt's tokens; an empty prompt starts from <|endoftext|>, as GPT-2's unconditional samples do."""
+    """The prompt's tokens; an empty prompt starts from <|endoftext|>, as GPT-2's unconditional samples do.
+
+    A prompt that is not valid UTF-8 reaches Python with its bad bytes as lone surrogates
+    (surrogateescape); it is refused, naming the first bad byte, rather than guessed at."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = ord(prompt[e.start]) - 0xDC00
+        offset = len(prompt[: e.start].encode("utf-8", errors="surrogateescape"))
+        byte = f"0x{bad:02x}" if 0x80 <= bad <= 0xFF else f"U+{ord(prompt[e.start]):04X}"
+        raise Gpt2Error(f"the prompt is not valid UTF-8 (byte {byte} at offset {offset})") from None
     ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
     if len(ids) < n_ctx:
         return ids
@@ -75,8 +87,9 @@ def generate(
     settings: GenerationSettings,
     on_text: Callable[[int, str], None] | None = None,
     on_prefill: Callable[[float], None] | None = None,
-) -> list[Generation]:
-    """Sample `num_return_sequences` continuations of `ids`, calling on_text(sequence, piece) as they grow."""
+) -> Iterator[Generation]:
+    """Sample `num_return_sequences` continuations of `ids`, calling on_text(sequence, piece) as they grow,
+    and yield each when it is complete: memory does not grow with the number of sequences."""
     n_ctx = model.config.n_ctx
     budget = new_token_budget(len(ids), settings, n_ctx)
     wanted = settings.max_new_tokens if settings.max_new_tokens is not None else budget
@@ -85,11 +98,11 @@ def generate(
     prompt_logits = model.forward(ids, cache, logits_from=len(ids) - 1)[0]
     if on_prefill is not None:
         on_prefill(time.perf_counter() - t0)
-    samplers = Sampler(settings.sampling, settings.seed).spawn(settings.num_return_sequences)
-    results = []
-    for index, sampler in enumerate(samplers):
+    root = Sampler(settings.sampling, settings.seed)
+    for index in range(settings.num_return_sequences):
+        # Spawning one child at a time gives the children spawn(n) would, without n of them at once.
+        [sampler] = root.spawn(1)
         gen = Generation(index, list(ids))
-        results.append(gen)
         decoder = StreamDecoder(tokenizer)
         cache.length = len(ids)  # the prompt's keys and values are shared by every sequence
         context = np.array(ids + [0] * budget, dtype=np.int64)
@@ -115,4 +128,4 @@ def generate(
         if on_text is not None and tail:
             on_text(index, tail)
         gen.seconds = time.perf_counter() - t0
-    return results
+        yield gen

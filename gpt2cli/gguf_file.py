@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -20,6 +21,13 @@ from gpt2cli.tokenizer import Tokenizer
 from kernels import KERNELS, BlockKernels, kernels_for
 
 ARCH = "gpt2"
+U32_MAX = 2**32 - 1
+LAYER_TENSORS = tuple(
+    f"{module}.{param}"
+    for module in ("attn_norm", "attn_qkv", "attn_output", "ffn_norm", "ffn_up", "ffn_down")
+    for param in ("weight", "bias")
+)
+LAYER_NAME = re.compile(r"blk\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -35,6 +43,66 @@ class GPT2Config:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    def check(self) -> None:
+        """Gpt2Error naming the first hyper-parameter no GPT-2 can have (GGUF stores the sizes as u32)."""
+        for key in ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer", "n_ff"):
+            value = getattr(self, key)
+            if not 0 < value <= U32_MAX:
+                raise Gpt2Error(f"hyper-parameter {key} = {value} is not between 1 and 2**32 - 1")
+        if self.n_embd % self.n_head:
+            raise Gpt2Error(
+                f"embedding length {self.n_embd} is not a multiple of the head count {self.n_head}"
+            )
+        if not (math.isfinite(self.layer_norm_eps) and self.layer_norm_eps >= 0):
+            raise Gpt2Error(f"layer norm epsilon {self.layer_norm_eps} is not a finite number >= 0")
+
+    def tensor_count(self, tied: bool) -> int:
+        return 4 + len(LAYER_TENSORS) * self.n_layer + (not tied)
+
+    def tensor_shapes(self, tied: bool) -> dict[str, tuple[int, ...]]:
+        """Every tensor's name and numpy shape, in the order llama.cpp's converter writes them."""
+        e, f = self.n_embd, self.n_ff
+        layer = {
+            "attn_norm.weight": (e,),
+            "attn_norm.bias": (e,),
+            "attn_qkv.weight": (3 * e, e),
+            "attn_qkv.bias": (3 * e,),
+            "attn_output.weight": (e, e),
+            "attn_output.bias": (e,),
+            "ffn_norm.weight": (e,),
+            "ffn_norm.bias": (e,),
+            "ffn_up.weight": (f, e),
+            "ffn_up.bias": (f,),
+            "ffn_down.weight": (e, f),
+            "ffn_down.bias": (e,),
+        }
+        assert tuple(layer) == LAYER_TENSORS
+        shapes = {"token_embd.weight": (self.n_vocab, e), "position_embd.weight": (self.n_ctx, e)}
+        for i in range(self.n_layer):
+            shapes |= {f"blk.{i}.{name}": shape for name, shape in layer.items()}
+        shapes |= {"output_norm.weight": (e,), "output_norm.bias": (e,)}
+        if not tied:
+            shapes["output.weight"] = (self.n_vocab, e)
+        return shapes
+
+    def check_tensor_shapes(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        """Gpt2Error unless `shapes` (name -> numpy shape) are exactly this GPT-2's tensors, output optional.
+
+        A config claiming far more layers than there are tensors is refused before any name is listed."""
+        tied = "output.weight" not in shapes
+        if self.tensor_count(tied) > 2 * len(shapes) + 16:
+            layers = {int(m.group(1)) for name in shapes if (m := LAYER_NAME.match(name))}
+            raise Gpt2Error(f"{self.n_layer} layers expected, the tensors are of {len(layers)}")
+        expected = self.tensor_shapes(tied)
+        for name, shape in expected.items():
+            if name not in shapes:
+                raise Gpt2Error(f"missing tensor {name}")
+            if tuple(shapes[name]) != shape:
+                raise Gpt2Error(f"tensor {name} has shape {tuple(shapes[name])}, expected {shape}")
+        extra = [name for name in shapes if name not in expected]
+        if extra:
+            raise Gpt2Error(f"unexpected tensor {extra[0]} in a {self.n_layer}-layer GPT-2")
 
 
 @dataclass(frozen=True)
@@ -110,6 +178,13 @@ class ModelFile:
         self.tensors = contents.tensors
         self.data = contents.data  # u8[file size], memory-mapped
         self.config = _read_config(self)
+        try:
+            self.config.check_tensor_shapes({name: t.shape for name, t in self.tensors.items()})
+        except Gpt2Error as e:
+            raise self.fail(str(e)) from None
+        tokens = self.metadata.get("tokenizer.ggml.tokens")
+        if isinstance(tokens, list) and len(tokens) != self.config.n_vocab:
+            raise self.fail(f"token_embd has {self.config.n_vocab} rows, the vocabulary {len(tokens)} tokens")
         self.weights = _read_weights(self, self.config)
 
     @property
@@ -132,15 +207,19 @@ class ModelFile:
 
 
 def _field(mf: ModelFile, key: str, kind: type, required: bool = True):
+    """A metadata value of type `kind` (an int field takes an integer, never a bool, string or float)."""
     value = mf.metadata.get(key)
     if value is None:
         if required:
             raise mf.fail(f"missing metadata key {key}")
         return None
-    try:
-        return kind(value)
-    except (TypeError, ValueError):
-        raise mf.fail(f"metadata key {key} has an unexpected value") from None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or isinstance(value, bool) or (kind is float and not math.isfinite(value)):
+        raise mf.fail(
+            f"metadata key {key} is {value!r:.40}, not a {'finite ' * (kind is float)}{kind.__name__}"
+        )
+    return value
 
 
 def _read_config(mf: ModelFile) -> GPT2Config:
@@ -149,21 +228,22 @@ def _read_config(mf: ModelFile) -> GPT2Config:
         raise mf.fail(f"architecture is {arch!r}, not {ARCH!r}")
     p = ARCH + "."
     n_embd = _field(mf, p + "embedding_length", int)
-    n_head = _field(mf, p + "attention.head_count", int)
+    token_embd = _tensor(mf, "token_embd.weight")
+    if len(token_embd.shape) != 2:
+        raise mf.fail(f"tensor token_embd.weight has shape {token_embd.shape}, not (vocabulary, {n_embd})")
     config = GPT2Config(
-        n_vocab=_tensor(mf, "token_embd.weight").shape[0],
+        n_vocab=token_embd.shape[0],
         n_ctx=_field(mf, p + "context_length", int),
         n_embd=n_embd,
-        n_head=n_head,
+        n_head=_field(mf, p + "attention.head_count", int),
         n_layer=_field(mf, p + "block_count", int),
         n_ff=_field(mf, p + "feed_forward_length", int, required=False) or 4 * n_embd,
         layer_norm_eps=_field(mf, p + "attention.layer_norm_epsilon", float, required=False) or 1e-5,
     )
-    for key in ("n_embd", "n_head", "n_layer", "n_ctx", "n_ff"):
-        if getattr(config, key) <= 0:
-            raise mf.fail(f"hyper-parameter {key} = {getattr(config, key)} is not positive")
-    if n_embd % n_head:
-        raise mf.fail(f"embedding length {n_embd} is not a multiple of the head count {n_head}")
+    try:
+        config.check()
+    except Gpt2Error as e:
+        raise mf.fail(str(e)) from None
     return config
 
 
@@ -177,8 +257,6 @@ def _tensor(mf: ModelFile, name: str) -> TensorInfo:
 def _vector(mf: ModelFile, name: str, shape: tuple[int, ...]) -> np.ndarray:
     """A small tensor (norm, bias, position embedding) as f32, whatever its stored type."""
     tensor = _tensor(mf, name)
-    if tensor.shape != shape:
-        raise mf.fail(f"tensor {name} has shape {tensor.shape}, expected {shape}")
     if tensor.qtype == GGMLQuantizationType.F32:
         return tensor.blocks(mf.data).view(np.float32).reshape(shape)
     matrix = _as_matrix(mf, tensor, (math.prod(shape[:-1]), shape[-1]))
@@ -199,10 +277,7 @@ def _as_matrix(mf: ModelFile, tensor: TensorInfo, shape: tuple[int, int]) -> Wei
 
 
 def _matrix(mf: ModelFile, name: str, shape: tuple[int, int]) -> WeightMatrix:
-    tensor = _tensor(mf, name)
-    if tensor.shape != shape:
-        raise mf.fail(f"tensor {name} has shape {tensor.shape}, expected {shape}")
-    return _as_matrix(mf, tensor, shape)
+    return _as_matrix(mf, _tensor(mf, name), shape)
 
 
 def _read_weights(mf: ModelFile, c: GPT2Config) -> GPT2Weights:

@@ -7,6 +7,7 @@ start-up under a second.
 
 from __future__ import annotations
 
+import math
 import mmap
 import struct
 from dataclasses import dataclass
@@ -83,17 +84,22 @@ class _Cursor:
             raise Gpt2Error(f"{self.path}: corrupt GGUF (a string is not UTF-8)") from None
 
     def value(self, vtype: int) -> Any:
+        """A scalar, a string, a list of strings or a numeric array (a read-only numpy view of the file, not
+        a list: a list of Python numbers takes ~9x the bytes). Arrays of arrays are refused, as llama.cpp
+        does."""
         if vtype == STRING:
             return self.string()
         if vtype == ARRAY:
             etype, count = self.scalar("<I"), self.scalar("<Q")
             if etype == STRING:
+                if count > len(self.buf) // 8:  # each string takes at least its 8-byte length
+                    raise Gpt2Error(f"{self.path}: truncated or corrupt GGUF header")
                 return [self.string() for _ in range(count)]
-            if etype in SCALAR_FORMATS:
-                fmt = SCALAR_FORMATS[etype]
-                start = self.take(count * struct.calcsize(fmt))
-                return np.frombuffer(self.buf, dtype=np.dtype(fmt), count=count, offset=start).tolist()
-            return [self.value(etype) for _ in range(count)]
+            if etype not in SCALAR_FORMATS:
+                raise Gpt2Error(f"{self.path}: corrupt GGUF (an array of value type {etype})")
+            fmt = SCALAR_FORMATS[etype]
+            start = self.take(count * struct.calcsize(fmt))
+            return np.frombuffer(self.buf, dtype=np.dtype(fmt), count=count, offset=start)
         if vtype not in SCALAR_FORMATS:
             raise Gpt2Error(f"{self.path}: corrupt GGUF (unknown value type {vtype})")
         return self.scalar(SCALAR_FORMATS[vtype])
@@ -123,27 +129,38 @@ def read_gguf(path: str | Path) -> GGUFContents:
     metadata = {}
     for _ in range(n_kv):
         key = cur.string()
+        if key in metadata:
+            raise Gpt2Error(f"{path}: corrupt GGUF (metadata key {key} appears twice)")
         metadata[key] = cur.value(cur.scalar("<I"))
-    infos = []
+    infos = {}
     for _ in range(n_tensors):
         name = cur.string()
+        if name in infos:
+            raise Gpt2Error(f"{path}: corrupt GGUF (two tensors are named {name})")
         n_dims = cur.scalar("<I")
         if n_dims > 4:
             raise Gpt2Error(f"{path}: corrupt GGUF (tensor {name} has {n_dims} dimensions)")
         dims = [cur.scalar("<Q") for _ in range(n_dims)]
         raw_type, offset = cur.scalar("<I"), cur.scalar("<Q")
-        infos.append((name, dims, raw_type, offset))
-    alignment = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT)) or DEFAULT_ALIGNMENT
+        infos[name] = (dims, raw_type, offset)
+    alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+    # llama.cpp wants a power of two, gguf-py a multiple of 8.
+    if type(alignment) is not int or alignment < 8 or alignment & (alignment - 1):
+        raise Gpt2Error(f"{path}: general.alignment {alignment!r:.40} is not a power of two >= 8")
     data_start = -(-cur.pos // alignment) * alignment
     data = np.frombuffer(buf, dtype=np.uint8)
     tensors = {}
-    for name, dims, raw_type, offset in infos:
+    for name, (dims, raw_type, offset) in infos.items():
         try:
             qtype = GGMLQuantizationType(raw_type)
         except ValueError:
             raise Gpt2Error(f"{path}: tensor {name} has unknown block type {raw_type}") from None
+        if 0 in dims:
+            raise Gpt2Error(f"{path}: tensor {name} has a dimension of 0 ({dims})")
+        if offset % alignment:
+            raise Gpt2Error(f"{path}: tensor {name}'s offset {offset} is not a multiple of {alignment}")
         block_size, type_size = GGML_QUANT_SIZES[qtype]
-        n = int(np.prod(dims, dtype=np.uint64)) if dims else 1
+        n = math.prod(dims)  # Python integers: a product cannot wrap
         if n % block_size:
             raise Gpt2Error(f"{path}: tensor {name} of {n} values does not fit {qtype.name} blocks")
         info = TensorInfo(
@@ -152,4 +169,8 @@ def read_gguf(path: str | Path) -> GGUFContents:
         if info.offset + info.nbytes > size:
             raise Gpt2Error(f"{path}: truncated file (tensor {name} runs past the end)")
         tensors[name] = info
+    by_offset = sorted(tensors.values(), key=lambda t: t.offset)
+    for t, following in zip(by_offset, by_offset[1:], strict=False):
+        if t.offset + t.nbytes > following.offset:
+            raise Gpt2Error(f"{path}: corrupt GGUF (tensor {t.name} overlaps tensor {following.name})")
     return GGUFContents(path, version, metadata, tensors, data)

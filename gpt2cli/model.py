@@ -135,4 +135,7 @@ class GPT2Model:
             x = x + self.mlp(layer_norm(x, lw.ffn_norm_w, lw.ffn_norm_b, c.layer_norm_eps), lw)
         cache.length = p0 + n
         x = x[min(logits_from, n - 1) :]
-        return self.linear(layer_norm(x, w.output_norm_w, w.output_norm_b, c.layer_norm_eps), w.output)
+        logits = self.linear(layer_norm(x, w.output_norm_w, w.output_norm_b, c.layer_norm_eps), w.output)
+        if not np.isfinite(logits).all():  # NaN or infinity in the weights: nothing downstream can use them
+            raise Gpt2Error("the model's logits are not finite")
+        return logits

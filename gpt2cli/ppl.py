@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import regex
 
 from gpt2cli.errors import Gpt2Error
 from gpt2cli.model import GPT2Model
@@ -40,9 +39,6 @@ LLAMA_DEFAULT_CTX = 512
 READ_BLOCK_BYTES = 1 << 20
 # Rows of logits turned into probabilities at a time: bounds the f64 temporaries to ~25 MB for GPT-2's vocab.
 SOFTMAX_ROWS = 64
-# A non-space followed by a space: no pre-tokenizer piece spans it, and none looks across it (the only
-# lookahead, `\s+(?!\S)`, ends inside whitespace), so text cut there tokenizes exactly as the whole text.
-SAFE_CUT = regex.compile(r"(?r)\S\s")
 
 
 @dataclass(frozen=True)
@@ -199,17 +195,12 @@ def tokenize_file(
             held = "\r" if text.endswith("\r") and not final else ""
             # Each decoded character goes through the CRLF replacement exactly once.
             pending += text[: len(text) - len(held)].replace("\r\n", "\n")
-            cut = len(pending) if final else _last_safe_cut(pending)
+            cut = len(pending) if final else tokenizer.stable_prefix_length(pending)
             ids.extend(tokenizer.encode(pending[:cut]))
             pending = pending[cut:]
             if final:
                 break
     return np.asarray(ids[:max_tokens], dtype=np.int64)
-
-
-def _last_safe_cut(text: str) -> int:
-    m = SAFE_CUT.search(text)
-    return 0 if m is None else m.start() + 1
 
 
 def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -385,10 +376,10 @@ def result_dict(result: PerplexityResult) -> dict:
         "evaluated_tokens": result.evaluated_tokens,
         "ppl": _finite(result.ppl),
         "ppl_uncertainty": _finite(result.ppl_uncertainty),
-        "mean_nll": result.mean_nll,
+        "mean_nll": _finite(result.mean_nll),
         "bits_per_byte": _finite(result.bits_per_byte),
         "scored_bytes": result.scored_bytes,
-        "seconds": result.seconds,
+        "seconds": _finite(result.seconds),
         "tokens_per_second": _finite(result.tokens_per_second),
     }
     if result.kld is not None:

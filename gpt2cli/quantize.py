@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -25,7 +26,7 @@ from gpt2cli.convert import Checkpoint, load_hf_checkpoint
 from gpt2cli.errors import Gpt2Error
 from gpt2cli.gguf_file import ModelFile
 from gpt2cli.gguf_reader import TensorInfo
-from gpt2cli.gguf_write import TensorData, write_gpt2_gguf
+from gpt2cli.gguf_write import TensorPlan, exit_on_signals, write_gpt2_gguf
 from gpt2cli.model import GPT2Model
 from gpt2cli.ppl import KLDStats, ProgressCallback, compare_models, tokenize_file
 from gpt2cli.quant_types import FILE_TYPES, FileType, TensorChoice, is_quantizable, tensor_type
@@ -33,6 +34,7 @@ from kernels import KERNELS
 
 T = GGMLQuantizationType
 FLOAT_INPUTS = (T.F32, T.F16, T.BF16)
+ERROR_BLOCK_BYTES = 16 << 20  # f64 rows per step of the error measurement
 
 
 @dataclass(frozen=True)
@@ -89,11 +91,12 @@ def load_gguf_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
             )
         shapes[info.name] = info.shape
         loaders[info.name] = _gguf_loader(info, mf.data)
+    # The name comes from the file's own name, never from its metadata: general.name is untrusted and
+    # becomes part of the default output path.
     stem = mf.path.name.removesuffix(".gguf")
     head, _, suffix = stem.rpartition(".")
-    name = str(mf.metadata.get("general.name") or (head if suffix.upper() in FILE_TYPES else stem))
     return Checkpoint(
-        name=name.lower(),
+        name=(head if suffix.upper() in FILE_TYPES else stem).lower(),
         config=mf.config,
         shapes=shapes,
         loaders=loaders,
@@ -127,8 +130,11 @@ def load_source(spec: str) -> Checkpoint:
 
 
 def default_output_path(checkpoint: Checkpoint, ft: FileType) -> Path:
-    """`<model dir>/<name>.<TYPE>.gguf`, where `gpt2 generate --model name:type` looks first."""
-    return registry.local_gguf_path(checkpoint.name, ft.name)
+    """`<model dir>/<name>.<TYPE>.gguf`, where `gpt2 generate --model name:type` looks first; the name is
+    reduced to a plain file name (letters, digits, `.`, `_`, `-`; no leading dot), so it cannot leave the
+    model directory."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", checkpoint.name).lstrip(".-") or "model"
+    return registry.local_gguf_path(name, ft.name)
 
 
 def quantize_matrix(x: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
@@ -152,10 +158,19 @@ def stored_values(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[in
     return out.reshape(shape)
 
 
-def relative_rms_error(x: np.ndarray, y: np.ndarray) -> float:
-    rms = float(np.sqrt(np.mean(np.square(x, dtype=np.float64))))
-    err = float(np.sqrt(np.mean(np.square(y.astype(np.float64) - x))))
-    return err / rms if rms > 0 else err
+def relative_rms_error(x: np.ndarray, stored: np.ndarray, qtype: GGMLQuantizationType) -> float:
+    """RMS of (stored - x) / RMS of x for x f32[rows, cols] and its stored form (RMS of the error if x is 0).
+
+    A block of rows at a time: the f64 temporaries of gpt2-xl's embedding at once would be ~2 GB."""
+    rows, cols = x.shape
+    step = max(1, ERROR_BLOCK_BYTES // (8 * cols))
+    sum_sq = err_sq = 0.0
+    for r0 in range(0, rows, step):
+        block = x[r0 : r0 + step].astype(np.float64)
+        err = stored_values(stored[r0 : r0 + step], qtype, block.shape) - block
+        sum_sq += float(np.square(block).sum())
+        err_sq += float(np.square(err).sum())
+    return math.sqrt(err_sq / sum_sq) if sum_sq > 0 else math.sqrt(err_sq / x.size)
 
 
 def tensor_choices(checkpoint: Checkpoint, ft: FileType, pure: bool = False) -> dict[str, TensorChoice]:
@@ -177,26 +192,26 @@ def quantize_checkpoint(
     """Write `checkpoint` as a GGUF of file type `ft` to `out_path` (atomically); report every tensor."""
     t0 = time.perf_counter()
     choices = tensor_choices(checkpoint, ft, pure)
+    plan = [TensorPlan(name, shape, choices[name].qtype) for name, shape in checkpoint.shapes.items()]
     reports: list[TensorReport] = []
 
-    def tensors() -> Iterator[TensorData]:
-        for name, shape in checkpoint.shapes.items():
-            x = checkpoint.load(name)
-            choice = choices[name]
-            matrix = x.reshape(-1, shape[-1])
-            stored = quantize_matrix(matrix, choice.qtype)
-            error = relative_rms_error(matrix, stored_values(stored, choice.qtype, matrix.shape))
-            if choice.qtype in (T.F32, T.F16):
-                stored = stored.reshape(shape)
-            report = TensorReport(name, choice.qtype, shape, stored.nbytes, error, choice.wanted)
+    def stored_tensors() -> Iterator[np.ndarray]:
+        for t in plan:
+            matrix = checkpoint.load(t.name).reshape(-1, t.shape[-1])
+            stored = quantize_matrix(matrix, t.qtype)
+            error = relative_rms_error(matrix, stored, t.qtype)
+            report = TensorReport(t.name, t.qtype, t.shape, stored.nbytes, error, choices[t.name].wanted)
             reports.append(report)
+            yield stored
+            # The writer asks for the next tensor once this one is in the file: progress follows writes.
             if on_tensor is not None:
                 on_tensor(report)
-            yield TensorData(name, stored, choice.qtype)
 
     out_path = Path(out_path)
     c = checkpoint
-    write_gpt2_gguf(out_path, c.config, tensors(), c.tokenizer, file_type=int(ft.id), name=c.name)
+    write_gpt2_gguf(
+        out_path, c.config, plan, stored_tensors(), c.tokenizer, file_type=int(ft.id), name=c.name
+    )
     return QuantizeReport(
         path=out_path,
         file_type=ft,
@@ -218,7 +233,7 @@ def compare_with_original(
     """Mean KL divergence and top-1 agreement of the quantized file against the unquantized model on a text,
     under llama-perplexity's --kl-divergence protocol. The original runs in f32: from its own GGUF when it is
     one, else from an F32 GGUF written to a temporary file by the same conversion."""
-    with tempfile.TemporaryDirectory(prefix="gpt2-quantize-") as tmp:
+    with exit_on_signals(), tempfile.TemporaryDirectory(prefix="gpt2-quantize-") as tmp:
         base_path = checkpoint.gguf_path
         if base_path is None:
             base_path = Path(tmp) / "base.F32.gguf"

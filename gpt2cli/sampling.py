@@ -18,6 +18,8 @@ import numpy as np
 
 from gpt2cli.errors import Gpt2Error
 
+F32_MAX = float(np.finfo(np.float32).max)
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -48,8 +50,15 @@ def apply_repetition_penalty(logits: np.ndarray, context_ids: np.ndarray, penalt
     scores = logits.copy()
     if penalty != 1.0 and context_ids.size:
         # The gather reads unpenalised scores, so a repeated id is written the same value: penalised once.
-        seen = scores[context_ids]
-        scores[context_ids] = np.where(seen < 0, seen * np.float32(penalty), seen / np.float32(penalty))
+        # In f64 and clipped to f32's range, so an extreme penalty (1e-40, 1e40) saturates instead of making
+        # infinities or NaN (0 / a penalty that rounds to 0 in f32).
+        # HF multiplies by the penalty rounded to f32 (f64 arithmetic on f32 values then rounds the same).
+        with np.errstate(over="ignore", under="ignore"):
+            penalty32 = float(np.float32(penalty))
+        factor = penalty32 if 0 < penalty32 < np.inf else penalty
+        seen = scores[context_ids].astype(np.float64)
+        penalised = np.where(seen < 0, seen * factor, seen / factor)
+        scores[context_ids] = np.clip(penalised, -F32_MAX, F32_MAX)
     return scores
 
 
@@ -59,7 +68,8 @@ def softmax64(scores: np.ndarray) -> np.ndarray:
     The exponentials are float32, as in HF (numpy's float32 exp is also ~15x faster than its float64 one);
     the normalising sum and the cumulative sums downstream are float64, where 50257 small terms lose nothing
     that matters."""
-    z = np.exp(scores - scores.max()).astype(np.float64)
+    with np.errstate(over="ignore"):  # a saturated score minus the max is -inf: probability 0, as wanted
+        z = np.exp(scores - scores.max()).astype(np.float64)
     z /= z.sum()
     return z
 
@@ -115,10 +125,16 @@ class Sampler:
         scores = np.asarray(logits, dtype=np.float32)
         context = np.asarray(context_ids, dtype=np.int64)
         scores = apply_repetition_penalty(scores, context, config.repetition_penalty)
+        greedy = np.array([scores.argmax()], dtype=np.int64), np.ones(1)
         if config.greedy:
-            return np.array([scores.argmax()], dtype=np.int64), np.ones(1)
+            return greedy
         if config.temperature != 1.0:
-            scores = scores / np.float32(config.temperature)
+            with np.errstate(all="ignore"):
+                scores = scores / np.float32(config.temperature)
+            # A temperature so small that a score overflows (or rounds to 0 in f32) is the limit
+            # temperature -> 0: greedy.
+            if not np.isfinite(scores).all():
+                return greedy
 
         vocab = scores.size
         if 0 < config.top_k < vocab:

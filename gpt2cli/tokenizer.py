@@ -26,6 +26,16 @@ PRETOKENIZE_PATTERN = regex.compile(
 ENDOFTEXT = "<|endoftext|>"
 TOKEN_TYPE_NORMAL = 1
 TOKEN_TYPE_CONTROL = 3
+# A pre-token longer than this is split into chunks of this many characters before BPE, so a run without
+# whitespace (a line of digits, /dev/zero) costs linear time and memory. It never changes the tokens of
+# ordinary text: the longest vocabulary token is 128 bytes and WikiText-2's longest pre-token 28 characters.
+MAX_PIECE_CHARS = 4096
+# A cut inside a whitespace-free run keeps at least this many characters after it: enough that the regex's
+# fixed alternatives ('ll, 're, ...) and the special token's text cannot straddle it.
+_CUT_MARGIN = 16
+# A non-space followed by a space: no pre-tokenizer piece spans it, and none looks across it (the only
+# lookahead, `\s+(?!\S)`, ends inside whitespace), so text cut there tokenizes exactly as the whole text.
+_SAFE_CUT = regex.compile(r"(?r)\S\s")
 # Bounds the per-piece cache so a long-running process fed arbitrary text cannot grow it without limit;
 # natural text has far fewer distinct pieces (WikiText-2 test: 21k).
 MAX_CACHED_PIECES = 200_000
@@ -71,6 +81,8 @@ class Tokenizer:
     def __init__(self, tokens: list[str], merges: list[str], eos_id: int = 50256) -> None:
         if not 0 <= eos_id < len(tokens):
             raise Gpt2Error(f"eos token id {eos_id} is outside the vocabulary of {len(tokens)} tokens")
+        if not tokens[eos_id]:
+            raise Gpt2Error(f"eos token {eos_id} is an empty string")
         self.tokens = list(tokens)
         self.merges = list(merges)
         self.eos_id = eos_id
@@ -107,14 +119,19 @@ class Tokenizer:
         model = metadata.get("tokenizer.ggml.model")
         if model is None:
             raise Gpt2Error("GGUF file has no tokenizer (tokenizer.ggml.model is missing)")
-        if model != "gpt2":
-            raise Gpt2Error(f"GGUF tokenizer is {model!r}, not GPT-2 byte-level BPE ('gpt2')")
+        if not isinstance(model, str) or model != "gpt2":
+            raise Gpt2Error(f"GGUF tokenizer is {model!r:.40}, not GPT-2 byte-level BPE ('gpt2')")
         tokens = metadata.get("tokenizer.ggml.tokens")
         merges = metadata.get("tokenizer.ggml.merges")
         if tokens is None or merges is None:
             raise Gpt2Error("GGUF file lacks tokenizer.ggml.tokens or tokenizer.ggml.merges")
-        eos_id = metadata.get("tokenizer.ggml.eos_token_id")
-        return cls(tokens, merges, 50256 if eos_id is None else int(eos_id))
+        for key, value in (("tokens", tokens), ("merges", merges)):
+            if not isinstance(value, list) or not all(type(s) is str for s in value):
+                raise Gpt2Error(f"tokenizer.ggml.{key} is not an array of strings")
+        eos_id = metadata.get("tokenizer.ggml.eos_token_id", 50256)
+        if type(eos_id) is not int:
+            raise Gpt2Error(f"tokenizer.ggml.eos_token_id is {eos_id!r:.40}, not an integer")
+        return cls(tokens, merges, eos_id)
 
     @classmethod
     def from_hf_dir(cls, path: str | Path) -> Tokenizer:
@@ -125,13 +142,20 @@ class Tokenizer:
                 break
         else:
             raise Gpt2Error(f"no vocab.json + merges.txt or encoder.json + vocab.bpe in {path}")
-        vocab: dict[str, int] = json.loads((path / vocab_name).read_text(encoding="utf-8"))
+        try:
+            vocab = json.loads((path / vocab_name).read_text(encoding="utf-8"))
+            lines = (path / merges_name).read_text(encoding="utf-8").split("\n")
+        except ValueError as e:  # not JSON, or not UTF-8
+            raise Gpt2Error(
+                f"{path}: cannot read the vocabulary ({' '.join(str(e).split())[:120]})"
+            ) from None
+        if not isinstance(vocab, dict) or not all(type(i) is int for i in vocab.values()):
+            raise Gpt2Error(f"{path / vocab_name}: not a JSON object of token -> integer id")
         tokens = sorted(vocab, key=vocab.__getitem__)
         if [vocab[t] for t in tokens] != list(range(len(tokens))):
             raise Gpt2Error(f"{path / vocab_name}: token ids are not 0..{len(tokens) - 1}")
         if ENDOFTEXT not in vocab:
             raise Gpt2Error(f"{path / vocab_name}: no {ENDOFTEXT} token")
-        lines = (path / merges_name).read_text(encoding="utf-8").split("\n")
         merges = [line for line in lines if line and not line.startswith("#version")]
         return cls(tokens, merges, vocab[ENDOFTEXT])
 
@@ -166,14 +190,46 @@ class Tokenizer:
         ids: list[int] = []
         cache = self._cache
         for piece in PRETOKENIZE_PATTERN.findall(text):
-            piece_ids = cache.get(piece)
-            if piece_ids is None:
-                piece_ids = self._bpe(piece)
-                if len(cache) >= MAX_CACHED_PIECES:
-                    cache.clear()
-                cache[piece] = piece_ids
-            ids.extend(piece_ids)
+            for start in range(0, len(piece), MAX_PIECE_CHARS):
+                chunk = piece[start : start + MAX_PIECE_CHARS]
+                chunk_ids = cache.get(chunk)
+                if chunk_ids is None:
+                    chunk_ids = self._bpe(chunk)
+                    if len(cache) >= MAX_CACHED_PIECES:
+                        cache.clear()
+                    cache[chunk] = chunk_ids
+                ids.extend(chunk_ids)
         return ids
+
+    def stable_prefix_length(self, text: str) -> int:
+        """The length of the longest prefix of `text` found whose tokens no following text can change:
+        `encode(text[:n]) + encode(text[n:] + more) == encode(text + more)` for any `more`.
+
+        The cut goes after a non-space followed by a space; failing that (a run without whitespace), at the
+        start of a pre-token or at a MAX_PIECE_CHARS chunk boundary inside one, at least _CUT_MARGIN
+        characters before the end and never inside the special token's text. So text streamed through this
+        is held for at most about MAX_PIECE_CHARS characters.
+        """
+        if m := _SAFE_CUT.search(text):
+            return m.start() + 1
+        special = self.special_text
+        limit = len(text) - max(_CUT_MARGIN, len(special) + 1)
+        if limit <= 0:
+            return 0
+        # Pieces are matched within the text after the last special token that starts before the limit;
+        # the token's start (a segment boundary) is itself a cut.
+        special_start = text.rfind(special, 0, limit - 1 + len(special))
+        segment_start = 0 if special_start < 0 else special_start + len(special)
+        cut = max(special_start, 0) if segment_start > limit else segment_start
+        for m in PRETOKENIZE_PATTERN.finditer(text, segment_start):
+            start, end = m.span()
+            if start > limit:
+                break
+            # Chunk boundaries at least 3 characters before the piece's end: the rest of the run is then
+            # matched again as the same kind of piece, never as 's or 'll.
+            last_chunk = start + (min(limit, end - 3) - start) // MAX_PIECE_CHARS * MAX_PIECE_CHARS
+            cut = max(start, last_chunk)
+        return cut
 
     def _bpe(self, piece: str) -> tuple[int, ...]:
         """Merge the lowest-ranked adjacent pair, leftmost first, until no pair is ranked.

@@ -15,7 +15,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, quants
 
 from gpt2cli.gguf_file import GPT2Config
-from gpt2cli.gguf_write import TensorData, write_gpt2_gguf
+from gpt2cli.gguf_write import TensorPlan, write_gpt2_gguf
 from gpt2cli.quantize import quantize_matrix
 from gpt2cli.tokenizer import Tokenizer
 
@@ -72,6 +72,7 @@ def build_gguf(
     seed: int = 0,
     skip: tuple[str, ...] = (),
     shape_override: dict[str, tuple[int, ...]] | None = None,
+    name: str = "tiny-gpt2",
 ) -> dict[str, np.ndarray]:
     """Write a random GPT-2 to `path`; return every tensor's stored value in f64 by GGUF name.
 
@@ -106,7 +107,7 @@ def build_gguf(
         shapes["output.weight"] = (c.n_vocab, e)
     shapes |= shape_override or {}
 
-    tensors, values = [], {}
+    plan, stored_tensors, values = [], [], {}
     for name, shape in shapes.items():
         if name in skip:
             continue
@@ -124,9 +125,10 @@ def build_gguf(
             t = embd_qtype or qtype
         elif len(shape) == 2 and name != "position_embd.weight":
             t = qtype
-        stored = quantize_matrix(x, t)
-        tensors.append(TensorData(name, stored, t))
+        stored = quantize_matrix(x.reshape(-1, shape[-1]), t)
+        plan.append(TensorPlan(name, shape, t))
+        stored_tensors.append(stored)
         values[name] = stored_values(stored, t).reshape(shape)
     file_type = 0 if qtype == T.F32 else 1  # llama.cpp's ALL_F32 / MOSTLY_F16: only informative here
-    write_gpt2_gguf(path, c, tensors, gpt2_tokenizer(), file_type=file_type, name="tiny-gpt2")
+    write_gpt2_gguf(path, c, plan, stored_tensors, gpt2_tokenizer(), file_type=file_type, name=name)
     return values

@@ -188,11 +188,81 @@ def test_names_and_bad_checkpoints(tmp_path):
     sd = hf_state_dict()
     del sd["h.1.mlp.c_fc.bias"]
     write_hf_dir(tmp_path / "missing", sd)
-    with pytest.raises(Gpt2Error, match="lacks blk.1.ffn_up.bias"):
+    with pytest.raises(Gpt2Error, match="missing tensor blk.1.ffn_up.bias"):
         load_hf_checkpoint(tmp_path / "missing")
 
     sd = hf_state_dict()
     sd["h.0.attn.c_attn.weight"] = np.ascontiguousarray(sd["h.0.attn.c_attn.weight"].T)  # not Conv1D layout
     write_hf_dir(tmp_path / "transposed", sd)
-    with pytest.raises(Gpt2Error, match="c_attn.weight has shape"):
+    with pytest.raises(Gpt2Error, match=r"tensor blk.0.attn_qkv.weight has shape \(64, 192\)"):
         load_hf_checkpoint(tmp_path / "transposed")
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("hf") / "tiny"
+    write_hf_dir(directory, hf_state_dict())
+    return directory
+
+
+def broken_copy(hf_dir, tmp_path, **files: str | bytes):
+    """A copy of `hf_dir` with some files replaced (str or bytes contents)."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for path in hf_dir.iterdir():
+        (broken / path.name).symlink_to(path)
+    for name, content in files.items():
+        (broken / name.replace("_", ".")).unlink()
+        target = broken / name.replace("_", ".")
+        target.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return broken
+
+
+def edited_config(hf_dir, **changes) -> str:
+    return json.dumps(json.loads((hf_dir / "config.json").read_text()) | changes)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"n_layer": 1_000_000_000}, "1000000000 layers expected, the tensors are of 2"),
+        ({"n_layer": 1}, "unexpected tensor blk.1"),
+        ({"n_head": 0}, "n_head = 0 is not between 1"),
+        ({"n_head": 3}, "not a multiple of the head count 3"),
+        ({"n_head": -1}, "n_head = -1 is not between 1"),
+        ({"n_head": 2**40}, "n_head = 1099511627776 is not between 1"),
+        ({"n_head": "4"}, "n_head is '4', not an int"),
+        ({"n_embd": 64.0}, "n_embd is 64.0, not an int"),
+        ({"layer_norm_epsilon": "x"}, "layer_norm_epsilon is 'x', not a float"),
+        ({"architectures": 1.5}, "not a GPT-2"),  # found by the fuzzer: a TypeError
+    ],
+)
+def test_config_is_checked_against_the_tensors(hf_dir, tmp_path, changes, message):
+    # Was: n_layer 1e9 allocated until killed, n_head 0 or 3 were written, -1 or 2**40 a struct.error.
+    broken = broken_copy(hf_dir, tmp_path, config_json=edited_config(hf_dir, **changes))
+    with pytest.raises(Gpt2Error, match=message):
+        load_hf_checkpoint(broken)
+
+
+def test_every_layer_is_checked(tmp_path):
+    # Was: only layer 0's shapes were compared with the config.
+    sd = hf_state_dict()
+    sd["h.1.ln_1.weight"] = sd["h.1.ln_1.weight"][:10]
+    write_hf_dir(tmp_path / "ln", sd)
+    with pytest.raises(Gpt2Error, match=r"tensor blk.1.attn_norm.weight has shape \(10,\), expected \(64,\)"):
+        load_hf_checkpoint(tmp_path / "ln")
+
+
+@pytest.mark.parametrize(
+    "files, message",
+    [
+        ({"vocab_json": "{not json"}, "cannot read the vocabulary"),
+        ({"vocab_json": "[1, 2]"}, "not a JSON object of token -> integer id"),
+        ({"merges_txt": b"#version: 0.2\n\xff\xfe\n"}, "cannot read the vocabulary"),
+        ({"config_json": "[1, 2]"}, "config.json: not a JSON object"),
+        ({"config_json": "{"}, "config.json: cannot read"),
+    ],
+)
+def test_malformed_hf_files(hf_dir, tmp_path, files, message):
+    with pytest.raises(Gpt2Error, match=message):
+        load_hf_checkpoint(broken_copy(hf_dir, tmp_path, **files))

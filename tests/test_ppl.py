@@ -16,11 +16,21 @@ from reference_gpt2 import gpt2_logits
 from synthetic import TINY, build_gguf
 
 from gpt2cli import ppl
+from gpt2cli import tokenizer as tokenizer_module
 from gpt2cli.cli import main
 from gpt2cli.errors import Gpt2Error
 from gpt2cli.gguf_file import ModelFile
 from gpt2cli.model import GPT2Model
-from gpt2cli.ppl import PplSettings, compare_models, perplexity, plan_windows, token_nll, tokenize_file
+from gpt2cli.ppl import (
+    PerplexityResult,
+    PplSettings,
+    compare_models,
+    perplexity,
+    plan_windows,
+    result_dict,
+    token_nll,
+    tokenize_file,
+)
 
 TEXT = (
     " = The Lighthouse Keeper = \n\n"
@@ -377,6 +387,39 @@ def test_streamed_tokenization_equals_whole_text(
     assert ids.tolist() == tokenizer.encode(text.replace("\r\n", "\n"))
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    pieces=st.lists(st.sampled_from([*TRICKY_PIECES, "aaaaaaa", "'", "1234567", "       "]), max_size=40),
+    block=st.integers(1, 16),
+)
+def test_streamed_runs_without_whitespace_equal_whole_text(
+    tmp_path_factory, tokenizer, monkeypatch_block, pieces, block
+):
+    # With 4-character chunks, the cuts inside whitespace-free runs are exercised on short texts.
+    text = "".join(pieces).replace(" ", "")
+    path = tmp_path_factory.mktemp("text") / "t.txt"
+    path.write_bytes(text.encode())
+    monkeypatch_block(block)
+    original = tokenizer_module.MAX_PIECE_CHARS
+    tokenizer_module.MAX_PIECE_CHARS = 4
+    try:
+        assert tokenize_file(path, tokenizer).tolist() == tokenizer.encode(text.replace("\r\n", "\n"))
+    finally:
+        tokenizer_module.MAX_PIECE_CHARS = original
+
+
+@pytest.mark.parametrize("byte", [b"\0", b"a", b"7"])
+def test_text_without_whitespace_stops_at_max_tokens(tmp_path, tokenizer, byte):
+    # Was: read until a space that never comes, then one BPE piece of the whole file (issue 10).
+    path = tmp_path / "run.txt"
+    path.write_bytes(byte * (8 << 20))
+    assert len(tokenize_file(path, tokenizer, max_tokens=100)) == 100
+
+
+def test_dev_zero_stops_at_max_tokens(tokenizer):
+    assert len(tokenize_file("/dev/zero", tokenizer, max_tokens=100)) == 100
+
+
 @pytest.fixture(scope="module")
 def monkeypatch_block():
     """Sets ppl.READ_BLOCK_BYTES for the module's tests (hypothesis cannot use function-scoped fixtures)."""
@@ -482,3 +525,12 @@ def test_lone_carriage_returns_beside_crlf(tmp_path, tokenizer, monkeypatch, dat
     path = tmp_path / "t.txt"
     path.write_bytes(data)
     assert tokenize_file(path, tokenizer).tolist() == tokenizer.encode(data.decode().replace("\r\n", "\n"))
+
+
+def test_json_report_has_no_bare_nan():
+    # Was: a bare NaN in --json output, which is not JSON.
+    nan = math.nan
+    result = PerplexityResult(PplSettings("hf", 16, 8), 1, 1, 2, nan, nan, nan, nan, 0, nan)
+    report = result_dict(result)
+    json.dumps(report, allow_nan=False)
+    assert report["ppl"] is None and report["mean_nll"] is None and report["seconds"] is None

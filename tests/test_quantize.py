@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -264,6 +267,64 @@ def test_interrupted_run_leaves_nothing(tmp_path, tiny_f32):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_terminated_run_leaves_nothing(tmp_path, tiny_f32, signum):
+    # Was: SIGTERM and SIGHUP left .OUT.xxxx.part files (issue 10).
+    ckpt = source_checkpoint(tiny_f32)
+    written = []
+
+    def terminate(report):
+        written.append(report.name)
+        if report.name.startswith("blk.1"):
+            os.kill(os.getpid(), signum)
+
+    with pytest.raises(SystemExit) as exit_info:
+        quantize_checkpoint(ckpt, file_type("Q8_0"), tmp_path / "q.gguf", on_tensor=terminate)
+    assert exit_info.value.code == 128 + signum
+    assert list(tmp_path.iterdir()) == []
+    assert (
+        signal.getsignal(signum) is signal.SIG_DFL or signal.getsignal(signum) == signal.default_int_handler
+    )
+
+
+def test_progress_follows_the_writes(tmp_path, tiny_f32):
+    ckpt = source_checkpoint(tiny_f32)
+    sizes = []
+
+    def on_tensor(report):
+        (part,) = tmp_path.glob("*.part")
+        sizes.append(part.stat().st_size)
+
+    quantize_checkpoint(ckpt, file_type("Q8_0"), tmp_path / "q.gguf", on_tensor=on_tensor)
+    assert len(sizes) == len(ckpt.shapes) and sizes == sorted(sizes) and sizes[0] < sizes[-1]
+    assert sizes[-1] == (tmp_path / "q.gguf").stat().st_size
+
+
+def test_stale_parts_of_dead_runs_are_removed(tmp_path, tiny_f32):
+    # A SIGKILLed run cannot clean up; the next run removes its file if its process is gone.
+    dead_pid = 2**22 + 12345  # above the default pid_max (2**22): never a live process
+    stale = tmp_path / f".q.gguf.{dead_pid}.abcd.part"
+    alive = tmp_path / f".q.gguf.{os.getpid()}.efgh.part"
+    other = tmp_path / ".other.gguf.1.part"
+    for path in (stale, alive, other):
+        path.write_bytes(b"x")
+    quantize_checkpoint(source_checkpoint(tiny_f32), file_type("Q8_0"), tmp_path / "q.gguf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, other.name, "q.gguf"])
+
+
+def test_write_errors_name_the_output(tmp_path, tiny_f32):
+    (tmp_path / "file").write_text("not a directory")
+    out = tmp_path / "file" / "q.gguf"
+    code, _, err = run_cli(["quantize", str(tiny_f32), "-o", str(out)])
+    assert code == 2 and err.startswith(f"gpt2: error: {out}: cannot write") and ".part" not in err
+
+
+def test_empty_type_is_refused(tmp_path, tiny_f32):
+    code, _, err = run_cli(["quantize", str(tiny_f32), "--type", "", "-o", str(tmp_path / "q.gguf")])
+    assert code == 2 and "unknown type ''" in err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_quantized_input_refused(tmp_path, tiny_f32):
     ckpt = source_checkpoint(tiny_f32)
     path = tmp_path / "tiny.Q8_0.gguf"
@@ -286,8 +347,30 @@ def test_half_precision_files_are_inputs(tmp_path, tiny_f32, ftype):
 def test_default_output_path(tmp_path, monkeypatch, tiny_f32):
     monkeypatch.setenv("GPT2_HOME", str(tmp_path))
     ckpt = source_checkpoint(tiny_f32)
-    assert ckpt.name == "tiny-gpt2"  # general.name
-    assert default_output_path(ckpt, file_type("q4_k_m")) == tmp_path / "tiny-gpt2.Q4_K_M.gguf"
+    assert ckpt.name == "tiny"  # the file's name without its type
+    assert default_output_path(ckpt, file_type("q4_k_m")) == tmp_path / "tiny.Q4_K_M.gguf"
+
+
+@pytest.mark.parametrize(
+    "name, file_name",
+    [("/", "model"), ("../../x", "x"), ("/etc/passwd", "etc-passwd"), ("a\0b", "a-b"), (".hidden", "hidden")],
+)
+def test_default_output_path_is_a_plain_file_name(tmp_path, monkeypatch, tiny_f32, name, file_name):
+    monkeypatch.setenv("GPT2_HOME", str(tmp_path))
+    ckpt = dataclasses.replace(source_checkpoint(tiny_f32), name=name)
+    assert default_output_path(ckpt, file_type("q8_0")) == tmp_path / f"{file_name}.Q8_0.gguf"
+
+
+def test_general_name_never_becomes_the_output_path(tmp_path, monkeypatch):
+    # Was: general.name "../../x" wrote outside the model directory (issue 10).
+    monkeypatch.setenv("GPT2_HOME", str(tmp_path / "home"))
+    src = tmp_path / "src" / "evil.F32.gguf"
+    src.parent.mkdir()
+    build_gguf(src, config=TINY, name="../../x")
+    code, _, err = run_cli(["quantize", str(src), "--type", "Q8_0"])
+    assert code == 0, err
+    assert [p.name for p in (tmp_path / "home").iterdir()] == ["evil.Q8_0.gguf"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home", "src"]
 
 
 # --- llama.cpp compatibility, both ways ---------------------------------------------------------------------
@@ -370,7 +453,7 @@ def test_cli_quantize_to_model_dir_with_eval(tmp_path, tiny_f32):
         ["quantize", str(tiny_f32), "--bits", "4", "--eval", str(text), "--eval-tokens", "200"], env
     )
     assert code == 0, err
-    path = tmp_path / "models" / "tiny-gpt2.Q4_K_M.gguf"
+    path = tmp_path / "models" / "tiny.Q4_K_M.gguf"
     assert ModelFile(path).config.n_embd == TINY.n_embd
     assert "blk.1.ffn_up.weight" in out and "Q5_0 (for Q4_K)" in out
     assert f"wrote         {path} (Q4_K_M, general.file_type 15)" in out

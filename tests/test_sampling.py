@@ -252,3 +252,22 @@ def test_out_of_range_settings_raise_one_line_errors(field: str, value: float) -
 
 def test_defaults_are_hf_defaults() -> None:
     assert SamplingConfig() == SamplingConfig(temperature=1.0, top_k=50, top_p=1.0, repetition_penalty=1.0)
+
+
+@pytest.mark.parametrize("penalty", [1e-40, 1e-50, 1e38, 1e300])
+@pytest.mark.parametrize("temperature", [0.0, 1.0, 1e-38])
+def test_extreme_penalties_and_temperatures_stay_finite(penalty: float, temperature: float) -> None:
+    # Was: "zero-size array to reduction operation maximum" and IndexError under --top-k 0 / --top-p.
+    logits = np.array([-3.0, 0.0, 2.0, 5.0, 1.0], dtype=np.float32)
+    for top_k, top_p in ((50, 1.0), (0, 1.0), (0, 0.9), (2, 0.5)):
+        config = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=penalty)
+        ids, probs = Sampler(config, seed=1).distribution(logits, [0, 1, 2, 3])
+        assert np.isfinite(probs).all() and probs.sum() == pytest.approx(1.0)
+        assert 0 <= Sampler(config, seed=1).next_token(logits, [0, 1, 2, 3]) < logits.size
+
+
+def test_tiny_temperature_is_greedy() -> None:
+    logits = np.array([1.0, 3.0, 2.9, -1.0], dtype=np.float32)
+    for temperature in (1e-38, 1e-45, 1e-300):
+        sampler = Sampler(SamplingConfig(temperature=temperature, top_k=0), seed=2)
+        assert [sampler.next_token(logits, []) for _ in range(10)] == [1] * 10

@@ -11,7 +11,14 @@ from hypothesis import strategies as st
 
 from gpt2cli.errors import Gpt2Error
 from gpt2cli.gguf_reader import read_gguf
-from gpt2cli.tokenizer import BYTE_TO_CHAR, ENDOFTEXT, PRETOKENIZE_PATTERN, StreamDecoder, Tokenizer
+from gpt2cli.tokenizer import (
+    BYTE_TO_CHAR,
+    ENDOFTEXT,
+    MAX_PIECE_CHARS,
+    PRETOKENIZE_PATTERN,
+    StreamDecoder,
+    Tokenizer,
+)
 
 VECTOR_SEPARATOR = "\n__ggml_vocab_test__\n"
 
@@ -150,6 +157,15 @@ def test_long_piece(gguf_tokenizer: Tokenizer) -> None:
     assert len(ids) < len(digits) / 2
 
 
+def test_pieces_longer_than_the_bound_are_chunked(gguf_tokenizer: Tokenizer) -> None:
+    # A run without whitespace is BPE'd in MAX_PIECE_CHARS chunks: linear time, and the text round-trips.
+    run = "a" * (3 * MAX_PIECE_CHARS + 5)
+    chunk_ids = gguf_tokenizer.encode("a" * MAX_PIECE_CHARS)
+    ids = gguf_tokenizer.encode(run)
+    assert ids[: 3 * len(chunk_ids)] == 3 * chunk_ids
+    assert gguf_tokenizer.decode(ids) == run
+
+
 @settings(max_examples=25, deadline=None)
 @given(text=st.text())
 def test_stream_decoder_matches_decode(gguf_tokenizer: Tokenizer, text: str) -> None:
@@ -208,7 +224,7 @@ def test_gguf_fields_round_trip(tiny_tokenizer: Tokenizer, tmp_path: Path) -> No
     assert loaded.tokens == tiny_tokenizer.tokens
     assert loaded.merges == tiny_tokenizer.merges
     assert loaded.eos_id == 259
-    assert metadata["tokenizer.ggml.token_type"][-2:] == [1, 3]
+    assert metadata["tokenizer.ggml.token_type"][-2:].tolist() == [1, 3]
     assert metadata["tokenizer.ggml.bos_token_id"] == 259
 
 
