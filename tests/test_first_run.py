@@ -123,3 +123,15 @@ def test_the_first_compile_is_announced_once_and_a_cache_hit_not_at_all() -> Non
         twice(3)
         np.testing.assert_equal(thrice(2.0), 6.0)
     assert calls == ["compiling"]
+
+
+def test_a_warm_start_loads_cached_kernels_without_numba_tables_or_scipy() -> None:
+    code = (
+        "import sys, numpy as np; from kernels import ops; x = np.ones((2, 8), np.float32); "
+        "ops.layer_norm(x, x[0], x[0], 1e-5, x); "
+        "print('numba.np.arraymath' in sys.modules, 'scipy.linalg.cython_blas' in sys.modules)"
+    )
+    assert run_python(code).returncode == 0  # compiles into the cache if it is cold
+    done = run_python(code)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "False"]
