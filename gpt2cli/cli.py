@@ -6,6 +6,8 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Annotated
 
 import typer
@@ -16,6 +18,12 @@ from gpt2cli.registry import DEFAULT_MODEL
 # Click's UsageError and ClickException, whichever click typer uses (recent typers vendor their own).
 UsageError = typer.BadParameter.__base__
 ClickException = UsageError.__base__
+
+# The kernels' OpenMP threads spin for a while after each parallel loop, by default long enough to take the
+# core from numpy's BLAS threads during a prefill (1.0k vs 1.3-1.8k tokens/s for 512 tokens here), while
+# decoding, whose parallel loops come back to back, needs some spinning to wake fast. libgomp reads this
+# once, when the first parallel loop runs; the command sets it (see main), the library leaves it alone.
+OPENMP_ENVIRONMENT = {"GOMP_SPINCOUNT": "30000"}
 
 app = typer.Typer(
     name="gpt2",
@@ -40,12 +48,13 @@ def say(message: str) -> None:
 
 
 def load_model(spec: str, verbose: bool = False, exact: bool = False):
-    from gpt2cli.gguf_file import ModelFile
-    from gpt2cli.model import GPT2Model
     from gpt2cli.registry import resolve_gguf
 
     t0 = time.perf_counter()
-    path = resolve_gguf(spec)
+    path = resolve_gguf(spec)  # first: a download that cannot work fails before the slow imports below
+    from gpt2cli.gguf_file import ModelFile
+    from gpt2cli.model import GPT2Model
+
     mf = ModelFile(path)
     model = GPT2Model(mf.weights, mf.config, exact=exact)
     if verbose:
@@ -55,6 +64,60 @@ def load_model(spec: str, verbose: bool = False, exact: bool = False):
             f"loaded in {time.perf_counter() - t0:.2f} s"
         )
     return mf, model
+
+
+def file_type_name(mf) -> str:
+    """llama-quantize's name of the file's type (Q4_K_M), else its block types (Q4_K, Q6_K)."""
+    from gguf import LlamaFileType
+
+    try:
+        return LlamaFileType(mf.metadata["general.file_type"]).name.removeprefix("MOSTLY_")
+    except (KeyError, ValueError, TypeError):
+        return ", ".join(sorted(q.name for q in mf.qtypes))
+
+
+@contextmanager
+def on_first_compile(callback: Callable[[], None]) -> Iterator[None]:
+    """Calls `callback` when the body first compiles a kernel, which Numba's cache spares all but a first run
+    (or one after an upgrade): that run spends seconds compiling, and should say so."""
+    from numba.core import event
+
+    class FirstCompile(event.Listener):
+        fired = False
+
+        def on_start(self, _event: event.Event) -> None:
+            if not self.fired:
+                self.fired = True
+                callback()
+
+        def on_end(self, _event: event.Event) -> None:
+            pass
+
+    with event.install_listener("numba:compile", FirstCompile()):
+        yield
+
+
+def compile_notice(mf) -> str:
+    return f"compiling kernels for {file_type_name(mf)} (first run only)"
+
+
+class Spinner:
+    """A transient spinner with a message on stderr, when stderr is a terminal."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+        self.status = None
+
+    def start(self) -> None:
+        if self.status is None and sys.stderr.isatty():
+            from rich.console import Console
+
+            self.status = Console(stderr=True).status(self.message)
+            self.status.start()
+
+    def stop(self) -> None:
+        if self.status is not None:
+            self.status.stop()
 
 
 @app.command()
@@ -120,36 +183,46 @@ def generate(
             sys.stdout.flush()
 
     started = -1
+    spinner = Spinner(compile_notice(mf))
+
+    def on_text_after_spinner(index: int, piece: str) -> None:
+        spinner.stop()  # before stdout: the spinner's live display would capture it
+        on_text(index, piece)
+
     try:
-        for gen in run_generate(gpt2, tokenizer, ids, settings, on_text, on_prefill):
-            if as_json:
-                print(
-                    json.dumps(
-                        {
-                            "index": gen.index,
-                            "prompt": shown_prompt,
-                            "text": gen.text,
-                            "generated_text": shown_prompt + gen.text,
-                            "prompt_tokens": len(gen.prompt_ids),
-                            "generated_tokens": len(gen.token_ids),
-                            "token_ids": gen.token_ids,
-                            "finish_reason": gen.finish_reason,
-                        },
-                        ensure_ascii=False,
+        with on_first_compile(spinner.start):
+            for gen in run_generate(gpt2, tokenizer, ids, settings, on_text_after_spinner, on_prefill):
+                spinner.stop()
+                if as_json:
+                    print(
+                        json.dumps(
+                            {
+                                "index": gen.index,
+                                "prompt": shown_prompt,
+                                "text": gen.text,
+                                "generated_text": shown_prompt + gen.text,
+                                "prompt_tokens": len(gen.prompt_ids),
+                                "generated_tokens": len(gen.token_ids),
+                                "token_ids": gen.token_ids,
+                                "finish_reason": gen.finish_reason,
+                            },
+                            ensure_ascii=False,
+                        )
                     )
-                )
-            else:
-                start(gen.index)
-            if verbose and gen.seconds > 0:
-                say(
-                    f"sequence {gen.index}: {len(gen.token_ids)} tokens in {gen.seconds:.3f} s "
-                    f"({len(gen.token_ids) / gen.seconds:.1f} tokens/s), stopped by {gen.finish_reason}"
-                )
+                else:
+                    start(gen.index)
+                if verbose and gen.seconds > 0:
+                    say(
+                        f"sequence {gen.index}: {len(gen.token_ids)} tokens in {gen.seconds:.3f} s "
+                        f"({len(gen.token_ids) / gen.seconds:.1f} tokens/s), stopped by {gen.finish_reason}"
+                    )
     except KeyboardInterrupt:
         sys.stdout.write("\n")
         sys.stdout.flush()
         say("interrupted")
         raise typer.Exit(130) from None
+    finally:
+        spinner.stop()
     if not as_json:
         sys.stdout.write("\n")
         sys.stdout.flush()
@@ -224,14 +297,18 @@ def ppl(
     )
     with Progress(*columns, console=console, disable=not console.is_terminal, transient=True) as bar:
         task = bar.add_task("windows", total=None, ppl=float("nan"))
-        result = perplexity(
-            gpt2,
-            ids,
-            settings,
-            tokenizer=mf.tokenizer,
-            base=base,
-            progress=lambda done, total, running: bar.update(task, completed=done, total=total, ppl=running),
-        )
+        # A line above the bar, not a spinner: one live display at a time.
+        with on_first_compile(lambda: bar.console.print(compile_notice(mf)) if bar.live.is_started else None):
+            result = perplexity(
+                gpt2,
+                ids,
+                settings,
+                tokenizer=mf.tokenizer,
+                base=base,
+                progress=lambda done, total, running: bar.update(
+                    task, completed=done, total=total, ppl=running
+                ),
+            )
     if as_json:
         report = {"model": str(mf.path), "base": kl_divergence, "file": file, **result_dict(result)}
         print(json.dumps(report, allow_nan=False))
@@ -320,6 +397,9 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: click's own errors and Gpt2Error become one line on stderr and exit code 2."""
     import numpy as np
 
+    # Here, not at import: a library must leave the environment alone, a program may choose its own.
+    for name, value in OPENMP_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
     command = typer.main.get_command(app)
     if sys.stdout is None or sys.stdout.closed:  # started with stdout closed (`gpt2 ... >&-`)
         sys.exit(_fail("standard output is closed", 2))

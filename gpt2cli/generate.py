@@ -5,13 +5,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from gpt2cli.errors import Gpt2Error
-from gpt2cli.model import GPT2Model
 from gpt2cli.sampling import Sampler, SamplingConfig
 from gpt2cli.tokenizer import StreamDecoder, Tokenizer
+
+if TYPE_CHECKING:  # the model's import loads the kernels: a command fails on its options before that
+    from gpt2cli.model import GPT2Model
 
 
 @dataclass(frozen=True)

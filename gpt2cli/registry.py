@@ -10,21 +10,12 @@ from __future__ import annotations
 
 import importlib
 import os
+import socket
 import sys
+import threading
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-
-import huggingface_hub
-from huggingface_hub import constants as hub_constants
-from huggingface_hub.utils import (
-    EntryNotFoundError,
-    HfHubHTTPError,
-    LocalEntryNotFoundError,
-    OfflineModeIsEnabled,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
 
 from gpt2cli.errors import Gpt2Error
 
@@ -62,6 +53,8 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 LOCAL_FILE_HINT = "pass a local file with --model path/to/file.gguf"
 LOCAL_CHECKPOINT_HINT = "pass a local Hugging Face directory holding model.safetensors"
+# How long to wait for a connection to the Hub before calling it unreachable.
+CONNECT_TIMEOUT_SECONDS = 1.5
 _TRUE_VALUES = {"1", "ON", "YES", "TRUE"}  # as huggingface_hub reads its boolean variables
 
 
@@ -142,6 +135,8 @@ def hf_cache_dir() -> Path:
 
 def hub_offline() -> bool:
     """HF_HUB_OFFLINE as set now, or as huggingface_hub read it at import."""
+    from huggingface_hub import constants as hub_constants
+
     return hub_constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in _TRUE_VALUES
 
 
@@ -180,6 +175,13 @@ def resolve_gguf(spec: str) -> Path:
     if filename is None:
         raise Gpt2Error(_missing_type_message(entry, qtype))
     what = f"{name}:{qtype} ({entry.gguf_repo}/{filename})"
+    import huggingface_hub
+
+    cached = huggingface_hub.try_to_load_from_cache(
+        entry.gguf_repo, filename, cache_dir=hf_cache_dir(), revision=entry.gguf_revision
+    )
+    if isinstance(cached, str):  # None and a "known missing" sentinel are not files
+        return Path(cached)
     offline = hub_offline()
     try:
         path = huggingface_hub.hf_hub_download(
@@ -187,7 +189,7 @@ def resolve_gguf(spec: str) -> Path:
             filename,
             revision=entry.gguf_revision,
             cache_dir=hf_cache_dir(),
-            local_files_only=offline,
+            local_files_only=offline or not hub_reachable(),
         )
     except _hub_errors() as error:
         missing_hint = f"; make it with `gpt2 quantize {name} --type {qtype}`"
@@ -209,12 +211,14 @@ def fetch_checkpoint(name_or_dir: str) -> Path:
         )
     what = f"{entry.name} ({entry.checkpoint})"
     offline = hub_offline()
+    import huggingface_hub
+
     try:
         snapshot = huggingface_hub.snapshot_download(
             entry.checkpoint,
             allow_patterns=list(CHECKPOINT_FILES),
             cache_dir=hf_cache_dir(),
-            local_files_only=offline,
+            local_files_only=offline or not hub_reachable(),
         )
     except _hub_errors() as error:
         raise Gpt2Error(_hub_error_message(error, what, offline, LOCAL_CHECKPOINT_HINT)) from error
@@ -223,6 +227,8 @@ def fetch_checkpoint(name_or_dir: str) -> Path:
 
 def list_models() -> list[ModelListing]:
     """Every registry model and type that is published or on disk, model by model, smallest type first."""
+    import huggingface_hub
+
     rows = []
     cache_dir = hf_cache_dir()
     for entry in load_registry().values():
@@ -279,6 +285,38 @@ def _missing_type_message(entry: ModelEntry, qtype: str) -> str:
     )
 
 
+def hub_reachable() -> bool:
+    """Whether a connection to the Hub (or to the proxy in between) opens within CONNECT_TIMEOUT_SECONDS.
+
+    Without a network huggingface_hub retries five times over 25 s, logging each retry; asked first, this
+    lets a download that cannot work fail at once, or fall back to the cache.
+    """
+    from urllib.parse import urlsplit
+    from urllib.request import getproxies, proxy_bypass
+
+    from huggingface_hub import constants as hub_constants
+
+    endpoint = urlsplit(hub_constants.ENDPOINT)
+    proxy = None if proxy_bypass(endpoint.hostname or "") else getproxies().get(endpoint.scheme)
+    if proxy and "://" not in proxy:
+        proxy = "http://" + proxy
+    target = urlsplit(proxy) if proxy else endpoint
+    address = (target.hostname or "", target.port or (443 if target.scheme == "https" else 80))
+    connected: list[bool] = []
+
+    def connect() -> None:  # in a thread: a socket's timeout does not bound the name look-up
+        try:
+            socket.create_connection(address, timeout=CONNECT_TIMEOUT_SECONDS).close()
+            connected.append(True)
+        except OSError:
+            connected.append(False)
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(CONNECT_TIMEOUT_SECONDS)
+    return connected == [True]
+
+
 def _network_errors() -> tuple[type[BaseException], ...]:
     """The exceptions a dropped connection raises in whichever HTTP client huggingface_hub uses."""
     errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
@@ -295,6 +333,8 @@ def _network_errors() -> tuple[type[BaseException], ...]:
 
 
 def _hub_errors() -> tuple[type[BaseException], ...]:
+    from huggingface_hub.utils import EntryNotFoundError
+
     # OSError covers LocalEntryNotFoundError and HfHubHTTPError too, and a full disk.
     return (OSError, EntryNotFoundError, *_network_errors())
 
@@ -303,6 +343,15 @@ def _hub_error_message(
     error: Exception, what: str, offline: bool, local_hint: str, missing_hint: str = ""
 ) -> str:
     """One line for a failed Hub download. Order matters: the classes overlap (see huggingface_hub.errors)."""
+    from huggingface_hub.utils import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
     if isinstance(error, (LocalEntryNotFoundError, OfflineModeIsEnabled)) and offline:
         return f"{what} is not on disk and HF_HUB_OFFLINE is set: unset it to download, or {local_hint}"
     if isinstance(error, (LocalEntryNotFoundError, OfflineModeIsEnabled, *_network_errors())):

@@ -10,21 +10,34 @@ Every kernel works on a weight matrix kept in its stored form: a C-contiguous ui
 - matvec_f32: where `matvec` quantizes the activations to int8 blocks as ggml does (faster, ~1% error in
   the logits), the same product with f32 activations; None where `matvec` is already exact f32.
 
-Kernels compile lazily on first call (`cache=True`), so a file only pays for the types it holds.
+A family module is imported on the first look-up of one of its types and its kernels compile (or load from
+Numba's cache) on their first call, so a file only pays for the types it holds.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
+import atexit
+import importlib
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
+import numba
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from numba.core import event
+from numba.core.caching import FunctionCache
+from numba.core.dispatcher import Dispatcher
+from numba.core.registry import cpu_target
+from numba.core.runtime import rtsys
 
-# The kernels' OpenMP threads spin for a while after each parallel loop; by default long enough to take the
-# core from numpy's BLAS threads during a prefill (1.0k vs 1.3-1.8k tokens/s for 512 tokens here), while
-# decoding, whose parallel loops come back to back, needs some spinning to wake fast. Read once at start-up.
-os.environ.setdefault("GOMP_SPINCOUNT", "30000")
+Q = GGMLQuantizationType
+FAMILY_OF: dict[GGMLQuantizationType, str] = {
+    **dict.fromkeys((Q.F32, Q.F16, Q.BF16), "floats"),
+    **dict.fromkeys((Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0), "legacy"),
+    **dict.fromkeys((Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K), "kquants"),
+}
 
 
 @dataclass(frozen=True)
@@ -52,11 +65,32 @@ class BlockKernels:
         return cols // self.block_size * self.type_size
 
 
-KERNELS: dict[GGMLQuantizationType, BlockKernels] = {}
+class KernelTable(Mapping[GGMLQuantizationType, BlockKernels]):
+    """Every supported type; looking one up imports its family module, which registers the family's types."""
+
+    def __init__(self) -> None:
+        self._registered: dict[GGMLQuantizationType, BlockKernels] = {}
+
+    def __getitem__(self, qtype: GGMLQuantizationType) -> BlockKernels:
+        if qtype not in self._registered:
+            load_cached_code_lightly(importlib.import_module(f"{__name__}.{FAMILY_OF[qtype]}"))
+        return self._registered[qtype]
+
+    def __contains__(self, qtype: object) -> bool:
+        return qtype in FAMILY_OF
+
+    def __iter__(self) -> Iterator[GGMLQuantizationType]:
+        return iter(FAMILY_OF)
+
+    def __len__(self) -> int:
+        return len(FAMILY_OF)
+
+
+KERNELS = KernelTable()
 
 
 def register(kernels: BlockKernels) -> None:
-    KERNELS[kernels.qtype] = kernels
+    KERNELS._registered[kernels.qtype] = kernels
 
 
 def kernels_for(qtype: GGMLQuantizationType) -> BlockKernels:
@@ -64,5 +98,70 @@ def kernels_for(qtype: GGMLQuantizationType) -> BlockKernels:
     return KERNELS[qtype]
 
 
-# The family modules register their types on import.
-from kernels import floats, kquants, legacy  # noqa: E402, F401
+def _cache_probe() -> None:
+    """Stands for the kernels when asking Numba where it would cache them (they all live in this folder)."""
+
+
+def _ensure_writable_cache() -> None:
+    """Numba caches next to the sources, else in ~/.cache/numba, and refuses to define a cached function
+    when neither is writable (a system-wide install run by another user, a container without HOME).
+    Then compile into a temporary folder removed at exit, and say so once."""
+    try:
+        FunctionCache(_cache_probe)
+    except RuntimeError:
+        numba.config.CACHE_DIR = tempfile.mkdtemp(prefix="gpt2-numba-")
+        atexit.register(shutil.rmtree, numba.config.CACHE_DIR, ignore_errors=True)
+        print(
+            "gpt2: note: no writable Numba cache folder (beside the package or in ~/.cache/numba): kernels "
+            "are compiled for this run only; set NUMBA_CACHE_DIR to keep them",
+            file=sys.stderr,
+        )
+
+
+def _install_numba_tables() -> None:
+    """Fill Numba's typing and lowering tables, as it does before compiling, but without scipy and cffi:
+    on the way Numba imports scipy (only to learn whether np.dot may call BLAS) and cffi (to type cffi
+    functions), 0.3 s for two libraries the kernels never use. Both stay hidden only while the tables
+    fill, and only if no other code has imported them already."""
+    hidden = [name for name in ("scipy.linalg.cython_blas", "cffi") if name not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None  # makes `import name` raise ImportError, which Numba expects
+    try:
+        cpu_target.target_context.refresh()
+    finally:
+        for name in hidden:
+            del sys.modules[name]
+
+
+class _TablesBeforeFirstCompile(event.Listener):
+    filled = False
+
+    def on_start(self, _event: event.Event) -> None:
+        if not self.filled:
+            self.filled = True
+            _install_numba_tables()
+
+    def on_end(self, _event: event.Event) -> None:
+        pass
+
+
+class _KernelCache(FunctionCache):
+    """Numba fills all its typing and lowering tables before loading cached machine code (0.15 s and 10 MB
+    of a warm start), though running that code needs only its runtime (NRT); a compile fills them anyway."""
+
+    def load_overload(self, sig, target_context):
+        rtsys.initialize(target_context)
+        with self._guard_against_spurious_io_errors():
+            return self._load_overload(sig, target_context)
+
+
+def load_cached_code_lightly(module) -> None:
+    """Give the module's cached kernels the light loader above."""
+    for value in vars(module).values():
+        if isinstance(value, Dispatcher) and type(value._cache) is FunctionCache:
+            value._cache.__class__ = _KernelCache
+
+
+_ensure_writable_cache()
+event.register("numba:compile", _TablesBeforeFirstCompile())
+load_cached_code_lightly(importlib.import_module(f"{__name__}.ops"))

@@ -60,9 +60,10 @@ def test_truncated(tmp_path, good_gguf, keep):
     expect_error(path, "truncated")
 
 
-def test_truncated_header(tmp_path, good_gguf):
+@pytest.mark.parametrize("size", range(4000, 4009))  # inside the vocabulary: in a string or its length
+def test_truncated_header(tmp_path, good_gguf, size):
     path = tmp_path / "cut.gguf"
-    path.write_bytes(good_gguf.read_bytes()[:4000])
+    path.write_bytes(good_gguf.read_bytes()[:size])
     expect_error(path, "truncated or corrupt")
 
 

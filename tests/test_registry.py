@@ -43,6 +43,7 @@ def online(monkeypatch: pytest.MonkeyPatch) -> None:
     """Look online to registry.py; the download functions must then be fakes."""
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(registry, "hub_reachable", lambda: True)
 
 
 def cache_file(repo: str, revision: str, filename: str, data: bytes = b"GGUF") -> Path:
