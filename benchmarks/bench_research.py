@@ -75,6 +75,7 @@ OBJECTS = [
     "a quiet village",
     "the museum",
 ]
+CONNECTIVES = ["and then", "but later", "so she", "and he", "before they", "after we"]
 ENDINGS = [
     "yesterday afternoon",
     "before the storm began",
@@ -95,8 +96,7 @@ def sentences(n: int, seed: int = 0) -> list[str]:
     out = []
     for _ in range(n):
         parts = [rng.choice(SUBJECTS), rng.choice(VERBS), rng.choice(OBJECTS), rng.choice(ENDINGS)]
-        if rng.random() < 0.5:
-            parts += ["and then", rng.choice(VERBS), rng.choice(OBJECTS)]
+        parts += [rng.choice(CONNECTIVES), rng.choice(VERBS), rng.choice(OBJECTS)]
         out.append(" ".join(parts) + ".")
     return out
 

@@ -173,7 +173,8 @@ def ppl(
     files: Annotated[
         list[str],
         typer.Argument(
-            help="A UTF-8 text file (CRLF is read as LF); with --merge, shard reports (--json).",
+            metavar="FILE",
+            help="A UTF-8 text file (CRLF is read as LF); with --merge, the shards' --json reports.",
             show_default=False,
         ),
     ],

@@ -481,7 +481,8 @@ def evaluate_plan(
             seconds=time.perf_counter() - t0,
         )
         if progress is not None:
-            progress(done, len(selected), _exp(totals.weighted_nll / totals.weights))
+            running = _exp(totals.weighted_nll / totals.weights) if totals.weights else math.nan
+            progress(done, len(selected), running)
 
     kld = None
     if base is not None:
