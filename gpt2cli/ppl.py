@@ -601,29 +601,39 @@ def result_dict(result: PerplexityResult) -> dict:
     return out
 
 
-# What shard reports of one run share; they differ only in their shard and totals.
+# What shard reports of one run share; they differ only in their shard and totals. Files are compared by
+# name, since each machine of a cluster may keep the model and the text in its own directory.
 RUN_KEYS = ("model", "file", "protocol", "ctx", "stride")
+PATH_KEYS = ("model", "file")
 
 
 def merge_reports(reports: list[dict], names: list[str]) -> tuple[dict, PerplexityResult]:
     """One run's (description, result) from the JSON reports of its shards 1/N .. N/N, given in any order."""
-    run = {key: reports[0].get(key) for key in RUN_KEYS}
     for name, report in zip(names, reports, strict=True):
-        if "totals" not in report or "shard" not in report:
+        if not (isinstance(report, dict) and isinstance(report.get("totals"), dict) and "shard" in report):
             raise Gpt2Error(f"{name}: not a `gpt2 ppl --json` report")
-        differing = [key for key in RUN_KEYS if report.get(key) != run[key]]
+    order = sorted(range(len(reports)), key=lambda i: Shard.parse(reports[i]["shard"]))
+    names, reports = [names[i] for i in order], [reports[i] for i in order]
+    run = {key: reports[0].get(key) for key in RUN_KEYS}  # shard 1's
+    for name, report in zip(names, reports, strict=True):
+        differing = [key for key in RUN_KEYS if _run_value(report, key) != _run_value(reports[0], key)]
         if differing:
             raise Gpt2Error(f"{name}: {', '.join(differing)} differ from {names[0]}'s: not shards of one run")
-    shards = sorted(Shard.parse(r["shard"]) for r in reports)
+    shards = [Shard.parse(r["shard"]) for r in reports]
     count = shards[0].count
     if shards != [Shard(k, count) for k in range(1, count + 1)]:
         got = ", ".join(str(s) for s in shards)
         raise Gpt2Error(f"--merge needs each of the shards 1/{count} .. {count}/{count} once, got {got}")
     totals = PplTotals()
-    for report in sorted(reports, key=lambda r: Shard.parse(r["shard"])):
+    for report in reports:
         totals += PplTotals(**report["totals"])
     settings = PplSettings(run["protocol"], run["ctx"], run["stride"])
     return run, finish(settings, totals, counted=reports[0].get("words") is not None)
+
+
+def _run_value(report: dict, key: str):
+    value = report.get(key)
+    return Path(value).name if key in PATH_KEYS and isinstance(value, str) else value
 
 
 def format_report(result: PerplexityResult) -> list[str]:
