@@ -247,19 +247,34 @@ def models() -> None:
 
 @app.command()
 def ppl(
-    file: Annotated[str, typer.Argument(help="A UTF-8 text file (CRLF is read as LF).")],
+    files: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="FILE",
+            help="A UTF-8 text file (CRLF is read as LF); with --merge, the shards' --json reports.",
+            show_default=False,
+        ),
+    ],
     model: ModelOption = DEFAULT_MODEL,
     ctx: Annotated[
         int | None,
-        typer.Option(help="Tokens per window (default: the model's context for hf, 512 for llama)."),
+        typer.Option(
+            help="Tokens per window (default: the model's context for hf and lm-eval, 512 for llama)."
+        ),
     ] = None,
     stride: Annotated[
         int | None, typer.Option(help="hf only: tokens between window starts (default: ctx/2).")
     ] = None,
     protocol: Annotated[
-        str, typer.Option(help="hf: transformers' sliding windows; llama: llama-perplexity's chunks.")
+        str,
+        typer.Option(
+            help="hf: transformers' sliding windows; llama: llama-perplexity's chunks; "
+            "lm-eval: lm-evaluation-harness's wikitext task."
+        ),
     ] = "hf",
-    max_tokens: Annotated[int | None, typer.Option(help="Use only the first N tokens of the file.")] = None,
+    max_tokens: Annotated[
+        int | None, typer.Option(help="hf, llama: use only the first N tokens of the file.")
+    ] = None,
     kl_divergence: Annotated[
         str | None,
         typer.Option(
@@ -269,25 +284,71 @@ def ppl(
     errors: Annotated[
         str, typer.Option(help="Invalid UTF-8: strict (fail, naming the byte) or replace (U+FFFD).")
     ] = "strict",
+    shard: Annotated[
+        str | None, typer.Option(metavar="K/N", help="Evaluate only part K of N of the windows.")
+    ] = None,
+    merge: Annotated[
+        bool, typer.Option("--merge", help="Combine the --json reports of shards 1/N .. N/N into one run's.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Load and tokenize times on stderr.")
     ] = False,
 ) -> None:
-    """Perplexity of the model on FILE, with its uncertainty, bits per byte and speed."""
+    """Perplexity of the model on FILE, with its uncertainty, word and byte perplexity and speed."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from gpt2cli.ppl import PplSettings, format_report, perplexity, result_dict, tokenize_file
+    from gpt2cli.ppl import (
+        PplSettings,
+        evaluate_plan,
+        format_report,
+        lm_eval_plan,
+        merge_reports,
+        read_text,
+        result_dict,
+        token_plan,
+        tokenize_file,
+        wikitext_documents,
+    )
+    from gpt2cli.texts import Shard
 
+    if merge:
+        reports = []
+        for name in files:
+            try:
+                with open(name, encoding="utf-8") as f:
+                    reports.append(json.load(f))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise Gpt2Error(f"{name}: not a `gpt2 ppl --json` report") from None
+        run, result = merge_reports(reports, files)
+        if as_json:
+            report = {"model": run["model"], "base": None, "file": run["file"], **result_dict(result)}
+            print(json.dumps(report, allow_nan=False))
+        else:
+            print(f"model         {run['model']} (merged from {len(files)} shards)")
+            print("\n".join(format_report(result)))
+        return
+    if len(files) != 1:
+        raise Gpt2Error("give one text file (several only with --merge)")
+    file = files[0]
+    shard_part = Shard.parse(shard)
+    if protocol == "lm-eval" and max_tokens is not None:
+        raise Gpt2Error(
+            "--max-tokens applies to --protocol hf and llama; --shard evaluates part of lm-eval's"
+        )
     mf, gpt2 = load_model(model, verbose)
     base = load_model(kl_divergence, verbose)[1] if kl_divergence else None
     model_ctx = min(gpt2.config.n_ctx, base.config.n_ctx) if base else gpt2.config.n_ctx
     settings = PplSettings.resolve(protocol, model_ctx, ctx, stride)
     t0 = time.perf_counter()
-    ids = tokenize_file(file, mf.tokenizer, errors=errors, max_tokens=max_tokens)
+    if protocol == "lm-eval":
+        plan = lm_eval_plan(wikitext_documents(read_text(file, errors)), mf.tokenizer, settings)
+    else:
+        ids = tokenize_file(file, mf.tokenizer, errors=errors, max_tokens=max_tokens)
+        plan = token_plan(ids, settings, mf.tokenizer)
     if verbose:
-        say(f"{file}: {len(ids):,} tokens in {time.perf_counter() - t0:.2f} s")
+        say(f"{file}: {len(plan.ids):,} tokens in {time.perf_counter() - t0:.2f} s")
     console = Console(stderr=True)
     columns = (
         TextColumn("ppl {task.fields[ppl]:.3f}"),
@@ -299,15 +360,15 @@ def ppl(
         task = bar.add_task("windows", total=None, ppl=float("nan"))
         # A line above the bar, not a spinner: one live display at a time.
         with on_first_compile(lambda: bar.console.print(compile_notice(mf)) if bar.live.is_started else None):
-            result = perplexity(
+            result = evaluate_plan(
                 gpt2,
-                ids,
+                plan,
                 settings,
-                tokenizer=mf.tokenizer,
-                base=base,
+                base,
                 progress=lambda done, total, running: bar.update(
                     task, completed=done, total=total, ppl=running
                 ),
+                shard=shard_part,
             )
     if as_json:
         report = {"model": str(mf.path), "base": kl_divergence, "file": file, **result_dict(result)}
@@ -391,6 +452,111 @@ def quantize(
             )
         print(f"eval          {eval_file}: {kld.tokens:,} tokens scored (llama-perplexity's chunks)")
         print("\n".join(kld_lines(kld)))
+
+
+TextsArgument = Annotated[
+    str, typer.Argument(help="A UTF-8 file with one text per line ('-' reads stdin).", show_default=False)
+]
+JsonlOption = Annotated[bool, typer.Option("--jsonl", help='Each line is a JSON object with a "text" field.')]
+ShardOption = Annotated[
+    str | None, typer.Option(metavar="K/N", help="Only part K of N of the texts (contiguous, in order).")
+]
+TruncateOption = Annotated[
+    bool, typer.Option(help="Keep the first tokens of a text longer than the context instead of failing.")
+]
+ErrorsOption = Annotated[
+    str, typer.Option(help="Invalid UTF-8: strict (fail, naming the line) or replace (U+FFFD).")
+]
+
+
+def read_shard(file: str, jsonl: bool, errors: str, shard: str | None) -> tuple[list[str], int]:
+    """The texts of this shard and the index of its first text."""
+    from gpt2cli.texts import Shard, read_texts
+
+    shard_part = Shard.parse(shard)  # a bad spec fails before reading
+    texts = read_texts(file, jsonl=jsonl, errors=errors)
+    part = shard_part.range(len(texts))
+    return texts[part.start : part.stop], part.start
+
+
+@app.command()
+def score(
+    file: TextsArgument,
+    model: ModelOption = DEFAULT_MODEL,
+    tokens: Annotated[bool, typer.Option("--tokens", help="One row per token.")] = False,
+    words: Annotated[bool, typer.Option("--words", help="One row per whitespace-delimited word.")] = False,
+    bos: Annotated[
+        bool, typer.Option(help="Score each text after <|endoftext|>, so its first token is scored too.")
+    ] = True,
+    jsonl: JsonlOption = False,
+    truncate: TruncateOption = False,
+    shard: ShardOption = None,
+    errors: ErrorsOption = "strict",
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of TSV.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Load time and speed on stderr.")] = False,
+) -> None:
+    """Log-probability, surprisal and perplexity of each text of FILE (or of its tokens or words), as TSV."""
+    from gpt2cli.score import score_texts, text_row, token_rows, word_rows
+    from gpt2cli.texts import write_rows
+
+    if tokens and words:
+        raise Gpt2Error("give --tokens or --words, not both")
+    texts, first_index = read_shard(file, jsonl, errors, shard)
+    mf, gpt2 = load_model(model, verbose)
+    t0 = time.perf_counter()
+    scores = score_texts(gpt2, mf.tokenizer, texts, first_index=first_index, bos=bos, truncate=truncate)
+    if tokens:
+        rows = (row for s in scores for row in token_rows(s, mf.tokenizer))
+    elif words:
+        rows = (row for s in scores for row in word_rows(s, mf.tokenizer))
+    else:
+        rows = (text_row(s) for s in scores)
+    write_rows(rows, sys.stdout, as_json)
+    if verbose:
+        say(f"{len(texts):,} texts in {time.perf_counter() - t0:.2f} s")
+
+
+@app.command()
+def embed(
+    file: TextsArgument,
+    model: ModelOption = DEFAULT_MODEL,
+    layer: Annotated[
+        int | None,
+        typer.Option(
+            help="transformers' hidden_states index: 0 the embeddings, i block i's output, "
+            "the last (default) after the final LayerNorm."
+        ),
+    ] = None,
+    pool: Annotated[str, typer.Option(help="mean or last token per text, or none (every token).")] = "mean",
+    output: Annotated[
+        str | None,
+        typer.Option("--output", "-o", help="A .npy (float32 [texts, width]); a .npz with --pool none."),
+    ] = None,
+    jsonl: JsonlOption = False,
+    truncate: TruncateOption = False,
+    shard: ShardOption = None,
+    errors: ErrorsOption = "strict",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Load time and speed on stderr.")] = False,
+) -> None:
+    """Hidden states of each text of FILE, pooled, to a .npy / .npz or as JSON lines on stdout."""
+    from gpt2cli.embed import check_output_path, embed_texts, embedding_rows, save_embeddings
+    from gpt2cli.texts import write_rows
+
+    if output is not None:
+        check_output_path(output, pool)
+    texts, first_index = read_shard(file, jsonl, errors, shard)
+    mf, gpt2 = load_model(model, verbose)
+    t0 = time.perf_counter()
+    embeddings = embed_texts(
+        gpt2, mf.tokenizer, texts, layer=layer, pool=pool, first_index=first_index, truncate=truncate
+    )
+    if output is None:
+        write_rows(embedding_rows(embeddings, first_index), sys.stdout, as_json=True)
+    else:
+        count = save_embeddings(output, embeddings, pool, gpt2.config.n_embd, first_index)
+        say(f"{output}: {count:,} texts")
+    if verbose:
+        say(f"{len(texts):,} texts in {time.perf_counter() - t0:.2f} s")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -135,7 +135,54 @@ class GPT2Model:
             x = x + self.mlp(layer_norm(x, lw.ffn_norm_w, lw.ffn_norm_b, c.layer_norm_eps), lw)
         cache.length = p0 + n
         x = x[min(logits_from, n - 1) :]
-        logits = self.linear(layer_norm(x, w.output_norm_w, w.output_norm_b, c.layer_norm_eps), w.output)
+        return self.head(layer_norm(x, w.output_norm_w, w.output_norm_b, c.layer_norm_eps))
+
+    def segment_attention(self, x: np.ndarray, lw: LayerWeights, first: np.ndarray) -> np.ndarray:
+        """[n, e] -> [n, e]: causal self-attention of texts packed back to back, token i seeing only its
+        own text from first[i] on."""
+        c = self.config
+        n = x.shape[0]
+        qkv = self.linear(x, lw.attn_qkv, lw.attn_qkv_b).reshape(n, 3, c.n_head, c.head_dim)
+        out = np.empty((n, c.n_head, c.head_dim), dtype=np.float32)
+        ops.segment_attention(qkv, first, out)
+        return self.linear(out.reshape(n, c.n_embd), lw.attn_output, lw.attn_output_b)
+
+    def forward_packed(
+        self, ids: Sequence[int] | np.ndarray, lengths: Sequence[int] | np.ndarray, layer: int | None = None
+    ) -> np.ndarray:
+        """Hidden states [n, e] of several texts in one pass, each text attending only to itself.
+
+        ids [n] are the texts' tokens back to back, lengths [t] (summing to n) how many each has; positions
+        restart at 0 for every text, so each gets the states it would get alone. `layer` counts as
+        transformers' `hidden_states`: 0 the embeddings, i the output of block i, n_layer (the default)
+        the last block's output after the final LayerNorm, which `head` turns into logits.
+        """
+        c, w = self.config, self.w
+        ids = np.asarray(ids, dtype=np.int64)
+        lengths = np.asarray(lengths, dtype=np.int64)
+        layer = c.n_layer if layer is None else layer
+        if not 0 <= layer <= c.n_layer:
+            raise ValueError(f"layer must be between 0 and {c.n_layer}, got {layer}")
+        if lengths.sum() != len(ids) or (lengths < 1).any():
+            raise ValueError("lengths must be positive and sum to len(ids)")
+        if lengths.max() > c.n_ctx:
+            raise Gpt2Error(f"{lengths.max()} tokens do not fit the context of {c.n_ctx}")
+        if ids.min() < 0 or ids.max() >= c.n_vocab:
+            raise Gpt2Error(f"token id out of range for a vocabulary of {c.n_vocab}")
+        first = np.repeat(np.cumsum(lengths) - lengths, lengths)  # [n]: where each token's text starts
+        positions = np.arange(len(ids)) - first  # [n]
+        x = w.token_embd.dequantize_rows(ids) + w.position_embd[positions]  # [n, e]
+        for lw in w.layers[:layer]:
+            x = x + self.segment_attention(
+                layer_norm(x, lw.attn_norm_w, lw.attn_norm_b, c.layer_norm_eps), lw, first
+            )
+            x = x + self.mlp(layer_norm(x, lw.ffn_norm_w, lw.ffn_norm_b, c.layer_norm_eps), lw)
+        if layer < c.n_layer:
+            return x
+        return layer_norm(x, w.output_norm_w, w.output_norm_b, c.layer_norm_eps)
+
+    def head(self, hidden: np.ndarray) -> np.ndarray:  # final hidden states [n, e] -> logits [n, vocab]
+        logits = self.linear(hidden, self.w.output)
         if not np.isfinite(logits).all():  # NaN or infinity in the weights: nothing downstream can use them
             raise Gpt2Error("the model's logits are not finite")
         return logits

@@ -13,6 +13,18 @@ Protocols (design doc section 5):
 - `llama`: llama-perplexity's default. Non-overlapping chunks of `ctx` tokens, the KV cache cleared per chunk,
   logits of positions ctx/2 .. ctx-2 scoring the next token (ctx - ctx/2 - 1 tokens per chunk); trailing
   tokens that do not fill a chunk are dropped. No BOS is added (GPT-2's vocab does not ask for one).
+- `lm-eval`: lm-evaluation-harness's `wikitext` task (lm_eval/tasks/wikitext). The file is split into
+  documents at its top-level ` = Title = ` headings as the EleutherAI/wikitext_document_level dataset does,
+  each document goes through the WikiText detokenizer of the GPT-2 paper, and its tokens after
+  `<|endoftext|>` are scored by `loglikelihood_rolling`: disjoint windows of `ctx` targets, the first after
+  the prefix token, each later one after as many preceding tokens as fill the context. The task reports word
+  perplexity, byte perplexity and bits per byte of the summed NLL over the words (runs of whitespace + 1)
+  and UTF-8 bytes of each document before detokenization.
+
+Besides per-token perplexity every protocol reports those three figures; for `hf` and `llama` they count
+the NLL of the scored tokens over the UTF-8 bytes of those tokens and the whitespace-delimited words that
+start in them. Every sum is additive over windows, so shards of the windows (`--shard K/N`) merge into the
+numbers of one run.
 
 Every window is one batched prefill of its tokens but the last (which is only a target), and `logits_from`
 keeps the output head to the scored positions. NLLs are log-softmax with the max subtracted, summed in f64.
@@ -22,18 +34,20 @@ from __future__ import annotations
 
 import codecs
 import math
+import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 
 from gpt2cli.errors import Gpt2Error
 from gpt2cli.model import GPT2Model
+from gpt2cli.texts import WHOLE_RUN, Shard, decode_utf8
 from gpt2cli.tokenizer import Tokenizer
 
-PROTOCOLS = ("hf", "llama")
+PROTOCOLS = ("hf", "llama", "lm-eval")
 # llama-perplexity's default n_ctx; the hf default is the model's whole context, as in the recipe.
 LLAMA_DEFAULT_CTX = 512
 READ_BLOCK_BYTES = 1 << 20
@@ -43,25 +57,26 @@ SOFTMAX_ROWS = 64
 
 @dataclass(frozen=True)
 class PplSettings:
-    protocol: str  # "hf" or "llama"
-    ctx: int  # tokens per window (hf) or chunk (llama)
-    stride: int  # hf: tokens between window starts; llama: ctx (chunks do not overlap)
+    protocol: str  # "hf", "llama" or "lm-eval"
+    ctx: int  # tokens per window (hf, lm-eval) or chunk (llama)
+    stride: int  # hf: tokens between window starts; llama, lm-eval: ctx
 
     @classmethod
     def resolve(
         cls, protocol: str, model_ctx: int, ctx: int | None = None, stride: int | None = None
     ) -> PplSettings:
-        """Defaults and checks: hf ctx = the model's context, stride = ctx/2; llama ctx = 512 (llama's)."""
+        """Defaults and checks: hf ctx = the model's context, stride = ctx/2; llama ctx = 512 (llama's);
+        lm-eval ctx = the model's context (lm-eval's `max_length`)."""
         if protocol not in PROTOCOLS:
             raise Gpt2Error(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
         if ctx is None:
-            ctx = model_ctx if protocol == "hf" else min(LLAMA_DEFAULT_CTX, model_ctx)
-        min_ctx = 2 if protocol == "hf" else 3
+            ctx = min(LLAMA_DEFAULT_CTX, model_ctx) if protocol == "llama" else model_ctx
+        min_ctx = {"hf": 2, "llama": 3, "lm-eval": 1}[protocol]
         if not min_ctx <= ctx <= model_ctx:
             raise Gpt2Error(f"--ctx must be between {min_ctx} and the model's context {model_ctx}, got {ctx}")
-        if protocol == "llama":
+        if protocol != "hf":
             if stride is not None and stride != ctx:
-                raise Gpt2Error("--stride applies to --protocol hf only: llama chunks never overlap")
+                raise Gpt2Error(f"--stride applies to --protocol hf only, not {protocol}")
             return cls(protocol, ctx, ctx)
         if stride is None:
             stride = max(1, ctx // 2)
@@ -74,6 +89,11 @@ class PplSettings:
             return (
                 f"hf (transformers' fixed-length recipe: windows of {self.ctx} tokens every {self.stride}, "
                 "each token scored once)"
+            )
+        if self.protocol == "lm-eval":
+            return (
+                "lm-eval (lm-evaluation-harness's wikitext task: documents at ' = Title = ' headings, "
+                f"detokenized, every token after <|endoftext|> scored in rolling windows of {self.ctx})"
             )
         return (
             f"llama (llama-perplexity: chunks of {self.ctx} tokens, KV cache cleared per chunk, "
@@ -138,6 +158,25 @@ class KLDStats:
 
 
 @dataclass(frozen=True)
+class PplTotals:
+    """Sums over windows that every reported figure derives from: shards of a run add up to the run."""
+
+    windows: int = 0
+    tokens: int = 0  # scored tokens
+    evaluated_tokens: int = 0  # tokens run through the model (inputs of every window)
+    weighted_nll: float = 0.0  # sum over windows of weight x mean NLL
+    weights: int = 0
+    nll: float = 0.0  # nats, summed over the scored tokens
+    nll_squared: float = 0.0
+    text_bytes: int = 0  # UTF-8 bytes of the text the scored tokens account for
+    words: int = 0  # and its words
+    seconds: float = 0.0
+
+    def __add__(self, other: PplTotals) -> PplTotals:
+        return PplTotals(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+
+@dataclass(frozen=True)
 class PerplexityResult:
     settings: PplSettings
     windows: int
@@ -146,10 +185,15 @@ class PerplexityResult:
     mean_nll: float  # nats per token, weighted as the protocol does
     ppl: float
     ppl_uncertainty: float  # llama's: ppl * sqrt(var(nll) / (tokens - 1)); nan with fewer than 2 tokens
-    bits_per_byte: float | None  # sum of NLL / ln 2 / UTF-8 bytes of the scored tokens
+    bits_per_byte: float | None  # total NLL / ln 2 / UTF-8 bytes (see the module docstring for which)
     scored_bytes: int | None
     seconds: float  # model time (both models with a base), tokenization excluded
     kld: KLDStats | None = None
+    word_perplexity: float | None = None  # exp(total NLL / words)
+    byte_perplexity: float | None = None  # exp(total NLL / bytes)
+    words: int | None = None
+    totals: PplTotals | None = None
+    shard: Shard = WHOLE_RUN
 
     @property
     def tokens_per_second(self) -> float:
@@ -250,6 +294,116 @@ def _mean_and_uncertainty(values: np.ndarray) -> tuple[float, float]:
     return mean, math.sqrt(var / (len(values) - 1))
 
 
+@dataclass(frozen=True)
+class Plan:
+    """The windows a protocol evaluates, with the text each accounts for."""
+
+    ids: np.ndarray  # int64 [n]: the token sequence the windows index
+    windows: list[Window]
+    text_bytes: list[int] | None  # per window, UTF-8 bytes of text it accounts for (None: not counted)
+    words: list[int] | None  # per window, words
+
+
+def token_plan(ids: np.ndarray, settings: PplSettings, tokenizer: Tokenizer | None = None) -> Plan:
+    """hf or llama windows over token ids [n]; with `tokenizer`, each window accounts for the bytes of its
+    scored tokens and the whitespace-delimited words that start in them."""
+    ids = np.asarray(ids, dtype=np.int64)
+    windows = plan_windows(len(ids), settings)
+    if tokenizer is None:
+        return Plan(ids, windows, None, None)
+    vocab_bytes = np.array([len(tokenizer.token_bytes(t)) for t in range(tokenizer.n_vocab)])
+    token_end = np.cumsum(vocab_bytes[ids])  # [n] byte offsets
+    token_begin = token_end - vocab_bytes[ids]
+    word_starts = _word_start_offsets(tokenizer.decode_bytes(ids.tolist()))
+    begins = token_begin[[w.score_from for w in windows]]
+    ends = token_end[[w.end - 1 for w in windows]]
+    words = np.searchsorted(word_starts, ends) - np.searchsorted(word_starts, begins)
+    return Plan(ids, windows, (ends - begins).tolist(), words.tolist())
+
+
+def _word_start_offsets(data: bytes) -> np.ndarray:
+    """Byte offsets (int64, ascending) where a whitespace-delimited word starts in UTF-8 `data`."""
+    text = data.decode("utf-8", errors="surrogateescape")  # one character per invalid byte
+    code_points = np.frombuffer(text.encode("utf-32-le", errors="surrogatepass"), dtype=np.uint32)
+    char_bytes = 1 + (code_points >= 0x80) + (code_points >= 0x800) + (code_points >= 0x10000)
+    char_bytes[(code_points >= 0xDC80) & (code_points <= 0xDCFF)] = 1  # an escaped invalid byte
+    char_offsets = np.concatenate([[0], np.cumsum(char_bytes)])
+    return char_offsets[[m.start() for m in re.finditer(r"\S+", text)]].astype(np.int64)
+
+
+def read_text(path: str | Path, errors: str = "strict") -> str:
+    """A whole UTF-8 file as Python's text mode reads it (as the dataset script did): CR, CRLF become LF."""
+    with open(path, "rb") as f:
+        text = decode_utf8(f.read(), str(path), errors)
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def wikitext_documents(text: str) -> list[str]:
+    """The text split into documents before each top-level ` = Title = ` line, as the
+    EleutherAI/wikitext_document_level dataset splits WikiText (a text without headings is one document)."""
+    documents, lines = [], []
+    for line in text.split("\n"):
+        heading = line.replace("= = =", "===").replace("= =", "==").strip()
+        if heading.startswith("= ") and heading.endswith(" ="):
+            document = "\n".join(lines)
+            if document.strip():
+                documents.append(document)
+            lines = []
+        lines.append(line)
+    documents.append("\n".join(lines))
+    return documents
+
+
+def wikitext_detokenize(text: str) -> str:
+    """lm-eval's `wikitext_detokenizer` (the GPT-2 paper's): undo WikiText's spaces around punctuation."""
+    text = text.replace("s '", "s'")
+    text = re.sub(r"/' [0-9]/", r"/'[0-9]/", text)
+    for tokenized, plain in ((" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", ".")):
+        text = text.replace(tokenized, plain)
+    for mark in ":;.!?,":
+        text = text.replace(f" {mark} ", f"{mark} ")
+    text = re.sub(r"\(\s*([^\)]*?)\s*\)", r"(\1)", text)
+    text = re.sub(r"\[\s*([^\]]*?)\s*\]", r"[\1]", text)
+    text = re.sub(r"{\s*([^}]*?)\s*}", r"{\1}", text)
+    text = re.sub(r"\"\s*([^\"]*?)\s*\"", r'"\1"', text)
+    text = re.sub(r"'\s*([^']*?)\s*'", r"'\1'", text)
+    for spaced, joined in (("= = = =", "===="), ("= = =", "==="), ("= =", "=="), (" \u00b0 ", "\u00b0")):
+        text = text.replace(spaced, joined)
+    for spaced, joined in ((" \n", "\n"), ("\n ", "\n"), (" N ", " 1 "), (" 's", "'s")):
+        text = text.replace(spaced, joined)
+    return text
+
+
+def lm_eval_plan(documents: list[str], tokenizer: Tokenizer, settings: PplSettings) -> Plan:
+    """lm-eval's rolling windows over each detokenized document after <|endoftext|>; a document's words and
+    bytes (before detokenization) count with its first window."""
+    ctx = settings.ctx
+    parts, windows, text_bytes, words = [], [], [], []
+    offset = 0
+    for document in documents:
+        ids = tokenizer.encode(wikitext_detokenize(document))
+        if not ids:
+            continue
+        sequence = [tokenizer.eos_id, *ids]  # targets are sequence[1:]
+        first = len(windows)
+        # get_rolling_token_windows(context_len=1) after make_disjoint_window: the first window predicts up
+        # to ctx tokens from the prefix on; each later one the next up to ctx, from the ctx tokens before.
+        predicted = min(ctx, len(ids))
+        windows.append(Window(offset, offset + predicted + 1, offset + 1, predicted))
+        while predicted < len(ids):
+            count = min(len(ids) - predicted, ctx)
+            end = predicted + count + 1
+            windows.append(Window(offset + end - 1 - ctx, offset + end, offset + predicted + 1, count))
+            predicted += count
+        text_bytes += [len(document.encode("utf-8"))] + [0] * (len(windows) - first - 1)
+        words += [len(re.split(r"\s+", document))] + [0] * (len(windows) - first - 1)
+        parts.append(sequence)
+        offset += len(sequence)
+    if not windows:
+        raise Gpt2Error("the text has 0 tokens: nothing to score")
+    return Plan(np.concatenate(parts).astype(np.int64), windows, text_bytes, words)
+
+
 def perplexity(
     model: GPT2Model,
     ids: np.ndarray,
@@ -258,55 +412,72 @@ def perplexity(
     tokenizer: Tokenizer | None = None,
     base: GPT2Model | None = None,
     progress: ProgressCallback | None = None,
+    shard: Shard = WHOLE_RUN,
 ) -> PerplexityResult:
-    """Perplexity of `model` on token ids `ids` (int [n]) under `settings`.
+    """Perplexity of `model` on token ids `ids` (int [n]) under hf or llama `settings`.
 
-    With `tokenizer`, also bits per byte. With `base`, both models run on the same windows and the result
-    carries `kld`, the model's divergence from `base`. `progress` is called after every window.
+    With `tokenizer`, also bits per byte, byte and word perplexity. With `base`, both models run on the same
+    windows and the result carries `kld`, the model's divergence from `base`. `progress` is called after
+    every window; `shard` evaluates only that part of the windows.
     """
+    return evaluate_plan(model, token_plan(ids, settings, tokenizer), settings, base, progress, shard)
+
+
+def evaluate_plan(
+    model: GPT2Model,
+    plan: Plan,
+    settings: PplSettings,
+    base: GPT2Model | None = None,
+    progress: ProgressCallback | None = None,
+    shard: Shard = WHOLE_RUN,
+) -> PerplexityResult:
+    """Run the windows of `plan` (those of `shard`) and report; see `perplexity`."""
     if base is not None and base.config.n_vocab != model.config.n_vocab:
         raise Gpt2Error(
             f"vocabularies differ: {model.config.n_vocab} tokens vs the base's {base.config.n_vocab}"
         )
-    ids = np.asarray(ids, dtype=np.int64)
-    windows = plan_windows(len(ids), settings)
+    if base is not None and shard.count > 1:
+        raise Gpt2Error("--kl-divergence cannot be sharded: its percentiles need every position at once")
+    ids = plan.ids
+    selected = shard.range(len(plan.windows))
     cache = model.new_cache(settings.ctx)
     base_cache = base.new_cache(settings.ctx) if base is not None else None
     nll_parts, base_nll_parts, kld_parts, same_top_parts = [], [], [], []
-    weighted_nll = weighted_base_nll = 0.0
-    weights = 0
-    seconds = 0.0
-    for i, w in enumerate(windows):
+    weighted_base_nll = 0.0
+    totals = PplTotals()
+    for done, i in enumerate(selected, 1):
+        w = plan.windows[i]
         t0 = time.perf_counter()
         targets = ids[w.score_from : w.end]
         logits = _window_logits(model, cache, ids, w)
         nll = token_nll(logits, targets)
-        weighted_nll += w.weight * float(nll.mean())
-        weights += w.weight
-        nll_parts.append(nll)
         if base is not None:
+            nll_parts.append(nll)
             base_logits = _window_logits(base, base_cache, ids, w)
             base_nll = token_nll(base_logits, targets)
             weighted_base_nll += w.weight * float(base_nll.mean())
             base_nll_parts.append(base_nll)
             kld_parts.append(_kl_rows(logits, base_logits))
             same_top_parts.append(logits.argmax(axis=1) == base_logits.argmax(axis=1))
-        seconds += time.perf_counter() - t0
+        totals += PplTotals(
+            windows=1,
+            tokens=len(nll),
+            evaluated_tokens=w.end - 1 - w.begin,
+            weighted_nll=w.weight * float(nll.mean()),
+            weights=w.weight,
+            nll=float(nll.sum()),
+            nll_squared=float(np.dot(nll, nll)),
+            text_bytes=plan.text_bytes[i] if plan.text_bytes is not None else 0,
+            words=plan.words[i] if plan.words is not None else 0,
+            seconds=time.perf_counter() - t0,
+        )
         if progress is not None:
-            progress(i + 1, len(windows), _exp(weighted_nll / weights) if weights else math.nan)
+            running = _exp(totals.weighted_nll / totals.weights) if totals.weights else math.nan
+            progress(done, len(selected), running)
 
-    nll = np.concatenate(nll_parts)
-    mean_nll = weighted_nll / weights
-    ppl = _exp(mean_nll)
-    _, nll_uncertainty = _mean_and_uncertainty(nll)
-    bits_per_byte = scored_bytes = None
-    if tokenizer is not None:
-        byte_lengths = np.array([len(tokenizer.token_bytes(t)) for t in range(tokenizer.n_vocab)])
-        scored = np.concatenate([ids[w.score_from : w.end] for w in windows])
-        scored_bytes = int(byte_lengths[scored].sum())
-        bits_per_byte = float(nll.sum()) / math.log(2) / scored_bytes if scored_bytes else math.nan
     kld = None
     if base is not None:
+        nll = np.concatenate(nll_parts)
         base_nll = np.concatenate(base_nll_parts)
         kld_values = np.concatenate(kld_parts)
         delta_p = np.exp(-nll) - np.exp(-base_nll)
@@ -320,21 +491,49 @@ def perplexity(
             same_top=float(np.concatenate(same_top_parts).mean()),
             mean_delta_p=float(delta_p.mean()),
             rms_delta_p=float(np.sqrt(np.mean(delta_p * delta_p))),
-            ppl=ppl,
-            ppl_base=_exp(weighted_base_nll / weights),
+            ppl=_exp(totals.weighted_nll / totals.weights),
+            ppl_base=_exp(weighted_base_nll / totals.weights),
         )
+    return finish(settings, totals, counted=plan.text_bytes is not None, kld=kld, shard=shard)
+
+
+def finish(
+    settings: PplSettings,
+    totals: PplTotals,
+    *,
+    counted: bool,
+    kld: KLDStats | None = None,
+    shard: Shard = WHOLE_RUN,
+) -> PerplexityResult:
+    """The reported figures of `totals`; `counted` if bytes and words were counted (a tokenizer was given)."""
+    t = totals
+    mean_nll = t.weighted_nll / t.weights if t.weights else math.nan
+    ppl = _exp(mean_nll)
+    uncertainty = math.nan
+    if t.tokens >= 2:
+        mean = t.nll / t.tokens
+        uncertainty = math.sqrt(max(t.nll_squared / t.tokens - mean * mean, 0.0) / (t.tokens - 1))
+
+    def per(count: int) -> float:
+        return t.nll / count if count else math.nan
+
     return PerplexityResult(
         settings=settings,
-        windows=len(windows),
-        tokens=len(nll),
-        evaluated_tokens=sum(w.end - 1 - w.begin for w in windows),
+        windows=t.windows,
+        tokens=t.tokens,
+        evaluated_tokens=t.evaluated_tokens,
         mean_nll=mean_nll,
         ppl=ppl,
-        ppl_uncertainty=ppl * nll_uncertainty,
-        bits_per_byte=bits_per_byte,
-        scored_bytes=scored_bytes,
-        seconds=seconds,
+        ppl_uncertainty=ppl * uncertainty,
+        bits_per_byte=per(t.text_bytes) / math.log(2) if counted else None,
+        scored_bytes=t.text_bytes if counted else None,
+        seconds=t.seconds,
         kld=kld,
+        word_perplexity=_exp(per(t.words)) if counted else None,
+        byte_perplexity=_exp(per(t.text_bytes)) if counted else None,
+        words=t.words if counted else None,
+        totals=totals,
+        shard=shard,
     )
 
 
@@ -365,32 +564,77 @@ def _finite(x: float | None) -> float | None:
 
 
 def result_dict(result: PerplexityResult) -> dict:
-    """The result as one JSON-ready object (NaN and infinity become null)."""
+    """The result as one JSON-ready object (NaN and infinity become null); `totals` lets shards merge."""
     s = result.settings
     out = {
         "protocol": s.protocol,
         "ctx": s.ctx,
         "stride": s.stride,
+        "shard": str(result.shard),
         "windows": result.windows,
         "tokens": result.tokens,
         "evaluated_tokens": result.evaluated_tokens,
         "ppl": _finite(result.ppl),
         "ppl_uncertainty": _finite(result.ppl_uncertainty),
         "mean_nll": _finite(result.mean_nll),
+        "word_perplexity": _finite(result.word_perplexity),
+        "byte_perplexity": _finite(result.byte_perplexity),
         "bits_per_byte": _finite(result.bits_per_byte),
+        "words": result.words,
         "scored_bytes": result.scored_bytes,
         "seconds": _finite(result.seconds),
         "tokens_per_second": _finite(result.tokens_per_second),
     }
+    if result.totals is not None:
+        out["totals"] = asdict(result.totals)
     if result.kld is not None:
         out["kl_divergence"] = {k: _finite(v) for k, v in vars(result.kld).items()}
     return out
+
+
+# What shard reports of one run share; they differ only in their shard and totals. Files are compared by
+# name, since each machine of a cluster may keep the model and the text in its own directory.
+RUN_KEYS = ("model", "file", "protocol", "ctx", "stride")
+PATH_KEYS = ("model", "file")
+
+
+def merge_reports(reports: list[dict], names: list[str]) -> tuple[dict, PerplexityResult]:
+    """One run's (description, result) from the JSON reports of its shards 1/N .. N/N, given in any order."""
+    for name, report in zip(names, reports, strict=True):
+        if not (isinstance(report, dict) and isinstance(report.get("totals"), dict) and "shard" in report):
+            raise Gpt2Error(f"{name}: not a `gpt2 ppl --json` report")
+    order = sorted(range(len(reports)), key=lambda i: Shard.parse(reports[i]["shard"]))
+    names, reports = [names[i] for i in order], [reports[i] for i in order]
+    run = {key: reports[0].get(key) for key in RUN_KEYS}  # shard 1's
+    for name, report in zip(names, reports, strict=True):
+        differing = [key for key in RUN_KEYS if _run_value(report, key) != _run_value(reports[0], key)]
+        if differing:
+            raise Gpt2Error(f"{name}: {', '.join(differing)} differ from {names[0]}'s: not shards of one run")
+    shards = [Shard.parse(r["shard"]) for r in reports]
+    count = shards[0].count
+    if shards != [Shard(k, count) for k in range(1, count + 1)]:
+        got = ", ".join(str(s) for s in shards)
+        raise Gpt2Error(f"--merge needs each of the shards 1/{count} .. {count}/{count} once, got {got}")
+    totals = PplTotals()
+    for report in reports:
+        totals += PplTotals(**report["totals"])
+    settings = PplSettings(run["protocol"], run["ctx"], run["stride"])
+    return run, finish(settings, totals, counted=reports[0].get("words") is not None)
+
+
+def _run_value(report: dict, key: str):
+    value = report.get(key)
+    return Path(value).name if key in PATH_KEYS and isinstance(value, str) else value
 
 
 def format_report(result: PerplexityResult) -> list[str]:
     """The human-readable report, one line per figure."""
     s = result.settings
     lines = [f"protocol      {s.describe()}"]
+    if result.shard.count > 1:
+        lines.append(
+            f"shard         {result.shard} of the windows (gpt2 ppl --merge combines the --json reports)"
+        )
     if s.protocol == "hf" and result.windows == 1 and result.evaluated_tokens + 1 < s.ctx:
         lines.append(
             f"note          the text has {result.evaluated_tokens + 1} tokens, fewer than --ctx: one window"
@@ -400,10 +644,11 @@ def format_report(result: PerplexityResult) -> list[str]:
         f"mean NLL      {result.mean_nll:.4f} nats/token",
     ]
     if result.bits_per_byte is not None:
-        lines.append(
-            f"bits per byte {result.bits_per_byte:.4f} "
-            f"(NLL of the scored tokens / their {result.scored_bytes:,} UTF-8 bytes)"
-        )
+        lines += [
+            f"word ppl      {result.word_perplexity:.4f} (total NLL / {result.words:,} words)",
+            f"byte ppl      {result.byte_perplexity:.4f} (total NLL / {result.scored_bytes:,} UTF-8 bytes)",
+            f"bits per byte {result.bits_per_byte:.4f}",
+        ]
     lines.append(
         f"tokens        {result.tokens:,} scored in {result.windows:,} windows; "
         f"{result.evaluated_tokens:,} evaluated in {result.seconds:.1f} s "

@@ -89,3 +89,39 @@ def causal_softmax(scores: np.ndarray, p0: int, scale: float) -> None:
         for j in range(seen):
             row[j] *= inv
         row[seen:] = 0
+
+
+@numba.njit(cache=True, parallel=True, fastmath=True)
+def segment_attention(qkv: np.ndarray, first: np.ndarray, out: np.ndarray) -> None:
+    """Causal softmax attention of texts packed back to back, none across texts, in one parallel call.
+
+    qkv[n, 3, h, d] holds each token's query, key and value; token i sees tokens first[i] .. i (first[i] is
+    where its text starts); out[n, h, d]. Short texts make per-text BLAS calls cost more than their work.
+    """
+    n, _, n_head, d = qkv.shape
+    scale = np.float32(1.0 / math.sqrt(d))
+    for t in prange(n * n_head):
+        i, h = t // n_head, t % n_head
+        lo = first[i]
+        scores = np.empty(i + 1 - lo, dtype=np.float32)
+        top = np.float32(-np.inf)
+        for j in range(lo, i + 1):
+            s = np.float32(0)
+            for c in range(d):
+                s += qkv[i, 0, h, c] * qkv[j, 1, h, c]
+            s *= scale
+            scores[j - lo] = s
+            top = max(top, s)
+        total = np.float32(0)
+        for j in range(len(scores)):
+            e = np.exp(scores[j] - top)
+            scores[j] = e
+            total += e
+        acc = np.zeros(d, dtype=np.float32)
+        for j in range(lo, i + 1):
+            p = scores[j - lo]
+            for c in range(d):
+                acc[c] += p * qkv[j, 2, h, c]
+        inv = np.float32(1) / total
+        for c in range(d):
+            out[i, h, c] = acc[c] * inv

@@ -9,10 +9,12 @@ from typer.testing import CliRunner
 from gpt2cli.cli import main
 
 
-def run_cli(args: list[str], env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of `gpt2 ARGS`."""
+def run_cli(
+    args: list[str], env: dict[str, str] | None = None, input: str | None = None
+) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `gpt2 ARGS`, with `input` on stdin."""
     runner = CliRunner()
-    with runner.isolation(env=env) as (out, err, _):
+    with runner.isolation(input=input, env=env) as (out, err, _):
         try:
             main(args)
             code = 0

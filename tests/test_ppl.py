@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
+from hf_reference import transformers_gpt2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from llama_oracle import llama_model
@@ -272,43 +273,10 @@ def test_kld_matches_numpy_on_reference_logits(tiny, tiny_q8, text_ids, protocol
 
 
 def test_hf_equals_transformers(tiny, text_ids):
-    torch = pytest.importorskip("torch", reason="torch is not installed (optional oracle)")
-    transformers = pytest.importorskip(
-        "transformers", reason="transformers is not installed (optional oracle)"
-    )
     _, params, _, model = tiny
-    config = transformers.GPT2Config(
-        vocab_size=TINY.n_vocab,
-        n_positions=TINY.n_ctx,
-        n_embd=TINY.n_embd,
-        n_layer=TINY.n_layer,
-        n_head=TINY.n_head,
-        n_inner=TINY.n_ff,
-        layer_norm_epsilon=TINY.layer_norm_eps,
-        activation_function="gelu_new",
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-    hf = transformers.GPT2LMHeadModel(config).eval()
-    # GGUF stores linear weights [out, in]; HF's Conv1D stores [in, out].
-    state = {
-        "transformer.wte.weight": params["token_embd.weight"],
-        "transformer.wpe.weight": params["position_embd.weight"],
-    }
-    state |= {
-        "transformer.ln_f.weight": params["output_norm.weight"],
-        "transformer.ln_f.bias": params["output_norm.bias"],
-    }
-    names = {"attn_norm": "ln_1", "ffn_norm": "ln_2", "attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj"}
-    names |= {"ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"}
-    for i in range(TINY.n_layer):
-        for ours, theirs in names.items():
-            w = params[f"blk.{i}.{ours}.weight"]
-            state[f"transformer.h.{i}.{theirs}.weight"] = w if w.ndim == 1 else w.T
-            state[f"transformer.h.{i}.{theirs}.bias"] = params[f"blk.{i}.{ours}.bias"]
-    hf.load_state_dict({k: torch.tensor(v, dtype=torch.float32) for k, v in state.items()}, strict=False)
-    hf.tie_weights()
+    hf = transformers_gpt2(params, TINY)
+    import torch
+
     encodings = torch.tensor(text_ids)[None]
     for max_length, stride in [(64, 32), (32, 12)]:
         nll_sum, n_tokens, prev_end_loc = 0.0, 0, 0
