@@ -107,14 +107,16 @@ def generate(
             say(f"prompt: {len(ids)} tokens in {seconds:.3f} s ({len(ids) / seconds:.1f} tokens/s)")
 
     def on_text(index: int, piece: str) -> None:
-        if not as_json:
-            if not started[index]:
-                started[index] = True
-                sys.stdout.write(("\n\n" if index else "") + shown_prompt)
+        # The sequences decode together: the first streams, the others print whole when all are done.
+        nonlocal started
+        if not as_json and index == 0:
+            if not started:
+                started = True
+                sys.stdout.write(shown_prompt)
             sys.stdout.write(piece)
             sys.stdout.flush()
 
-    started = [False] * settings.num_return_sequences
+    started = False
     try:
         results = run_generate(gpt2, tokenizer, ids, settings, on_text, on_prefill)
     except KeyboardInterrupt:
@@ -139,13 +141,20 @@ def generate(
                     ensure_ascii=False,
                 )
             )
-        elif not started[gen.index]:
-            sys.stdout.write(("\n\n" if gen.index else "") + shown_prompt)
+        elif gen.index > 0:
+            sys.stdout.write("\n\n" + shown_prompt + gen.text)
+        elif not started:
+            sys.stdout.write(shown_prompt)
         if verbose and gen.seconds > 0:
             say(
                 f"sequence {gen.index}: {len(gen.token_ids)} tokens in {gen.seconds:.3f} s "
                 f"({len(gen.token_ids) / gen.seconds:.1f} tokens/s), stopped by {gen.finish_reason}"
             )
+    if verbose and len(results) > 1:
+        tokens, seconds = sum(len(g.token_ids) for g in results), max(g.seconds for g in results)
+        say(
+            f"all {len(results)} sequences: {tokens} tokens in {seconds:.3f} s ({tokens / seconds:.1f} tok/s)"
+        )
     if not as_json:
         sys.stdout.write("\n")
         sys.stdout.flush()

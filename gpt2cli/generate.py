@@ -76,43 +76,56 @@ def generate(
     on_text: Callable[[int, str], None] | None = None,
     on_prefill: Callable[[float], None] | None = None,
 ) -> list[Generation]:
-    """Sample `num_return_sequences` continuations of `ids`, calling on_text(sequence, piece) as they grow."""
+    """Sample `num_return_sequences` continuations of `ids`, calling on_text(sequence, piece) as they grow.
+
+    The sequences decode together, one batched step per token (model.decode_batch), so their pieces
+    arrive interleaved; a sequence that stops leaves the batch.
+    """
     n_ctx = model.config.n_ctx
     budget = new_token_budget(len(ids), settings, n_ctx)
     wanted = settings.max_new_tokens if settings.max_new_tokens is not None else budget
     cache = model.new_cache(len(ids) + budget)
     t0 = time.perf_counter()
-    prompt_logits = model.forward(ids, cache, logits_from=len(ids) - 1)[0]
+    prompt_logits = model.forward(ids, cache, logits_from=len(ids) - 1)  # [1, vocab]
     if on_prefill is not None:
         on_prefill(time.perf_counter() - t0)
-    samplers = Sampler(settings.sampling, settings.seed).spawn(settings.num_return_sequences)
-    results = []
-    for index, sampler in enumerate(samplers):
-        gen = Generation(index, list(ids))
-        results.append(gen)
-        decoder = StreamDecoder(tokenizer)
-        cache.length = len(ids)  # the prompt's keys and values are shared by every sequence
-        context = np.array(ids + [0] * budget, dtype=np.int64)
-        logits = prompt_logits
-        t0 = time.perf_counter()
-        for step in range(budget):
-            token = sampler.next_token(logits, context[: len(ids) + step])
+    n_seq = settings.num_return_sequences
+    samplers = Sampler(settings.sampling, settings.seed).spawn(n_seq)
+    # The prompt's keys and values are computed once and copied into each sequence's cache.
+    caches = [cache] + [cache.fork() for _ in range(n_seq - 1)]
+    results = [Generation(index, list(ids)) for index in range(n_seq)]
+    decoders = [StreamDecoder(tokenizer) for _ in range(n_seq)]
+    contexts = np.array([ids + [0] * budget] * n_seq, dtype=np.int64)  # [n_seq, prompt + budget]
+    active = list(range(n_seq))
+    logits = np.repeat(prompt_logits, n_seq, axis=0)  # [len(active), vocab]
+    t0 = time.perf_counter()
+
+    def emit(index: int, piece: str) -> None:
+        results[index].text += piece
+        if on_text is not None and piece:
+            on_text(index, piece)
+
+    for step in range(budget):
+        still_active, tokens = [], []
+        for row, index in enumerate(active):
+            gen = results[index]
+            token = samplers[index].next_token(logits[row], contexts[index, : len(ids) + step])
             if token == tokenizer.eos_id:
                 gen.finish_reason = "eos"
-                break
+                gen.seconds = time.perf_counter() - t0
+                continue
             gen.token_ids.append(token)
-            context[len(ids) + step] = token
-            piece = decoder.push(token)
-            gen.text += piece
-            if on_text is not None and piece:
-                on_text(index, piece)
-            if step + 1 < budget:
-                logits = model.forward([token], cache)[0]
-        else:
-            gen.finish_reason = "context" if budget < wanted else "length"
-        tail = decoder.flush()
-        gen.text += tail
-        if on_text is not None and tail:
-            on_text(index, tail)
-        gen.seconds = time.perf_counter() - t0
+            contexts[index, len(ids) + step] = token
+            emit(index, decoders[index].push(token))
+            still_active.append(index)
+            tokens.append(token)
+        active = still_active
+        if not active or step + 1 == budget:
+            break
+        logits = model.decode_batch(tokens, [caches[index] for index in active])
+    for index in active:
+        results[index].finish_reason = "context" if budget < wanted else "length"
+        results[index].seconds = time.perf_counter() - t0
+    for index in range(n_seq):
+        emit(index, decoders[index].flush())
     return results
