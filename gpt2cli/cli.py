@@ -320,6 +320,38 @@ def quantize(
         print("\n".join(kld_lines(kld)))
 
 
+@app.command()
+def serve(
+    model: ModelOption = DEFAULT_MODEL,
+    host: Annotated[
+        str,
+        typer.Option(help="Address to listen on; anything but loopback exposes the model to the network."),
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port (0: any free one, printed at start).")] = 8080,
+    api_key: Annotated[
+        str | None,
+        typer.Option(envvar="GPT2_API_KEY", help="Require 'Authorization: Bearer KEY' on all but /health."),
+    ] = None,
+    max_batch: Annotated[int, typer.Option(help="Sequences decoded together at most.")] = 16,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Uvicorn's log and every request.")
+    ] = False,
+) -> None:
+    """Serve the model with OpenAI's completions API (needs the serve extra: pip install 'gpt2[serve]')."""
+    try:
+        from gpt2cli.serve import run_server
+    except ImportError as e:
+        raise Gpt2Error(f"gpt2 serve needs {e.name}: pip install 'gpt2[serve]'") from None
+
+    if not 1 <= max_batch <= 256:
+        raise Gpt2Error(f"--max-batch must be between 1 and 256, got {max_batch}")
+    if not 0 <= port <= 65535:
+        raise Gpt2Error(f"--port must be between 0 and 65535, got {port}")
+    mf, gpt2 = load_model(model, verbose)
+    model_id = mf.path.name if model.endswith(".gguf") else model
+    run_server(gpt2, mf.tokenizer, model_id, host, port, api_key, max_batch, say, verbose)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: click's own errors and Gpt2Error become one line on stderr and exit code 2."""
     command = typer.main.get_command(app)
