@@ -275,6 +275,7 @@ class Job:
     def __init__(self, request: CompletionRequest, loop: asyncio.AbstractEventLoop) -> None:
         self.request = request
         self.loop = loop
+        self.samplers = Sampler(request.sampling, request.seed).spawn(request.n_sequences)  # one per choice
         self.events: asyncio.Queue[ChoiceEvent | Failure] = asyncio.Queue()
         self.cancelled = False  # set by the server when the client goes away: the engine drops the job
 
@@ -397,55 +398,59 @@ class Engine:
                 job = self.inbox.get_nowait()
 
     def _admit(self) -> None:
+        """Start the waiting requests that fit the batch (the first one always), their prompts in one pass."""
+        starting, room = [], self.max_batch - len(self.running)
         while self.waiting:
             job = self.waiting[0]
-            if (
-                not job.cancelled
-                and self.running
-                and len(self.running) + job.request.n_sequences > self.max_batch
-            ):
-                return
+            if not job.cancelled and (self.running or starting) and job.request.n_sequences > room:
+                break
             self.waiting.popleft()
             if not job.cancelled:
-                try:
-                    self.running += self._start(job)
-                except Gpt2Error as e:
+                starting.append(job)
+                room -= job.request.n_sequences
+        if starting:
+            try:
+                self.running += self._start(starting)
+            except Gpt2Error as e:
+                for job in starting:
                     job.send(Failure(str(e)))
 
-    def _start(self, job: Job) -> list[Decoding]:
-        """Prefill each prompt once; its n choices start from copies of its cache."""
-        request, model = job.request, self.model
-        samplers = Sampler(request.sampling, request.seed).spawn(request.n_sequences)
-        sequences = []
-        for p, prompt in enumerate(request.prompts):
-            budget = min(request.max_tokens, model.config.n_ctx - len(prompt))
-            cache = model.new_cache(len(prompt) + budget)
-            scored = request.echo and request.logprobs is not None
-            logits = model.forward(prompt, cache, logits_from=0 if scored else len(prompt) - 1)
+    def _start(self, jobs: list[Job]) -> list[Decoding]:
+        """Prefill every prompt of these requests in one forward pass; a prompt's n choices start from
+        copies of its cache."""
+        model, tokenizer = self.model, self.tokenizer
+        starts = []  # (job, prompt index, prompt, token budget, whether every prompt position is scored)
+        for job in jobs:
+            request = job.request
+            for p, prompt in enumerate(request.prompts):
+                budget = min(request.max_tokens, model.config.n_ctx - len(prompt))
+                starts.append((job, p, prompt, budget, request.echo and request.logprobs is not None))
+        caches = [model.new_cache(len(prompt) + budget) for _, _, prompt, budget, _ in starts]
+        logits = model.forward_batch(
+            [prompt for _, _, prompt, _, _ in starts],
+            caches,
+            [0 if all_rows else len(prompt) - 1 for _, _, prompt, _, all_rows in starts],
+        )  # the prompts' rows back to back
+        sequences, r0 = [], 0
+        for (job, p, prompt, budget, all_rows), cache in zip(starts, caches, strict=True):
+            request = job.request
+            rows = logits[r0 : r0 + (len(prompt) if all_rows else 1)]
+            r0 += len(rows)
             if request.echo:
                 echoed = None
-                if scored:  # the first token has no context to be predicted from
-                    echoed = token_logprobs(logits[:-1], prompt[1:], request.logprobs, self.tokenizer)
-                    echoed.tokens.insert(0, self.tokenizer.decode(prompt[:1]))
+                if all_rows:  # the first token has no context to be predicted from
+                    echoed = token_logprobs(rows[:-1], prompt[1:], request.logprobs, tokenizer)
+                    echoed.tokens.insert(0, tokenizer.decode(prompt[:1]))
                     echoed.token_logprobs.insert(0, None)
                     echoed.top_logprobs.insert(0, None)
-                text = self.tokenizer.decode(prompt)
+                text = tokenizer.decode(prompt)
             for c in range(request.n):
                 index = p * request.n + c
                 if request.echo:
                     job.send(ChoiceEvent(index, text, echoed))
-                sequences.append(
-                    Decoding(
-                        job,
-                        index,
-                        prompt,
-                        budget,
-                        cache if c == 0 else cache.fork(),
-                        logits[-1],
-                        samplers[index],
-                        self.tokenizer,
-                    )
-                )
+                fork = cache if c == 0 else cache.fork()
+                sampler = job.samplers[index]
+                sequences.append(Decoding(job, index, prompt, budget, fork, rows[-1], sampler, tokenizer))
         return sequences
 
     def _step(self) -> None:
