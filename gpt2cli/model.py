@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from numba.typed import List as TypedList
 
 from gpt2cli.errors import Gpt2Error
 from gpt2cli.gguf_file import GPT2Config, GPT2Weights, LayerWeights, WeightMatrix
@@ -123,16 +124,24 @@ class GPT2Model:
         )
         out = np.empty((n, c.n_head, c.head_dim), dtype=np.float32)
         for cache, (r0, m) in zip(caches, spans, strict=True):
-            p0, keys, values = cache.length, cache.k[layer], cache.v[layer]  # [h, max_len, hd]
-            keys[:, p0 : p0 + m] = k[r0 : r0 + m].transpose(1, 0, 2)
-            values[:, p0 : p0 + m] = v[r0 : r0 + m].transpose(1, 0, 2)
-            if m == 1:  # one query: a fused loop beats BLAS calls on a single row
-                ops.causal_attention(np.ascontiguousarray(q[r0 : r0 + 1]), keys, values, p0, out[r0 : r0 + 1])
-            else:
-                seen = p0 + m
-                scores = np.matmul(q[r0 : r0 + m].transpose(1, 0, 2), keys[:, :seen].transpose(0, 2, 1))
+            cache.k[layer, :, cache.length : cache.length + m] = k[r0 : r0 + m].transpose(1, 0, 2)
+            cache.v[layer, :, cache.length : cache.length + m] = v[r0 : r0 + m].transpose(1, 0, 2)
+        if n == len(caches):  # decoding, one token each: every query in one parallel loop
+            ops.decode_attention(
+                np.ascontiguousarray(q),
+                TypedList(cache.k[layer] for cache in caches),
+                TypedList(cache.v[layer] for cache in caches),
+                np.array([cache.length for cache in caches]),
+                out,
+            )
+        else:
+            for cache, (r0, m) in zip(caches, spans, strict=True):
+                p0, seen = cache.length, cache.length + m
+                scores = np.matmul(
+                    q[r0 : r0 + m].transpose(1, 0, 2), cache.k[layer, :, :seen].transpose(0, 2, 1)
+                )
                 ops.causal_softmax(scores, p0, 1.0 / np.sqrt(c.head_dim))  # [h, m, seen]
-                out[r0 : r0 + m] = np.matmul(scores, values[:, :seen]).transpose(1, 0, 2)
+                out[r0 : r0 + m] = np.matmul(scores, cache.v[layer, :, :seen]).transpose(1, 0, 2)
         return self.linear(out.reshape(n, c.n_embd), lw.attn_output, lw.attn_output_b)
 
     def mlp(self, x: np.ndarray, lw: LayerWeights) -> np.ndarray:  # [n, e] -> [n, e]
