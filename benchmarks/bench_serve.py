@@ -65,6 +65,7 @@ def start_gpt2(model: str, max_batch: int, port: int) -> subprocess.Popen:
 def start_llama(model: str, port: int) -> subprocess.Popen:
     command = [sys.executable, "-c", LLAMA_SERVER, "--model", model, "--host", "127.0.0.1"]
     command += ["--port", str(port), "--n_ctx", "0", "--n_threads", "2", "--n_threads_batch", "2"]
+    command += ["--interrupt_requests", "False"]  # queue concurrent requests instead of cutting them off
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
