@@ -110,11 +110,13 @@ class GPT2Model:
         lw: LayerWeights,
         caches: Sequence[KVCache],
         spans: list[tuple[int, int]],
+        decoding: tuple[TypedList, TypedList, np.ndarray] | None,
     ) -> np.ndarray:
         """[n, e] -> [n, e]: causal self-attention, each sequence over its own cached positions and new ones.
 
         The rows of x are the sequences' new tokens back to back: caches[i]'s are x[r0 : r0 + m], (r0, m) =
-        spans[i]. The products with the weights take all n rows at once.
+        spans[i]. The products with the weights take all n rows at once. `decoding` (one token per
+        sequence): the caches' keys and values as typed lists and their lengths, for ops.decode_attention.
         """
         c = self.config
         n = x.shape[0]
@@ -126,14 +128,8 @@ class GPT2Model:
         for cache, (r0, m) in zip(caches, spans, strict=True):
             cache.k[layer, :, cache.length : cache.length + m] = k[r0 : r0 + m].transpose(1, 0, 2)
             cache.v[layer, :, cache.length : cache.length + m] = v[r0 : r0 + m].transpose(1, 0, 2)
-        if n == len(caches):  # decoding, one token each: every query in one parallel loop
-            ops.decode_attention(
-                np.ascontiguousarray(q),
-                TypedList(cache.k[layer] for cache in caches),
-                TypedList(cache.v[layer] for cache in caches),
-                np.array([cache.length for cache in caches]),
-                out,
-            )
+        if decoding is not None:  # every sequence's one query in one parallel loop
+            ops.decode_attention(np.ascontiguousarray(q), *decoding, layer, out)
         else:
             for cache, (r0, m) in zip(caches, spans, strict=True):
                 p0, seen = cache.length, cache.length + m
@@ -188,9 +184,18 @@ class GPT2Model:
             [np.arange(cache.length, cache.length + len(seq)) for seq, cache in zip(ids, caches, strict=True)]
         )
         x = w.token_embd.dequantize_rows(np.concatenate(ids)) + w.position_embd[positions]  # [n, e]
+        decoding = None
+        if len(positions) == len(caches):  # built once per step: a typed list costs ~50 us
+            keys, values = TypedList(c.k for c in caches), TypedList(c.v for c in caches)
+            decoding = (keys, values, positions)
         for i, lw in enumerate(w.layers):
             x = x + self.attention(
-                layer_norm(x, lw.attn_norm_w, lw.attn_norm_b, c.layer_norm_eps), i, lw, caches, spans
+                layer_norm(x, lw.attn_norm_w, lw.attn_norm_b, c.layer_norm_eps),
+                i,
+                lw,
+                caches,
+                spans,
+                decoding,
             )
             x = x + self.mlp(layer_norm(x, lw.ffn_norm_w, lw.ffn_norm_b, c.layer_norm_eps), lw)
         for seq, cache in zip(ids, caches, strict=True):

@@ -33,17 +33,17 @@ def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float, out: np.
 
 
 @numba.njit(cache=True, parallel=True, fastmath=True)
-def decode_attention(q: np.ndarray, keys, values, positions: np.ndarray, out: np.ndarray) -> None:
+def decode_attention(q: np.ndarray, keys, values, positions: np.ndarray, layer: int, out: np.ndarray) -> None:
     """One new query for each of B sequences over that sequence's own cache, in one parallel loop.
 
-    q[B, h, d] (query i sits at positions[i]); keys[i] and values[i] [h, > positions[i], d] (typed lists: the
-    caches differ in length); out[B, h, d].
+    q[B, h, d] (query i sits at positions[i]); keys[i] and values[i] [layers, h, > positions[i], d] (typed
+    lists: the caches differ in length); out[B, h, d].
     """
     b, n_head, d = q.shape
     scale = np.float32(1.0 / math.sqrt(d))
     for t in prange(b * n_head):
         i, h = t // n_head, t % n_head
-        k, v = keys[i][h], values[i][h]
+        k, v = keys[i][layer, h], values[i][layer, h]
         seen = positions[i] + 1
         scores = np.empty(seen, dtype=np.float32)
         top = np.float32(-np.inf)
