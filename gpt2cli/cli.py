@@ -170,28 +170,23 @@ def generate(
         if verbose:
             say(f"prompt: {len(ids)} tokens in {seconds:.3f} s ({len(ids) / seconds:.1f} tokens/s)")
 
-    def start(index: int) -> None:  # the prompt, once per sequence, before its first piece
-        nonlocal started
-        if started < index:
-            started = index
-            sys.stdout.write(("\n\n" if index else "") + shown_prompt)
-
     def on_text(index: int, piece: str) -> None:
-        if not as_json:
-            start(index)
+        # Sequences decode together: the first streams, the others print whole when their batch is done.
+        nonlocal started
+        spinner.stop()  # before stdout: the spinner's live display would capture it
+        if not as_json and index == 0:
+            if not started:
+                started = True
+                sys.stdout.write(shown_prompt)
             sys.stdout.write(piece)
             sys.stdout.flush()
 
-    started = -1
+    started = False
     spinner = Spinner(compile_notice(mf))
-
-    def on_text_after_spinner(index: int, piece: str) -> None:
-        spinner.stop()  # before stdout: the spinner's live display would capture it
-        on_text(index, piece)
-
+    tokens, t0 = 0, time.perf_counter()
     try:
         with on_first_compile(spinner.start):
-            for gen in run_generate(gpt2, tokenizer, ids, settings, on_text_after_spinner, on_prefill):
+            for gen in run_generate(gpt2, tokenizer, ids, settings, on_text, on_prefill):
                 spinner.stop()
                 if as_json:
                     print(
@@ -209,8 +204,11 @@ def generate(
                             ensure_ascii=False,
                         )
                     )
-                else:
-                    start(gen.index)
+                elif gen.index > 0:
+                    sys.stdout.write("\n\n" + shown_prompt + gen.text)
+                elif not started:
+                    sys.stdout.write(shown_prompt)
+                tokens += len(gen.token_ids)
                 if verbose and gen.seconds > 0:
                     say(
                         f"sequence {gen.index}: {len(gen.token_ids)} tokens in {gen.seconds:.3f} s "
@@ -223,6 +221,9 @@ def generate(
         raise typer.Exit(130) from None
     finally:
         spinner.stop()
+    if verbose and settings.num_return_sequences > 1:
+        n, seconds = settings.num_return_sequences, time.perf_counter() - t0
+        say(f"all {n} sequences: {tokens} tokens in {seconds:.3f} s ({tokens / seconds:.1f} tok/s)")
     if not as_json:
         sys.stdout.write("\n")
         sys.stdout.flush()
@@ -557,6 +558,38 @@ def embed(
         say(f"{output}: {count:,} texts")
     if verbose:
         say(f"{len(texts):,} texts in {time.perf_counter() - t0:.2f} s")
+
+
+@app.command()
+def serve(
+    model: ModelOption = DEFAULT_MODEL,
+    host: Annotated[
+        str,
+        typer.Option(help="Address to listen on; anything but loopback exposes the model to the network."),
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port (0: any free one, printed at start).")] = 8080,
+    api_key: Annotated[
+        str | None,
+        typer.Option(envvar="GPT2_API_KEY", help="Require 'Authorization: Bearer KEY' on all but /health."),
+    ] = None,
+    max_batch: Annotated[int, typer.Option(help="Sequences decoded together at most.")] = 16,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Uvicorn's log and every request.")
+    ] = False,
+) -> None:
+    """Serve the model with OpenAI's completions API (needs the serve extra: pip install 'gpt2[serve]')."""
+    try:
+        from gpt2cli.serve import run_server
+    except ImportError as e:
+        raise Gpt2Error(f"gpt2 serve needs {e.name}: pip install 'gpt2[serve]'") from None
+
+    if not 1 <= max_batch <= 256:
+        raise Gpt2Error(f"--max-batch must be between 1 and 256, got {max_batch}")
+    if not 0 <= port <= 65535:
+        raise Gpt2Error(f"--port must be between 0 and 65535, got {port}")
+    mf, gpt2 = load_model(model, verbose)
+    model_id = mf.path.name if model.endswith(".gguf") else model
+    run_server(gpt2, mf.tokenizer, model_id, host, port, api_key, max_batch, say, verbose)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,7 +14,11 @@ from gpt2cli.sampling import Sampler, SamplingConfig
 from gpt2cli.tokenizer import StreamDecoder, Tokenizer
 
 if TYPE_CHECKING:  # the model's import loads the kernels: a command fails on its options before that
-    from gpt2cli.model import GPT2Model
+    from gpt2cli.model import GPT2Model, KVCache
+
+# Sequences of one prompt decoded together: enough to share each pass over the weights, few enough that
+# `-n 1000000` holds a bounded number of KV caches.
+SEQUENCES_PER_BATCH = 16
 
 
 @dataclass(frozen=True)
@@ -90,45 +94,84 @@ def generate(
     settings: GenerationSettings,
     on_text: Callable[[int, str], None] | None = None,
     on_prefill: Callable[[float], None] | None = None,
+    batch: int = SEQUENCES_PER_BATCH,
 ) -> Iterator[Generation]:
-    """Sample `num_return_sequences` continuations of `ids`, calling on_text(sequence, piece) as they grow,
-    and yield each when it is complete: memory does not grow with the number of sequences."""
+    """Sample `num_return_sequences` continuations of `ids`, calling on_text(sequence, piece) as they grow.
+
+    Up to `batch` sequences decode together, one batched step per token (model.decode_batch), so their pieces
+    arrive interleaved and a sequence that stops leaves the batch. Each batch's sequences are yielded when the
+    batch is done: memory grows with the batch, not with the number of sequences.
+    """
     n_ctx = model.config.n_ctx
     budget = new_token_budget(len(ids), settings, n_ctx)
     wanted = settings.max_new_tokens if settings.max_new_tokens is not None else budget
-    cache = model.new_cache(len(ids) + budget)
+    prompt_cache = model.new_cache(len(ids) + budget)
     t0 = time.perf_counter()
-    prompt_logits = model.forward(ids, cache, logits_from=len(ids) - 1)[0]
+    prompt_logits = model.forward(ids, prompt_cache, logits_from=len(ids) - 1)  # [1, vocab]
     if on_prefill is not None:
         on_prefill(time.perf_counter() - t0)
     root = Sampler(settings.sampling, settings.seed)
-    for index in range(settings.num_return_sequences):
-        # Spawning one child at a time gives the children spawn(n) would, without n of them at once.
-        [sampler] = root.spawn(1)
-        gen = Generation(index, list(ids))
-        decoder = StreamDecoder(tokenizer)
-        cache.length = len(ids)  # the prompt's keys and values are shared by every sequence
-        context = np.array(ids + [0] * budget, dtype=np.int64)
-        logits = prompt_logits
-        t0 = time.perf_counter()
-        for step in range(budget):
-            token = sampler.next_token(logits, context[: len(ids) + step])
+    n_seq = settings.num_return_sequences
+    for first in range(0, n_seq, batch):
+        indices = range(first, min(first + batch, n_seq))
+        # Successive spawns continue one sequence of children: the same samplers as spawn(n_seq) at once.
+        samplers = dict(zip(indices, root.spawn(len(indices)), strict=True))
+        last = first + batch >= n_seq  # the last batch may take the prompt's cache instead of a copy
+        yield from _decode_together(
+            model, tokenizer, ids, prompt_logits, prompt_cache, last, samplers, budget, wanted, on_text
+        )
+
+
+def _decode_together(
+    model: GPT2Model,
+    tokenizer: Tokenizer,
+    ids: list[int],
+    prompt_logits: np.ndarray,
+    prompt_cache: KVCache,
+    take_prompt_cache: bool,
+    samplers: dict[int, Sampler],
+    budget: int,
+    wanted: int,
+    on_text: Callable[[int, str], None] | None,
+) -> list[Generation]:
+    """Continue the prompt once per sampler, all sequences in one batched decoding step per token."""
+    # The prompt's keys and values are computed once and copied into each sequence's cache.
+    caches = {index: prompt_cache.fork() for index in list(samplers)[take_prompt_cache:]}
+    if take_prompt_cache:
+        caches[next(iter(samplers))] = prompt_cache
+    results = {index: Generation(index, list(ids)) for index in samplers}
+    decoders = {index: StreamDecoder(tokenizer) for index in samplers}
+    contexts = {index: np.array(ids + [0] * budget, dtype=np.int64) for index in samplers}
+    active = list(samplers)
+    logits = np.repeat(prompt_logits, len(active), axis=0)  # [len(active), vocab]
+    t0 = time.perf_counter()
+
+    def emit(index: int, piece: str) -> None:
+        results[index].text += piece
+        if on_text is not None and piece:
+            on_text(index, piece)
+
+    for step in range(budget):
+        still_active, tokens = [], []
+        for row, index in enumerate(active):
+            gen = results[index]
+            token = samplers[index].next_token(logits[row], contexts[index][: len(ids) + step])
             if token == tokenizer.eos_id:
                 gen.finish_reason = "eos"
-                break
+                gen.seconds = time.perf_counter() - t0
+                continue
             gen.token_ids.append(token)
-            context[len(ids) + step] = token
-            piece = decoder.push(token)
-            gen.text += piece
-            if on_text is not None and piece:
-                on_text(index, piece)
-            if step + 1 < budget:
-                logits = model.forward([token], cache)[0]
-        else:
-            gen.finish_reason = "context" if budget < wanted else "length"
-        tail = decoder.flush()
-        gen.text += tail
-        if on_text is not None and tail:
-            on_text(index, tail)
-        gen.seconds = time.perf_counter() - t0
-        yield gen
+            contexts[index][len(ids) + step] = token
+            emit(index, decoders[index].push(token))
+            still_active.append(index)
+            tokens.append(token)
+        active = still_active
+        if not active or step + 1 == budget:
+            break
+        logits = model.decode_batch(tokens, [caches[index] for index in active])
+    for index in active:
+        results[index].finish_reason = "context" if budget < wanted else "length"
+        results[index].seconds = time.perf_counter() - t0
+    for index in results:
+        emit(index, decoders[index].flush())
+    return list(results.values())

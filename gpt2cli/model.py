@@ -1,8 +1,10 @@
-"""The GPT-2 forward pass on the CPU: batched prefill and a one-token decode step sharing a KV cache.
+"""The GPT-2 forward pass on the CPU: prefill and decoding of one or more sequences, each with its KV cache.
 
 Compute is f32. A single token multiplies straight from the stored blocks (`matvec`); a batch either uses the
 fused block kernels (`matmul`) or, for long batches, dequantizes a tile of rows at a time into scratch
-and lets numpy's BLAS do the product, whichever was measured faster for that batch size.
+and lets numpy's BLAS do the product, whichever was measured faster for that batch size. Several sequences
+run as one batch: their tokens share each pass over the weights (decoding is memory-bound, so B sequences
+cost little more than one) and only attention is per sequence, against its own cache.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from numba.typed import List as TypedList
 
 from gpt2cli.errors import Gpt2Error
 from gpt2cli.gguf_file import GPT2Config, GPT2Weights, LayerWeights, WeightMatrix
@@ -26,6 +29,7 @@ class KVCache:
     """Keys and values of every layer for the positions seen so far."""
 
     def __init__(self, config: GPT2Config, max_len: int | None = None) -> None:
+        self.config = config
         self.max_len = config.n_ctx if max_len is None else min(max_len, config.n_ctx)
         shape = (config.n_layer, config.n_head, self.max_len, config.head_dim)
         self.k = np.zeros(shape, dtype=np.float32)
@@ -34,6 +38,16 @@ class KVCache:
 
     def reset(self) -> None:
         self.length = 0
+
+    def fork(self, max_len: int | None = None) -> KVCache:
+        """A new cache starting with a copy of this one's positions: a prompt shared by several samples."""
+        other = KVCache(self.config, self.max_len if max_len is None else max_len)
+        if other.max_len < self.length:
+            raise ValueError(f"a cache of {other.max_len} positions cannot hold {self.length}")
+        other.k[:, :, : self.length] = self.k[:, :, : self.length]
+        other.v[:, :, : self.length] = self.v[:, :, : self.length]
+        other.length = self.length
+        return other
 
 
 def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:  # [n, e] -> [n, e]
@@ -89,24 +103,41 @@ class GPT2Model:
             y += b
         return y
 
-    def attention(self, x: np.ndarray, layer: int, lw: LayerWeights, cache: KVCache) -> np.ndarray:
-        """[n, e] -> [n, e]: causal self-attention over the cached positions and these n."""
+    def attention(
+        self,
+        x: np.ndarray,
+        layer: int,
+        lw: LayerWeights,
+        caches: Sequence[KVCache],
+        spans: list[tuple[int, int]],
+        decoding: tuple[TypedList, TypedList, np.ndarray] | None,
+    ) -> np.ndarray:
+        """[n, e] -> [n, e]: causal self-attention, each sequence over its own cached positions and new ones.
+
+        The rows of x are the sequences' new tokens back to back: caches[i]'s are x[r0 : r0 + m], (r0, m) =
+        spans[i]. The products with the weights take all n rows at once. `decoding` (one token per
+        sequence): the caches' keys and values as typed lists and their lengths, for ops.decode_attention.
+        """
         c = self.config
-        n, p0 = x.shape[0], cache.length
+        n = x.shape[0]
         qkv = self.linear(x, lw.attn_qkv, lw.attn_qkv_b)  # [n, 3e]
         q, k, v = (
             qkv[:, i * c.n_embd : (i + 1) * c.n_embd].reshape(n, c.n_head, c.head_dim) for i in range(3)
         )
-        cache.k[layer, :, p0 : p0 + n] = k.transpose(1, 0, 2)
-        cache.v[layer, :, p0 : p0 + n] = v.transpose(1, 0, 2)
-        if n == 1:  # one query: a fused loop beats BLAS calls on a single row
-            out = np.empty((n, c.n_head, c.head_dim), dtype=np.float32)
-            ops.causal_attention(np.ascontiguousarray(q), cache.k[layer], cache.v[layer], p0, out)
+        out = np.empty((n, c.n_head, c.head_dim), dtype=np.float32)
+        for cache, (r0, m) in zip(caches, spans, strict=True):
+            cache.k[layer, :, cache.length : cache.length + m] = k[r0 : r0 + m].transpose(1, 0, 2)
+            cache.v[layer, :, cache.length : cache.length + m] = v[r0 : r0 + m].transpose(1, 0, 2)
+        if decoding is not None:  # every sequence's one query in one parallel loop
+            ops.decode_attention(np.ascontiguousarray(q), *decoding, layer, out)
         else:
-            keys = cache.k[layer, :, : p0 + n]  # [h, p0+n, hd]
-            scores = np.matmul(q.transpose(1, 0, 2), keys.transpose(0, 2, 1))  # [h, n, p0+n]
-            ops.causal_softmax(scores, p0, 1.0 / np.sqrt(c.head_dim))
-            out = np.matmul(scores, cache.v[layer, :, : p0 + n]).transpose(1, 0, 2)  # [n, h, hd]
+            for cache, (r0, m) in zip(caches, spans, strict=True):
+                p0, seen = cache.length, cache.length + m
+                scores = np.matmul(
+                    q[r0 : r0 + m].transpose(1, 0, 2), cache.k[layer, :, :seen].transpose(0, 2, 1)
+                )
+                ops.causal_softmax(scores, p0, 1.0 / np.sqrt(c.head_dim))  # [h, m, seen]
+                out[r0 : r0 + m] = np.matmul(scores, cache.v[layer, :, :seen]).transpose(1, 0, 2)
         return self.linear(out.reshape(n, c.n_embd), lw.attn_output, lw.attn_output_b)
 
     def mlp(self, x: np.ndarray, lw: LayerWeights) -> np.ndarray:  # [n, e] -> [n, e]
@@ -118,23 +149,62 @@ class GPT2Model:
         Scoring only some positions (the last one when generating, the scored half of a perplexity chunk)
         skips most of the output head, the largest matrix of the small models.
         """
+        return self.forward_batch([ids], [cache], [logits_from])
+
+    def decode_batch(self, tokens: Sequence[int] | np.ndarray, caches: Sequence[KVCache]) -> np.ndarray:
+        """One new token for each of B independent sequences: logits [B, vocab] of their next positions."""
+        return self.forward_batch([[token] for token in tokens], caches)
+
+    def forward_batch(
+        self,
+        sequences: Sequence[Sequence[int] | np.ndarray],
+        caches: Sequence[KVCache],
+        logits_from: Sequence[int] | None = None,
+    ) -> np.ndarray:
+        """Run each sequence's new tokens after its own cached ones, all in one pass over the weights.
+
+        Returns the logits of sequence i's new positions from logits_from[i] on (default: all of them), the
+        sequences' rows back to back: [sum of (n_i - logits_from[i]), vocab].
+        """
         c, w = self.config, self.w
-        ids = np.asarray(ids, dtype=np.int64)
-        n, p0 = len(ids), cache.length
-        if n == 0:
-            raise ValueError("forward needs at least one token")
-        if p0 + n > cache.max_len:
-            raise Gpt2Error(f"{p0 + n} tokens do not fit the context of {cache.max_len}")
-        if ids.min() < 0 or ids.max() >= c.n_vocab:
-            raise Gpt2Error(f"token id out of range for a vocabulary of {c.n_vocab}")
-        x = w.token_embd.dequantize_rows(ids) + w.position_embd[p0 : p0 + n]  # [n, e]
+        if len(sequences) != len(caches) or not sequences:
+            raise ValueError("forward_batch needs one cache per sequence and at least one sequence")
+        ids = [np.asarray(seq, dtype=np.int64) for seq in sequences]
+        spans, r0 = [], 0
+        for seq, cache in zip(ids, caches, strict=True):
+            if len(seq) == 0:
+                raise ValueError("forward needs at least one token per sequence")
+            if cache.length + len(seq) > cache.max_len:
+                raise Gpt2Error(f"{cache.length + len(seq)} tokens do not fit the context of {cache.max_len}")
+            if seq.min() < 0 or seq.max() >= c.n_vocab:
+                raise Gpt2Error(f"token id out of range for a vocabulary of {c.n_vocab}")
+            spans.append((r0, len(seq)))
+            r0 += len(seq)
+        positions = np.concatenate(
+            [np.arange(cache.length, cache.length + len(seq)) for seq, cache in zip(ids, caches, strict=True)]
+        )
+        x = w.token_embd.dequantize_rows(np.concatenate(ids)) + w.position_embd[positions]  # [n, e]
+        decoding = None
+        if len(positions) == len(caches):  # built once per step: a typed list costs ~50 us
+            keys, values = TypedList(c.k for c in caches), TypedList(c.v for c in caches)
+            decoding = (keys, values, positions)
         for i, lw in enumerate(w.layers):
             x = x + self.attention(
-                layer_norm(x, lw.attn_norm_w, lw.attn_norm_b, c.layer_norm_eps), i, lw, cache
+                layer_norm(x, lw.attn_norm_w, lw.attn_norm_b, c.layer_norm_eps),
+                i,
+                lw,
+                caches,
+                spans,
+                decoding,
             )
             x = x + self.mlp(layer_norm(x, lw.ffn_norm_w, lw.ffn_norm_b, c.layer_norm_eps), lw)
-        cache.length = p0 + n
-        x = x[min(logits_from, n - 1) :]
+        for seq, cache in zip(ids, caches, strict=True):
+            cache.length += len(seq)
+        starts = logits_from or [0] * len(ids)
+        scored = np.concatenate(
+            [np.arange(r0 + min(s, m - 1), r0 + m) for (r0, m), s in zip(spans, starts, strict=True)]
+        )
+        x = x[scored]
         return self.head(layer_norm(x, w.output_norm_w, w.output_norm_b, c.layer_norm_eps))
 
     def segment_attention(self, x: np.ndarray, lw: LayerWeights, first: np.ndarray) -> np.ndarray:

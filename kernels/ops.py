@@ -34,22 +34,24 @@ def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float, out: np.
 
 
 @numba.njit(cache=True, parallel=True, fastmath=True)
-def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, p0: int, out: np.ndarray) -> None:
-    """Softmax attention of n new queries over the cached keys, each seeing positions up to its own.
+def decode_attention(q: np.ndarray, keys, values, positions: np.ndarray, layer: int, out: np.ndarray) -> None:
+    """One new query for each of B sequences over that sequence's own cache, in one parallel loop.
 
-    q[n, h, d] (query i sits at position p0 + i), k and v [h, >= p0 + n, d], out[n, h, d].
+    q[B, h, d] (query i sits at positions[i]); keys[i] and values[i] [layers, h, > positions[i], d] (typed
+    lists: the caches differ in length); out[B, h, d].
     """
-    n, n_head, d = q.shape
+    b, n_head, d = q.shape
     scale = np.float32(1.0 / math.sqrt(d))
-    for t in prange(n * n_head):
+    for t in prange(b * n_head):
         i, h = t // n_head, t % n_head
-        seen = p0 + i + 1
+        k, v = keys[i][layer, h], values[i][layer, h]
+        seen = positions[i] + 1
         scores = np.empty(seen, dtype=np.float32)
         top = np.float32(-np.inf)
         for j in range(seen):
             s = np.float32(0)
             for c in range(d):
-                s += q[i, h, c] * k[h, j, c]
+                s += q[i, h, c] * k[j, c]
             s *= scale
             scores[j] = s
             top = max(top, s)
@@ -62,7 +64,7 @@ def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, p0: int, out: 
         for j in range(seen):
             p = scores[j]
             for c in range(d):
-                acc[c] += p * v[h, j, c]
+                acc[c] += p * v[j, c]
         inv = np.float32(1) / total
         for c in range(d):
             out[i, h, c] = acc[c] * inv

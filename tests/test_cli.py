@@ -126,7 +126,7 @@ def test_empty_prompt_starts_from_endoftext(tiny_gguf):
     assert json.loads(out)["prompt_tokens"] == 1
 
 
-def test_sequences_are_generated_one_at_a_time(tiny_gguf):
+def test_sequences_are_generated_in_bounded_batches(tiny_gguf):
     # Was: -n 1000000000 held every sequence (and a sampler per sequence) before printing any.
     mf = ModelFile(tiny_gguf)
     settings = GenerationSettings(max_new_tokens=2, num_return_sequences=10**30, seed=3)
