@@ -239,7 +239,7 @@ def _legacy_block_intrinsic(qs_at: int, qh_at: int | None, zero: int):
 
 
 # The integer part of each legacy type; the scale passed in is d times the activation scale, and the `+ m`
-# of the _1 types is the caller's (it multiplies the f32 sum of the block of x).
+# of the _1 types is the caller's (it multiplies the sum of the quantized block of x).
 accumulate_q4_0 = _legacy_block_intrinsic(qs_at=2, qh_at=None, zero=8)
 accumulate_q4_1 = _legacy_block_intrinsic(qs_at=4, qh_at=None, zero=0)
 accumulate_q5_0 = _legacy_block_intrinsic(qs_at=6, qh_at=2, zero=16)
@@ -289,7 +289,7 @@ def _k4_block_intrinsic(qs_at: int, qh_at: int | None):
     (x[256 s:256 s + 256]): sum_j d sc_j xd[8s + j] dot(q_j, xq_j) - dmin m_j x_sums[8s + j], the sub-block
     scales unpacked in vector registers. Sub-block j: nibble j % 2 of qs[32 (j // 2) + k], and for Q5_K bit j
     of qh[k] as the fifth bit. xq int8[cols] and xd f32[cols // 32] are x quantized per 32, x_sums
-    f32[cols // 32] its sums."""
+    f32[cols // 32] the sums of the quantized blocks (quantized_block_sums)."""
 
     @intrinsic
     def accumulate(typingctx, acc, row, offset, xq, xd, x_sums, s):
@@ -453,3 +453,19 @@ def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             q[QK8 * b + k] = np.int8(np.int32(np.rint(x[QK8 * b + k] * inverse)))
         d[b] = scale
     return q, d
+
+
+@numba.njit(cache=True, fastmath=True)
+def quantized_block_sums(q: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """(q int8[cols], d f32[cols // 32]) -> f32[cols // 32]: the sums of the quantized activations per block,
+    d sum(q), which the `+ m` / `- dmin m` terms multiply. As ggml does (Q8_1's s, Q8_K's bsums): the whole
+    weight d q + m then meets the same rounded x, so the rounding errors meet centred weights; the f32 sums
+    of x would leave them meeting d q >= 0 alone, which doubled the KL from exact logits
+    (tests/test_fidelity.py)."""
+    sums = np.empty(d.shape[0], np.float32)
+    for b in range(d.shape[0]):
+        total = np.int32(0)
+        for k in range(QK8):
+            total += np.int32(q[QK8 * b + k])
+        sums[b] = d[b] * np.float32(total)
+    return sums
