@@ -7,6 +7,7 @@ Every kernel works on a weight matrix kept in its stored form: a C-contiguous ui
 - matvec(blocks u8[rows, row_bytes], x f32[cols], y f32[rows]) -> None          y = W x
 - matmul(blocks u8[rows, row_bytes], x f32[n, cols], y f32[n, rows]) -> None    Y = X W^T
 - quantize(x f32[rows, cols], out u8[rows, row_bytes]) -> None                   (None where not provided)
+- int8_matmul: Y = X W^T with int8 activations for the quantized types (kernels.tiles), else None
 - matvec_f32: where `matvec` quantizes the activations to int8 blocks as ggml does (faster, ~1% error in
   the logits), the same product with f32 activations; None where `matvec` is already exact f32.
 
@@ -48,6 +49,12 @@ class BlockKernels:
     def type_size(self) -> int:
         return GGML_QUANT_SIZES[self.qtype][1]
 
+    @property
+    def int8_matmul(self) -> Callable[..., None] | None:
+        """int8_matmul(blocks, x f32[n, cols], y f32[n, rows]): Y = X W^T with x quantized to int8 per 32
+        (kernels.tiles), or None for the float types and CPUs without integer dot products."""
+        return tiles.int8_matmul_for(self.qtype)
+
     def row_bytes(self, cols: int) -> int:
         return cols // self.block_size * self.type_size
 
@@ -65,4 +72,4 @@ def kernels_for(qtype: GGMLQuantizationType) -> BlockKernels:
 
 
 # The family modules register their types on import.
-from kernels import floats, kquants, legacy  # noqa: E402, F401
+from kernels import floats, kquants, legacy, tiles  # noqa: E402, F401
