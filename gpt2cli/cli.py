@@ -192,6 +192,9 @@ def ppl(
     errors: Annotated[
         str, typer.Option(help="Invalid UTF-8: strict (fail, naming the byte) or replace (U+FFFD).")
     ] = "strict",
+    exact: Annotated[
+        bool, typer.Option(help="f32 activations (as transformers), not ggml's faster int8 ones.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Load and tokenize times on stderr.")
@@ -203,8 +206,8 @@ def ppl(
 
     from gpt2cli.ppl import PplSettings, format_report, perplexity, result_dict, tokenize_file
 
-    mf, gpt2 = load_model(model, verbose)
-    base = load_model(kl_divergence, verbose)[1] if kl_divergence else None
+    mf, gpt2 = load_model(model, verbose, exact)
+    base = load_model(kl_divergence, verbose, exact)[1] if kl_divergence else None
     model_ctx = min(gpt2.config.n_ctx, base.config.n_ctx) if base else gpt2.config.n_ctx
     settings = PplSettings.resolve(protocol, model_ctx, ctx, stride)
     t0 = time.perf_counter()

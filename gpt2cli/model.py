@@ -81,9 +81,13 @@ class GPT2Model:
         matrices = [self.w.output] + [
             m for lw in self.w.layers for m in (lw.attn_qkv, lw.attn_output, lw.ffn_up, lw.ffn_down)
         ]
-        if self.int8_batches(n) and any(m.kernels.int8_matmul is not None for m in matrices):
+        if self.exact:
+            return "f32 (exact)"
+        if all(m.kernels.int8_matmul is None for m in matrices):
+            return "f32 (float weights)"
+        if self.int8_batches(n):
             return "int8 activations on quantized weights (llama.cpp-style)"
-        return "f32 (exact)" if self.exact else f"f32 (batches of {INT8_MAX_TOKENS}+ tokens)"
+        return f"f32 (batches of {INT8_MAX_TOKENS}+ tokens)"
 
     def new_cache(self, max_len: int | None = None) -> KVCache:
         return KVCache(self.config, max_len)

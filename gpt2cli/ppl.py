@@ -153,6 +153,7 @@ class PerplexityResult:
     bits_per_byte: float | None  # sum of NLL / ln 2 / UTF-8 bytes of the scored tokens
     scored_bytes: int | None
     seconds: float  # model time (both models with a base), tokenization excluded
+    compute: str  # what the model's batches computed with (GPT2Model.batch_compute)
     kld: KLDStats | None = None
 
     @property
@@ -343,6 +344,7 @@ def perplexity(
         bits_per_byte=bits_per_byte,
         scored_bytes=scored_bytes,
         seconds=seconds,
+        compute=model.batch_compute(max((w.end - 1 - w.begin for w in windows), default=0)),
         kld=kld,
     )
 
@@ -390,6 +392,7 @@ def result_dict(result: PerplexityResult) -> dict:
         "scored_bytes": result.scored_bytes,
         "seconds": result.seconds,
         "tokens_per_second": _finite(result.tokens_per_second),
+        "compute": result.compute,
     }
     if result.kld is not None:
         out["kl_divergence"] = {k: _finite(v) for k, v in vars(result.kld).items()}
@@ -418,6 +421,7 @@ def format_report(result: PerplexityResult) -> list[str]:
         f"{result.evaluated_tokens:,} evaluated in {result.seconds:.1f} s "
         f"({result.tokens_per_second:,.0f} tokens/s)"
     )
+    lines.append(f"compute       {result.compute}")
     k = result.kld
     if k is not None:
         lines += [
