@@ -1,4 +1,4 @@
-"""Integer dot products for matvec: activations quantized to int8, weights kept as small integers.
+"""Integer dot products for matvec and the batched product (kernels.tiles): int8 activations, integer weights.
 
 LLVM makes no vpdpbusd / pmaddubsw out of numba's integer loops, so the dot products are written in LLVM IR
 here (numba intrinsics, compatible with `cache=True`). Each 32 weights and 32 int8 activations make one
