@@ -291,6 +291,9 @@ def ppl(
     merge: Annotated[
         bool, typer.Option("--merge", help="Combine the --json reports of shards 1/N .. N/N into one run's.")
     ] = False,
+    exact: Annotated[
+        bool, typer.Option(help="f32 activations (as transformers), not ggml's faster int8 ones.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Load and tokenize times on stderr.")
@@ -338,8 +341,8 @@ def ppl(
         raise Gpt2Error(
             "--max-tokens applies to --protocol hf and llama; --shard evaluates part of lm-eval's"
         )
-    mf, gpt2 = load_model(model, verbose)
-    base = load_model(kl_divergence, verbose)[1] if kl_divergence else None
+    mf, gpt2 = load_model(model, verbose, exact)
+    base = load_model(kl_divergence, verbose, exact)[1] if kl_divergence else None
     model_ctx = min(gpt2.config.n_ctx, base.config.n_ctx) if base else gpt2.config.n_ctx
     settings = PplSettings.resolve(protocol, model_ctx, ctx, stride)
     t0 = time.perf_counter()

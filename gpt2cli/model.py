@@ -1,10 +1,12 @@
 """The GPT-2 forward pass on the CPU: prefill and decoding of one or more sequences, each with its KV cache.
 
-Compute is f32. A single token multiplies straight from the stored blocks (`matvec`); a batch either uses the
-fused block kernels (`matmul`) or, for long batches, dequantizes a tile of rows at a time into scratch
-and lets numpy's BLAS do the product, whichever was measured faster for that batch size. Several sequences
-run as one batch: their tokens share each pass over the weights (decoding is memory-bound, so B sequences
-cost little more than one) and only attention is per sequence, against its own cache.
+A single token multiplies straight from the stored blocks (`matvec`). A batch of INT8_MIN_TOKENS to
+INT8_MAX_TOKENS on quantized weights quantizes its activations to int8 as ggml does and takes integer dot
+products (`int8_matmul`, kernels.tiles). Other batches, float weights and exact mode compute in f32: short
+batches with the fused block kernels (`matmul`), long ones by dequantizing a tile of rows at a time into
+scratch for numpy's BLAS, whichever was measured faster for that batch size. Several sequences run as one
+batch: their tokens share each pass over the weights (decoding is memory-bound, so B sequences cost little
+more than one) and only attention is per sequence, against its own cache.
 """
 
 from __future__ import annotations
@@ -21,6 +23,12 @@ from kernels import ops
 # Batches at least this long dequantize into scratch and use BLAS: the fused kernels win at 8 tokens, tie
 # near 64 and lose by 1.4x at 512 (benchmarks/bench_kernels.py --matmul).
 BLAS_MIN_TOKENS = 64
+# Batches of INT8_MIN_TOKENS to INT8_MAX_TOKENS - 1 on quantized weights use int8 activations. Measured per
+# core (CPU time, a 3072 x 768 matrix) against the better f32 path: 0.75x at 8 tokens (the unpacking is scalar
+# code), 1.0x at 32, 1.05-1.2x at 64-128 and 0.75-0.8x at 512, where BLAS's f32 FMAs outrun the f32 scaling
+# that every 64-weight integer dot product of a tile needs.
+INT8_MIN_TOKENS = 64
+INT8_MAX_TOKENS = 256
 # Scratch for one dequantized tile of a weight matrix: bounds the extra memory of a BLAS prefill.
 SCRATCH_BYTES = 16 << 20
 
@@ -71,13 +79,30 @@ def gelu(x: np.ndarray) -> np.ndarray:
 
 
 class GPT2Model:
-    """exact: decode with f32 activations, as transformers computes, instead of ggml's int8 ones (faster)."""
+    """exact: f32 activations, as transformers computes, instead of ggml's int8 ones (faster)."""
 
     def __init__(self, weights: GPT2Weights, config: GPT2Config, exact: bool = False) -> None:
         self.w = weights
         self.config = config
         self.exact = exact
         self._scratch = np.empty(SCRATCH_BYTES // 4, dtype=np.float32)
+
+    def int8_batches(self, n: int) -> bool:
+        """Whether a batch of n > 1 tokens multiplies quantized weights with int8 activations."""
+        return not self.exact and INT8_MIN_TOKENS <= n < INT8_MAX_TOKENS
+
+    def batch_compute(self, n: int) -> str:
+        """What batches of n > 1 tokens compute with, for reports."""
+        matrices = [self.w.output] + [
+            m for lw in self.w.layers for m in (lw.attn_qkv, lw.attn_output, lw.ffn_up, lw.ffn_down)
+        ]
+        if self.exact:
+            return "f32 (exact)"
+        if all(m.kernels.int8_matmul is None for m in matrices):
+            return "f32 (float weights)"
+        if self.int8_batches(n):
+            return "int8 activations on quantized weights (llama.cpp-style)"
+        return f"f32 (int8 only for batches of {INT8_MIN_TOKENS}-{INT8_MAX_TOKENS - 1} tokens)"
 
     def new_cache(self, max_len: int | None = None) -> KVCache:
         return KVCache(self.config, max_len)
@@ -90,6 +115,8 @@ class GPT2Model:
         if n == 1:
             matvec = w.kernels.exact_matvec if self.exact else w.kernels.matvec
             matvec(w.blocks, x[0], y[0])
+        elif self.int8_batches(n) and w.kernels.int8_matmul is not None:
+            w.kernels.int8_matmul(w.blocks, x, y)
         elif n < BLAS_MIN_TOKENS:
             w.kernels.matmul(w.blocks, x, y)
         else:

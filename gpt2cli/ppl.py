@@ -188,6 +188,7 @@ class PerplexityResult:
     bits_per_byte: float | None  # total NLL / ln 2 / UTF-8 bytes (see the module docstring for which)
     scored_bytes: int | None
     seconds: float  # model time (both models with a base), tokenization excluded
+    compute: str  # what the model's batches computed with (GPT2Model.batch_compute)
     kld: KLDStats | None = None
     word_perplexity: float | None = None  # exp(total NLL / words)
     byte_perplexity: float | None = None  # exp(total NLL / bytes)
@@ -494,12 +495,21 @@ def evaluate_plan(
             ppl=_exp(totals.weighted_nll / totals.weights),
             ppl_base=_exp(weighted_base_nll / totals.weights),
         )
-    return finish(settings, totals, counted=plan.text_bytes is not None, kld=kld, shard=shard)
+    longest = max((w.end - 1 - w.begin for w in plan.windows), default=0)
+    return finish(
+        settings,
+        totals,
+        model.batch_compute(longest),
+        counted=plan.text_bytes is not None,
+        kld=kld,
+        shard=shard,
+    )
 
 
 def finish(
     settings: PplSettings,
     totals: PplTotals,
+    compute: str,
     *,
     counted: bool,
     kld: KLDStats | None = None,
@@ -528,6 +538,7 @@ def finish(
         bits_per_byte=per(t.text_bytes) / math.log(2) if counted else None,
         scored_bytes=t.text_bytes if counted else None,
         seconds=t.seconds,
+        compute=compute,
         kld=kld,
         word_perplexity=_exp(per(t.words)) if counted else None,
         byte_perplexity=_exp(per(t.text_bytes)) if counted else None,
@@ -584,6 +595,7 @@ def result_dict(result: PerplexityResult) -> dict:
         "scored_bytes": result.scored_bytes,
         "seconds": _finite(result.seconds),
         "tokens_per_second": _finite(result.tokens_per_second),
+        "compute": result.compute,
     }
     if result.totals is not None:
         out["totals"] = asdict(result.totals)
@@ -619,7 +631,9 @@ def merge_reports(reports: list[dict], names: list[str]) -> tuple[dict, Perplexi
     for report in reports:
         totals += PplTotals(**report["totals"])
     settings = PplSettings(run["protocol"], run["ctx"], run["stride"])
-    return run, finish(settings, totals, counted=reports[0].get("words") is not None)
+    return run, finish(
+        settings, totals, reports[0].get("compute", "unknown"), counted=reports[0].get("words") is not None
+    )
 
 
 def _run_value(report: dict, key: str):
@@ -654,6 +668,7 @@ def format_report(result: PerplexityResult) -> list[str]:
         f"{result.evaluated_tokens:,} evaluated in {result.seconds:.1f} s "
         f"({result.tokens_per_second:,.0f} tokens/s)"
     )
+    lines.append(f"compute       {result.compute}")
     k = result.kld
     if k is not None:
         lines += [

@@ -7,6 +7,7 @@ Every kernel works on a weight matrix kept in its stored form: a C-contiguous ui
 - matvec(blocks u8[rows, row_bytes], x f32[cols], y f32[rows]) -> None          y = W x
 - matmul(blocks u8[rows, row_bytes], x f32[n, cols], y f32[n, rows]) -> None    Y = X W^T
 - quantize(x f32[rows, cols], out u8[rows, row_bytes]) -> None                   (None where not provided)
+- int8_matmul: Y = X W^T with int8 activations for the quantized types (kernels.tiles), else None
 - matvec_f32: where `matvec` quantizes the activations to int8 blocks as ggml does (faster, ~1% error in
   the logits), the same product with f32 activations; None where `matvec` is already exact f32.
 
@@ -23,6 +24,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from types import ModuleType
 
 import numba
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -61,6 +63,12 @@ class BlockKernels:
     def type_size(self) -> int:
         return GGML_QUANT_SIZES[self.qtype][1]
 
+    @property
+    def int8_matmul(self) -> Callable[..., None] | None:
+        """int8_matmul(blocks, x f32[n, cols], y f32[n, rows]): Y = X W^T with x quantized to int8 per 32
+        (kernels.tiles), or None for the float types and CPUs without integer dot products."""
+        return family("tiles").int8_matmul_for(self.qtype)
+
     def row_bytes(self, cols: int) -> int:
         return cols // self.block_size * self.type_size
 
@@ -73,7 +81,7 @@ class KernelTable(Mapping[GGMLQuantizationType, BlockKernels]):
 
     def __getitem__(self, qtype: GGMLQuantizationType) -> BlockKernels:
         if qtype not in self._registered:
-            load_cached_code_lightly(importlib.import_module(f"{__name__}.{FAMILY_OF[qtype]}"))
+            family(FAMILY_OF[qtype])
         return self._registered[qtype]
 
     def __contains__(self, qtype: object) -> bool:
@@ -87,6 +95,16 @@ class KernelTable(Mapping[GGMLQuantizationType, BlockKernels]):
 
 
 KERNELS = KernelTable()
+
+
+def family(name: str) -> ModuleType:
+    """The kernel module `name` (a family, or `tiles`), imported on first use with its cached kernels loaded
+    lightly."""
+    module = sys.modules.get(f"{__name__}.{name}")
+    if module is None:
+        module = importlib.import_module(f"{__name__}.{name}")
+        load_cached_code_lightly(module)
+    return module
 
 
 def register(kernels: BlockKernels) -> None:

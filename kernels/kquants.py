@@ -8,12 +8,12 @@ Loop shape, everywhere: one loop over the 16 or 32 elements of a slice handles a
 share its bytes, so every bit shift is a constant and the eight sub-block scales are loop invariants; bit
 fields are computed in int32 (numba widens integer arithmetic to int64, which halves the vector lanes).
 
-matvec, where the CPU allows (kernels.simd.INT8_DOT), quantizes x to int8 per 32 values (one Q4_K/Q5_K
-sub-block, two Q6_K ones) and takes one integer dot product per 32 weights (vpdpbusd / pmaddubsw) with the
-block's scales unpacked in vector registers: ~3x the f32 kernels, at ~5e-3 relative error from the
-activation rounding. The `- dmin * m` terms multiply the f32 sums of x per sub-block. Elsewhere, and for
-Q2_K and Q3_K, matvec keeps x in f32 and decodes the weights in registers, summing `scale * q * x` over the
-eight sub-blocks of a (half) block with one horizontal sum.
+matvec, where the CPU allows (kernels.simd.INT8_DOT), quantizes x to int8 per 32 values (one Q4_K/Q5_K sub-
+block, two Q6_K ones) and takes one integer dot product per 32 weights (vpdpbusd / pmaddubsw) with the block's
+scales unpacked in vector registers: ~3x the f32 kernels, at ~5e-3 relative error from the activation
+rounding. The `- dmin * m` terms multiply the sums of the quantized activations per sub-block, as ggml's do.
+Elsewhere, and for Q2_K and Q3_K, matvec keeps x in f32 and decodes the weights in registers, summing `scale *
+q * x` over the eight sub-blocks of a (half) block with one horizontal sum.
 
 matmul dequantizes a tile of rows once into a thread-local f32 buffer and multiplies it with all the tokens
 by a register-blocked 4 tokens x 4 rows kernel.
@@ -34,6 +34,7 @@ from kernels.simd import (
     accumulate_q5_k,
     accumulate_q6_k,
     quantize_activations,
+    quantized_block_sums,
     sum_f32x8,
     zeros_f32x8,
 )
@@ -577,7 +578,7 @@ def _matvec_rows_q4_k_int8(
 @numba.njit(cache=True, parallel=True)
 def matvec_q4_k_int8(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     xq, xd = quantize_activations(x)
-    x_sums = _sub_block_sums(x, 32)
+    x_sums = quantized_block_sums(xq, xd)
     rows = blocks.shape[0]
     for t in numba.prange((rows + MATVEC_ROW_TILE - 1) // MATVEC_ROW_TILE):
         r0 = t * MATVEC_ROW_TILE
@@ -600,7 +601,7 @@ def _matvec_rows_q5_k_int8(
 @numba.njit(cache=True, parallel=True)
 def matvec_q5_k_int8(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     xq, xd = quantize_activations(x)
-    x_sums = _sub_block_sums(x, 32)
+    x_sums = quantized_block_sums(xq, xd)
     rows = blocks.shape[0]
     for t in numba.prange((rows + MATVEC_ROW_TILE - 1) // MATVEC_ROW_TILE):
         r0 = t * MATVEC_ROW_TILE

@@ -33,6 +33,7 @@ from kernels.simd import (
     accumulate_q5_1,
     load_f16,
     quantize_activations,
+    quantized_block_sums,
     sum_f32x8,
     zeros_f32x8,
 )
@@ -442,9 +443,9 @@ def _matvec_rows_q4_1_int8(
 @numba.njit(cache=True, parallel=True)
 def matvec_q4_1_int8(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     """matvec_q4_1 with x quantized to int8 per 32 and integer dot products (kernels.simd); the `+ m` terms
-    multiply the f32 block sums of x."""
+    multiply the sums of the quantized blocks of x."""
     xq, xd = quantize_activations(x)
-    x_sums = x.reshape(-1, QK).sum(axis=1)
+    x_sums = quantized_block_sums(xq, xd)
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, ROW_TILE)):
         _matvec_rows_q4_1_int8(blocks, xq, xd, x_sums, y, tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE))
@@ -634,9 +635,9 @@ def _matvec_rows_q5_1_int8(
 @numba.njit(cache=True, parallel=True)
 def matvec_q5_1_int8(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     """matvec_q5_1 with x quantized to int8 per 32 and integer dot products (kernels.simd); the `+ m` terms
-    multiply the f32 block sums of x."""
+    multiply the sums of the quantized blocks of x."""
     xq, xd = quantize_activations(x)
-    x_sums = x.reshape(-1, QK).sum(axis=1)
+    x_sums = quantized_block_sums(xq, xd)
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, ROW_TILE)):
         _matvec_rows_q5_1_int8(blocks, xq, xd, x_sums, y, tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE))

@@ -1,4 +1,4 @@
-"""Integer dot products for matvec: activations quantized to int8, weights kept as small integers.
+"""Integer dot products for matvec and the batched product (kernels.tiles): int8 activations, integer weights.
 
 LLVM makes no vpdpbusd / pmaddubsw out of numba's integer loops, so the dot products are written in LLVM IR
 here (numba intrinsics, compatible with `cache=True`). Each 32 weights and 32 int8 activations make one
@@ -58,6 +58,8 @@ def _int8_dot_kind(features: set[str]) -> str | None:
 
 
 INT8_DOT = _int8_dot_kind(_target_features())
+# 512-bit integer dot products (AVX-512 VNNI): the batched product takes 64 weights per instruction.
+WIDE_DOT = INT8_DOT == "vnni" and {"avx512vnni", "avx512bw"} <= _target_features()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -239,7 +241,7 @@ def _legacy_block_intrinsic(qs_at: int, qh_at: int | None, zero: int):
 
 
 # The integer part of each legacy type; the scale passed in is d times the activation scale, and the `+ m`
-# of the _1 types is the caller's (it multiplies the f32 sum of the block of x).
+# of the _1 types is the caller's (it multiplies the sum of the quantized block of x).
 accumulate_q4_0 = _legacy_block_intrinsic(qs_at=2, qh_at=None, zero=8)
 accumulate_q4_1 = _legacy_block_intrinsic(qs_at=4, qh_at=None, zero=0)
 accumulate_q5_0 = _legacy_block_intrinsic(qs_at=6, qh_at=2, zero=16)
@@ -289,7 +291,7 @@ def _k4_block_intrinsic(qs_at: int, qh_at: int | None):
     (x[256 s:256 s + 256]): sum_j d sc_j xd[8s + j] dot(q_j, xq_j) - dmin m_j x_sums[8s + j], the sub-block
     scales unpacked in vector registers. Sub-block j: nibble j % 2 of qs[32 (j // 2) + k], and for Q5_K bit j
     of qh[k] as the fifth bit. xq int8[cols] and xd f32[cols // 32] are x quantized per 32, x_sums
-    f32[cols // 32] its sums."""
+    f32[cols // 32] the sums of the quantized blocks (quantized_block_sums)."""
 
     @intrinsic
     def accumulate(typingctx, acc, row, offset, xq, xd, x_sums, s):
@@ -434,16 +436,139 @@ def accumulate_q6_k(typingctx, acc, row, offset, xq, xd, s):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The batched product's micro-kernel (kernels.tiles): one common tile form for every block type, unsigned
+# weights u u8[rows, cols] with a scale and a min per 16 weights, w = scale u + min, times activations
+# quantized per 32. Per 64 weights (MICRO_STEP), row r and token t, in 16 lanes of 4 weights:
+# acc += f32(dot_lanes(u_r, xq_t)) * (scale_r xd_t), the scales and activation scales spread to their lanes;
+# then acc += min_r sums_t per 16 weights, sums_t the sums of the quantized activations. The f32 work per
+# integer dot product is what bounds the speed, so the wider the dot product the better (one 512-bit vpdpbusd
+# where there is AVX-512 VNNI, else two 256-bit ones), and the min terms are a separate, 16x shorter loop.
+
+MICRO_ROWS = 4
+MICRO_TOKENS = 4
+MICRO_STEP = 64
+V64I8 = ir.VectorType(I8, 64)
+V16I32 = ir.VectorType(I32, 16)
+V16F32 = ir.VectorType(F32, 16)
+
+
+def _dot_u8_s8_64(builder, unsigned: ir.Value, signed: ir.Value) -> ir.Value:
+    """<64 x i8> u8, <64 x i8> s8 -> <16 x i32>: lane i sums the products of bytes 4i .. 4i + 3."""
+    if WIDE_DOT:
+        zero = ir.Constant(V16I32, None)
+        a, b = builder.bitcast(unsigned, V16I32), builder.bitcast(signed, V16I32)
+        return _call(builder, "llvm.x86.avx512.vpdpbusd.512", V16I32, zero, a, b)
+
+    def half(v: ir.Value, h: int) -> ir.Value:
+        return builder.shuffle_vector(
+            v, v, ir.Constant(ir.VectorType(I32, 32), list(range(32 * h, 32 * h + 32)))
+        )
+
+    low = _dot_u8_s8(builder, half(unsigned, 0), half(signed, 0))
+    high = _dot_u8_s8(builder, half(unsigned, 1), half(signed, 1))
+    return builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(I32, 16), list(range(16))))
+
+
+@intrinsic
+def micro_kernel(typingctx, u, scales, mins, r, xq, xd, sums, t, out):
+    """out[j, i] = sum_k w[r + i, k] x[t + j, k] for i < MICRO_ROWS, j < MICRO_TOKENS: the 16 sums of 4 weight
+    rows of the tile (u, scales, mins; cols a multiple of MICRO_STEP, mins a multiple of 16 wide) and 4
+    quantized tokens (xq, xd, sums, as quantize_activation_rows makes them), kept in vector registers over the
+    whole row; each weight load feeds 4 tokens and each activation load 4 rows."""
+    if not (_is_byte_array(u) and _is_byte_array(xq) and isinstance(out, types.Array)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        arrays = {
+            name: (ty, context.make_array(ty)(context, builder, value))
+            for name, ty, value in zip(
+                ("u", "scales", "mins", "r", "xq", "xd", "sums", "t", "out"),
+                signature.args,
+                args,
+                strict=True,
+            )
+            if isinstance(ty, types.Array)
+        }
+        r_, t_ = args[3], args[7]
+        i64 = r_.type
+
+        def constant(k: int) -> ir.Value:
+            return ir.Constant(i64, k)
+
+        def load(name: str, row: ir.Value, column: ir.Value, value_type: ir.Type, align: int) -> ir.Value:
+            ty, array = arrays[name]
+            element = cgutils.get_item_pointer(context, builder, ty, array, [row, column])
+            return builder.load(builder.bitcast(element, value_type.as_pointer()), align=align)
+
+        def spread(values: ir.Value, lanes: int) -> ir.Value:
+            """Each of the n values of a vector to 16 / n consecutive lanes."""
+            n = values.type.count
+            indices = [lane // (16 // n) for lane in range(16)]
+            return builder.shuffle_vector(values, values, ir.Constant(ir.VectorType(I32, 16), indices))
+
+        cols = cgutils.unpack_tuple(builder, arrays["u"][1].shape, 2)[1]
+        steps = builder.udiv(cols, constant(MICRO_STEP))
+        accumulators = [
+            [cgutils.alloca_once_value(builder, ir.Constant(V16F32, None)) for _ in range(MICRO_TOKENS)]
+            for _ in range(MICRO_ROWS)
+        ]
+        with cgutils.for_range(builder, steps) as loop:
+            k = loop.index
+            weights, row_scales = [], []
+            for i in range(MICRO_ROWS):
+                row = builder.add(r_, constant(i))
+                weights.append(load("u", row, builder.mul(k, constant(64)), V64I8, 1))
+                four = ir.VectorType(F32, 4)
+                row_scales.append(spread(load("scales", row, builder.mul(k, constant(4)), four, 4), 16))
+            xs, x_scales = [], []
+            for j in range(MICRO_TOKENS):
+                token = builder.add(t_, constant(j))
+                xs.append(load("xq", token, builder.mul(k, constant(64)), V64I8, 1))
+                two = ir.VectorType(F32, 2)
+                x_scales.append(spread(load("xd", token, builder.mul(k, constant(2)), two, 4), 16))
+            for i in range(MICRO_ROWS):
+                for j in range(MICRO_TOKENS):
+                    scale = builder.fmul(row_scales[i], x_scales[j])
+                    lanes = builder.sitofp(_dot_u8_s8_64(builder, weights[i], xs[j]), V16F32)
+                    acc = _call(
+                        builder, "llvm.fma.v16f32", V16F32, lanes, scale, builder.load(accumulators[i][j])
+                    )
+                    builder.store(acc, accumulators[i][j])
+        min_groups = cgutils.unpack_tuple(builder, arrays["mins"][1].shape, 2)[1]
+        with cgutils.for_range(builder, builder.udiv(min_groups, constant(16))) as loop:
+            k = builder.mul(loop.index, constant(16))
+            row_mins = [load("mins", builder.add(r_, constant(i)), k, V16F32, 4) for i in range(MICRO_ROWS)]
+            x_sums = [load("sums", builder.add(t_, constant(j)), k, V16F32, 4) for j in range(MICRO_TOKENS)]
+            for i in range(MICRO_ROWS):
+                for j in range(MICRO_TOKENS):
+                    acc = builder.load(accumulators[i][j])
+                    builder.store(
+                        _call(builder, "llvm.fma.v16f32", V16F32, row_mins[i], x_sums[j], acc),
+                        accumulators[i][j],
+                    )
+        reduce_type = ir.FunctionType(F32, [F32, V16F32])
+        reduce = cgutils.get_or_insert_function(builder.module, reduce_type, "llvm.vector.reduce.fadd.v16f32")
+        for i in range(MICRO_ROWS):
+            for j in range(MICRO_TOKENS):
+                total = builder.call(
+                    reduce, [ir.Constant(F32, 0.0), builder.load(accumulators[i][j])], fastmath=("reassoc",)
+                )
+                ty, array = arrays["out"]
+                builder.store(
+                    total, cgutils.get_item_pointer(context, builder, ty, array, [constant(j), constant(i)])
+                )
+        return context.get_dummy_value()
+
+    return types.none(u, scales, mins, r, xq, xd, sums, t, out), codegen
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Activations
 
 
-@numba.njit(cache=True, fastmath=True)
-def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """x f32[cols] (cols a multiple of 32) -> (q int8[cols], d f32[cols // 32]) with x ~ d q per 32-block."""
-    n_blocks = x.shape[0] // QK8
-    q = np.empty(x.shape[0], np.int8)
-    d = np.empty(n_blocks, np.float32)
-    for b in range(n_blocks):
+@numba.njit(inline="always")
+def _quantize_into(x: np.ndarray, q: np.ndarray, d: np.ndarray) -> None:
+    for b in range(d.shape[0]):
         amax = np.float32(0)
         for k in range(QK8):
             amax = max(amax, abs(x[QK8 * b + k]))
@@ -452,4 +577,57 @@ def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         for k in range(QK8):
             q[QK8 * b + k] = np.int8(np.int32(np.rint(x[QK8 * b + k] * inverse)))
         d[b] = scale
+
+
+@numba.njit(cache=True, fastmath=True)
+def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x f32[cols] (cols a multiple of 32) -> (q int8[cols], d f32[cols // 32]) with x ~ d q per 32-block."""
+    q = np.empty(x.shape[0], np.int8)
+    d = np.empty(x.shape[0] // QK8, np.float32)
+    _quantize_into(x, q, d)
     return q, d
+
+
+@numba.njit(cache=True, fastmath=True)
+def quantize_activation_rows(
+    x: np.ndarray, rows_multiple: int, cols_multiple: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x f32[n, cols] -> (q int8[m, c], d f32[m, c // 32], sums f32[m, s]): each row quantized as
+    quantize_activations does, sums[i, g] = d q summed over x[i, 16 g:16 g + 16]; zeros from n up to m and
+    from cols up to c (the next multiples of rows_ / cols_multiple), and up to s, the next multiple of 16."""
+    n, cols = x.shape
+    m = (n + rows_multiple - 1) // rows_multiple * rows_multiple
+    c = (cols + cols_multiple - 1) // cols_multiple * cols_multiple
+    q = np.zeros((m, c), np.int8)
+    d = np.zeros((m, c // QK8), np.float32)
+    sums = np.zeros((m, padded_groups(c)), np.float32)
+    for i in range(n):
+        _quantize_into(x[i], q[i, :cols], d[i, : cols // QK8])
+        for g in range(cols // 16):
+            total = np.int32(0)
+            for k in range(16):
+                total += np.int32(q[i, 16 * g + k])
+            sums[i, g] = d[i, g // 2] * np.float32(total)
+    return q, d, sums
+
+
+@numba.njit(inline="always")
+def padded_groups(cols: int) -> int:
+    """How many per-16 mins (and activation sums) a row of `cols` weights keeps: a multiple of 16."""
+    return (cols // 16 + 15) // 16 * 16
+
+
+@numba.njit(cache=True, fastmath=True)
+def quantized_block_sums(q: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """(q int8[cols], d f32[cols // 32]) -> f32[cols // 32]: the sums of the quantized activations per block,
+    d sum(q), which the `+ m` / `- dmin m` terms multiply. As ggml does (Q8_1's s, Q8_K's bsums): the whole
+    weight d q + m then meets the same rounded x, so the rounding errors meet centred weights; the f32 sums
+    of x would leave them meeting d q >= 0 alone, which doubled the KL from exact logits
+    (tests/test_fidelity.py)."""
+    sums = np.empty(d.shape[0], np.float32)
+    for b in range(d.shape[0]):
+        total = np.int32(0)
+        for k in range(QK8):
+            total += np.int32(q[QK8 * b + k])
+        sums[b] = d[b] * np.float32(total)
+    return sums

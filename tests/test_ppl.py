@@ -248,6 +248,7 @@ def test_kld_of_a_model_with_itself_is_zero(tiny, text_ids):
 def test_kld_matches_numpy_on_reference_logits(tiny, tiny_q8, text_ids, protocol, stride):
     _, params, _, model = tiny
     _, q8_params, q8_model = tiny_q8
+    q8_model = GPT2Model(q8_model.w, q8_model.config, exact=True)  # f32 products, as the reference's
     settings_ = PplSettings.resolve(protocol, 64, 32, stride)
     klds, same, delta_p = [], [], []
     for w in plan_windows(len(text_ids), settings_):
@@ -453,6 +454,29 @@ def test_cli_json(capsys, tiny, tiny_q8, text_file, text_ids):
     assert (got["protocol"], got["ctx"], got["tokens"], got["windows"]) == ("llama", 32, 45, 3)
     assert got["ppl"] == pytest.approx(want.ppl, rel=1e-9)
     assert got["kl_divergence"]["mean_kld"] > 0 and 0 < got["kl_divergence"]["same_top"] <= 1
+    assert got["compute"] == "f32 (int8 only for batches of 64-255 tokens)"  # the windows are 31 tokens
+
+
+def test_batches_of_64_to_255_tokens_use_int8_activations(tiny_q8):
+    model = tiny_q8[2]
+    assert model.batch_compute(100) == "int8 activations on quantized weights (llama.cpp-style)"
+    f32 = "f32 (int8 only for batches of 64-255 tokens)"
+    assert model.batch_compute(63) == model.batch_compute(256) == f32
+
+
+@pytest.mark.parametrize(
+    ("model", "flags", "compute"),
+    [
+        ("tiny_q8", [], "f32 (int8 only for batches of 64-255 tokens)"),
+        ("tiny_q8", ["--exact"], "f32 (exact)"),
+        ("tiny", [], "f32 (float weights)"),
+    ],
+)
+def test_cli_says_which_compute_it_used(capsys, request, text_file, model, flags, compute):
+    path = request.getfixturevalue(model)[0]
+    code, out, err = run_ppl(capsys, str(text_file), "-m", str(path), "--ctx", "32", *flags)
+    assert code == 0, err
+    assert f"compute       {compute}" in out
 
 
 @pytest.mark.parametrize(
