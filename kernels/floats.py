@@ -1,6 +1,8 @@
 """Kernels for the unquantized types: F32, F16, BF16 (one weight per 4 or 2 bytes, no blocks).
 
-F32 is numpy on a float32 view of the bytes: BLAS beats anything numba would do there. F16 and BF16 are
+F32's matmul is numpy (BLAS) on a float32 view of the bytes; its matvec is a numba loop as fast as BLAS's,
+on the kernels' OpenMP threads: BLAS threads spinning beside them in a decode step fight them over the cores
+(22.8 instead of ~100 tokens/s on 2 cores). F16 and BF16 are
 converted to f32 with exact integer arithmetic (numba has no float16), which agrees bit for bit with
 gguf-py's `astype` for dequantization and quantization.
 """
@@ -43,8 +45,22 @@ def dequantize_f32(blocks: np.ndarray, out: np.ndarray) -> None:
     np.copyto(out, blocks.view(np.float32))
 
 
+@numba.njit(cache=True, fastmath=True)
+def _matvec_rows_f32(weights: np.ndarray, x: np.ndarray, y: np.ndarray, r0: int, r1: int) -> None:
+    for r in range(r0, r1):
+        row = weights[r]
+        total = np.float32(0)
+        for k in range(weights.shape[1]):
+            total += row[k] * x[k]
+        y[r] = total
+
+
+@numba.njit(cache=True, parallel=True)
 def matvec_f32(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
-    np.matmul(blocks.view(np.float32), x, out=y)
+    weights = blocks.view(np.float32)
+    rows = weights.shape[0]
+    for tile in prange(n_tiles(rows, ROW_TILE)):
+        _matvec_rows_f32(weights, x, y, tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE))
 
 
 def matmul_f32(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
