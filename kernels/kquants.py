@@ -36,6 +36,7 @@ from kernels.simd import (
     accumulate_q4_k,
     accumulate_q5_k,
     accumulate_q6_k,
+    prefetch_ahead,
     quantize_activations,
     quantized_sums,
     sum_f32x8,
@@ -571,6 +572,7 @@ def _matvec_rows_q2_k_int8(
 ) -> None:
     n_blocks = blocks.shape[1] // Q2_K_BYTES
     for r in range(r0, r1):
+        prefetch_ahead(blocks, r)
         row = blocks[r]
         acc = zeros_f32x8()
         for b in range(n_blocks):
@@ -594,6 +596,7 @@ def _matvec_rows_q3_k_int8(
 ) -> None:
     n_blocks = blocks.shape[1] // Q3_K_BYTES
     for r in range(r0, r1):
+        prefetch_ahead(blocks, r)
         row = blocks[r]
         acc = zeros_f32x8()
         for b in range(n_blocks):
@@ -616,6 +619,7 @@ def _matvec_rows_q4_k_int8(
 ) -> None:
     n_blocks = blocks.shape[1] // Q4_K_BYTES
     for r in range(r0, r1):
+        prefetch_ahead(blocks, r)
         row = blocks[r]
         acc = zeros_f32x8()
         for b in range(n_blocks):
@@ -639,6 +643,7 @@ def _matvec_rows_q5_k_int8(
 ) -> None:
     n_blocks = blocks.shape[1] // Q5_K_BYTES
     for r in range(r0, r1):
+        prefetch_ahead(blocks, r)
         row = blocks[r]
         acc = zeros_f32x8()
         for b in range(n_blocks):
@@ -662,6 +667,7 @@ def _matvec_rows_q6_k_int8(
 ) -> None:
     n_blocks = blocks.shape[1] // Q6_K_BYTES
     for r in range(r0, r1):
+        prefetch_ahead(blocks, r)
         row = blocks[r]
         acc = zeros_f32x8()
         for b in range(n_blocks):

@@ -32,6 +32,7 @@ from kernels.simd import (
     accumulate_q5_0,
     accumulate_q5_1,
     load_f16,
+    prefetch_ahead,
     quantize_activations,
     sum_f32x8,
     zeros_f32x8,
@@ -336,6 +337,7 @@ def _matvec_rows_q4_0_int8(
 ) -> None:
     n_blocks = blocks.shape[1] // 18
     for r in range(r0, r1):
+        prefetch_ahead(blocks, r)
         row = blocks[r]
         acc = zeros_f32x8()
         for b in range(n_blocks):
@@ -430,6 +432,7 @@ def _matvec_rows_q4_1_int8(
 ) -> None:
     n_blocks = blocks.shape[1] // 20
     for r in range(r0, r1):
+        prefetch_ahead(blocks, r)
         row = blocks[r]
         acc = zeros_f32x8()
         mins = np.float32(0)
@@ -528,6 +531,7 @@ def _matvec_rows_q5_0_int8(
 ) -> None:
     n_blocks = blocks.shape[1] // 22
     for r in range(r0, r1):
+        prefetch_ahead(blocks, r)
         row = blocks[r]
         acc = zeros_f32x8()
         for b in range(n_blocks):
@@ -622,6 +626,7 @@ def _matvec_rows_q5_1_int8(
 ) -> None:
     n_blocks = blocks.shape[1] // 24
     for r in range(r0, r1):
+        prefetch_ahead(blocks, r)
         row = blocks[r]
         acc = zeros_f32x8()
         mins = np.float32(0)
@@ -720,6 +725,7 @@ def _matvec_rows_q8_0_int8(
 ) -> None:
     n_blocks = blocks.shape[1] // 34
     for r in range(r0, r1):
+        prefetch_ahead(blocks, r)
         row = blocks[r]
         acc = zeros_f32x8()
         for b in range(n_blocks):

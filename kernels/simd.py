@@ -58,6 +58,7 @@ def _int8_dot_kind(features: set[str]) -> str | None:
 
 
 INT8_DOT = _int8_dot_kind(_target_features())
+HAS_F16C = "f16c" in _target_features()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -172,6 +173,20 @@ def sum_f32x8(typingctx, acc):
 # bounds-checked. Each accumulate_* adds scale * sum_k w_k x_k over one block of weights w and int8
 # activations x to an f32x8 accumulator: 32 weights with a scale passed in for the legacy types, a whole
 # 256-weight block with its scales read in the intrinsic for the K-quants.
+
+
+@intrinsic
+def half_to_f32(typingctx, bits):
+    """The f32 value of the f16 whose bits are `bits` (uint16), exact; in a loop LLVM vectorizes it into
+    vcvtph2ps, 1.7x faster than the integer conversion for F16 matvec. Use it where HAS_F16C only (elsewhere
+    LLVM calls a runtime function numba may not link)."""
+    if bits != types.uint16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), F32)
+
+    return types.float32(bits), codegen
 
 
 @intrinsic
@@ -525,6 +540,43 @@ accumulate_q6_k = _k16_block_intrinsic(
     chunk_weights=_q6_k_weights,
     signed=True,
 )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Prefetching: a matvec streams its weights once, row after row; asking for the bytes a few KiB ahead keeps
+# more loads in flight than the hardware prefetcher does here (one core: Q8_0 5.9 -> 9.4 GB/s, Q4_K 5.2 ->
+# 7.5, F16 6.9 -> 10.0 on a 50257-row matrix).
+
+PREFETCH_BYTES = 4096
+CACHE_LINE = 64
+
+
+@intrinsic
+def _prefetch(typingctx, array, byte_offset):
+    """Prefetch the cache line at array.data + byte_offset into all cache levels; an address past the
+    array is harmless (prefetches never fault)."""
+    if not (isinstance(array, types.Array) and array.layout == "C"):
+        return None
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        address = builder.gep(builder.bitcast(data, I8.as_pointer()), [args[1]])
+        read, locality, data_cache = ir.Constant(I32, 0), ir.Constant(I32, 3), ir.Constant(I32, 1)
+        function_type = ir.FunctionType(ir.VoidType(), [I8.as_pointer(), I32, I32, I32])
+        prefetch = cgutils.get_or_insert_function(builder.module, function_type, "llvm.prefetch.p0i8")
+        builder.call(prefetch, [address, read, locality, data_cache])
+        return context.get_dummy_value()
+
+    return types.void(array, byte_offset), codegen
+
+
+@numba.njit(inline="always")
+def prefetch_ahead(rows: np.ndarray, r: int) -> None:
+    """Prefetch the bytes PREFETCH_BYTES past row r of a C-contiguous 2-D array, one row's worth."""
+    row_bytes = rows.shape[1] * rows.itemsize
+    start = r * row_bytes + PREFETCH_BYTES
+    for line in range(0, row_bytes, CACHE_LINE):
+        _prefetch(rows, start + line)
 
 
 # ---------------------------------------------------------------------------------------------------------
