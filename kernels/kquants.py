@@ -8,12 +8,12 @@ Loop shape, everywhere: one loop over the 16 or 32 elements of a slice handles a
 share its bytes, so every bit shift is a constant and the eight sub-block scales are loop invariants; bit
 fields are computed in int32 (numba widens integer arithmetic to int64, which halves the vector lanes).
 
-matvec, where the CPU allows (kernels.simd.INT8_DOT), quantizes x to int8 per 32 values (one Q4_K/Q5_K sub-
-block, two Q6_K ones) and takes one integer dot product per 32 weights (vpdpbusd / pmaddubsw) with the block's
-scales unpacked in vector registers: ~3x the f32 kernels, at ~5e-3 relative error from the activation
-rounding. The `- dmin * m` terms multiply the sums of the quantized activations per sub-block, as ggml's do.
-Elsewhere, and for Q2_K and Q3_K, matvec keeps x in f32 and decodes the weights in registers, summing `scale *
-q * x` over the eight sub-blocks of a (half) block with one horizontal sum.
+matvec, where the CPU allows (kernels.simd.INT8_DOT), quantizes x to int8 per 32 values (one Q4_K/Q5_K
+sub-block, two Q2_K/Q3_K/Q6_K ones) and takes one integer dot product per 32 weights (vpdpbusd / pmaddubsw)
+with the block's scales unpacked in vector registers: ~3x the f32 kernels, at ~5e-3 relative error from the
+activation rounding. The `- dmin * m` terms multiply the sums of the quantized activations per sub-block, as
+ggml's do. Elsewhere (and as `matvec_f32`, for exact decoding) matvec keeps x in f32 and decodes the weights
+in registers, summing `scale * q * x` over the eight sub-blocks of a (half) block with one horizontal sum.
 
 matmul dequantizes a tile of rows once into a thread-local f32 buffer and multiplies it with all the tokens
 by a register-blocked 4 tokens x 4 rows kernel.
@@ -30,11 +30,14 @@ from kernels.common import read_f16
 from kernels.kquants_quantize import quantize_q2_k, quantize_q3_k, quantize_q4_k, quantize_q5_k, quantize_q6_k
 from kernels.simd import (
     INT8_DOT,
+    accumulate_q2_k,
+    accumulate_q3_k,
     accumulate_q4_k,
     accumulate_q5_k,
     accumulate_q6_k,
+    prefetch_ahead,
     quantize_activations,
-    quantized_block_sums,
+    quantized_sums,
     sum_f32x8,
     zeros_f32x8,
 )
@@ -556,10 +559,57 @@ def matvec_q6_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
 
 
 # --- matvec with int8 activations (kernels.simd): x quantized per 32 values, which is one Q4_K sub-block and
-# two Q6_K sub-blocks, so every integer dot product needs one activation scale. Rows are handed out in tiles;
-# LLVM keeps the intrinsics' vector code tighter in a plain njit function than in a parfor body.
+# two Q2_K/Q3_K/Q6_K sub-blocks, so every integer dot product needs one activation scale. Rows are handed out
+# in tiles; LLVM keeps the intrinsics' vector code tighter in a plain njit function than in a parfor body.
 
 MATVEC_ROW_TILE = 32
+
+
+@numba.njit(cache=True, fastmath=True)
+def _matvec_rows_q2_k_int8(
+    blocks: np.ndarray, xq: np.ndarray, xd: np.ndarray, x_sums: np.ndarray, y: np.ndarray, r0: int, r1: int
+) -> None:
+    n_blocks = blocks.shape[1] // Q2_K_BYTES
+    for r in range(r0, r1):
+        prefetch_ahead(blocks, r)
+        row = blocks[r]
+        acc = zeros_f32x8()
+        for b in range(n_blocks):
+            acc = accumulate_q2_k(acc, row, b * Q2_K_BYTES, xq, xd, x_sums, b)
+        y[r] = sum_f32x8(acc)
+
+
+@numba.njit(cache=True, parallel=True)
+def matvec_q2_k_int8(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
+    xq, xd = quantize_activations(x)
+    x_sums = quantized_sums(xq, xd, 16)
+    rows = blocks.shape[0]
+    for t in numba.prange((rows + MATVEC_ROW_TILE - 1) // MATVEC_ROW_TILE):
+        r0 = t * MATVEC_ROW_TILE
+        _matvec_rows_q2_k_int8(blocks, xq, xd, x_sums, y, r0, min(rows, r0 + MATVEC_ROW_TILE))
+
+
+@numba.njit(cache=True, fastmath=True)
+def _matvec_rows_q3_k_int8(
+    blocks: np.ndarray, xq: np.ndarray, xd: np.ndarray, y: np.ndarray, r0: int, r1: int
+) -> None:
+    n_blocks = blocks.shape[1] // Q3_K_BYTES
+    for r in range(r0, r1):
+        prefetch_ahead(blocks, r)
+        row = blocks[r]
+        acc = zeros_f32x8()
+        for b in range(n_blocks):
+            acc = accumulate_q3_k(acc, row, b * Q3_K_BYTES, xq, xd, b)
+        y[r] = sum_f32x8(acc)
+
+
+@numba.njit(cache=True, parallel=True)
+def matvec_q3_k_int8(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
+    xq, xd = quantize_activations(x)
+    rows = blocks.shape[0]
+    for t in numba.prange((rows + MATVEC_ROW_TILE - 1) // MATVEC_ROW_TILE):
+        r0 = t * MATVEC_ROW_TILE
+        _matvec_rows_q3_k_int8(blocks, xq, xd, y, r0, min(rows, r0 + MATVEC_ROW_TILE))
 
 
 @numba.njit(cache=True, fastmath=True)
@@ -568,6 +618,7 @@ def _matvec_rows_q4_k_int8(
 ) -> None:
     n_blocks = blocks.shape[1] // Q4_K_BYTES
     for r in range(r0, r1):
+        prefetch_ahead(blocks, r)
         row = blocks[r]
         acc = zeros_f32x8()
         for b in range(n_blocks):
@@ -578,7 +629,7 @@ def _matvec_rows_q4_k_int8(
 @numba.njit(cache=True, parallel=True)
 def matvec_q4_k_int8(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     xq, xd = quantize_activations(x)
-    x_sums = quantized_block_sums(xq, xd)
+    x_sums = quantized_sums(xq, xd, 32)
     rows = blocks.shape[0]
     for t in numba.prange((rows + MATVEC_ROW_TILE - 1) // MATVEC_ROW_TILE):
         r0 = t * MATVEC_ROW_TILE
@@ -591,6 +642,7 @@ def _matvec_rows_q5_k_int8(
 ) -> None:
     n_blocks = blocks.shape[1] // Q5_K_BYTES
     for r in range(r0, r1):
+        prefetch_ahead(blocks, r)
         row = blocks[r]
         acc = zeros_f32x8()
         for b in range(n_blocks):
@@ -601,7 +653,7 @@ def _matvec_rows_q5_k_int8(
 @numba.njit(cache=True, parallel=True)
 def matvec_q5_k_int8(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     xq, xd = quantize_activations(x)
-    x_sums = quantized_block_sums(xq, xd)
+    x_sums = quantized_sums(xq, xd, 32)
     rows = blocks.shape[0]
     for t in numba.prange((rows + MATVEC_ROW_TILE - 1) // MATVEC_ROW_TILE):
         r0 = t * MATVEC_ROW_TILE
@@ -614,6 +666,7 @@ def _matvec_rows_q6_k_int8(
 ) -> None:
     n_blocks = blocks.shape[1] // Q6_K_BYTES
     for r in range(r0, r1):
+        prefetch_ahead(blocks, r)
         row = blocks[r]
         acc = zeros_f32x8()
         for b in range(n_blocks):
@@ -734,8 +787,26 @@ def matmul_q6_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         _multiply_tile(w, x, y, r0)
 
 
-register(BlockKernels(GGMLQuantizationType.Q2_K, dequantize_q2_k, matvec_q2_k, matmul_q2_k, quantize_q2_k))
-register(BlockKernels(GGMLQuantizationType.Q3_K, dequantize_q3_k, matvec_q3_k, matmul_q3_k, quantize_q3_k))
+register(
+    BlockKernels(
+        GGMLQuantizationType.Q2_K,
+        dequantize_q2_k,
+        matvec_q2_k_int8 if INT8_DOT else matvec_q2_k,
+        matmul_q2_k,
+        quantize_q2_k,
+        matvec_f32=matvec_q2_k if INT8_DOT else None,
+    )
+)
+register(
+    BlockKernels(
+        GGMLQuantizationType.Q3_K,
+        dequantize_q3_k,
+        matvec_q3_k_int8 if INT8_DOT else matvec_q3_k,
+        matmul_q3_k,
+        quantize_q3_k,
+        matvec_f32=matvec_q3_k if INT8_DOT else None,
+    )
+)
 register(
     BlockKernels(
         GGMLQuantizationType.Q4_K,

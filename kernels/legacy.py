@@ -32,8 +32,9 @@ from kernels.simd import (
     accumulate_q5_0,
     accumulate_q5_1,
     load_f16,
+    prefetch_ahead,
     quantize_activations,
-    quantized_block_sums,
+    quantized_sums,
     sum_f32x8,
     zeros_f32x8,
 )
@@ -337,6 +338,7 @@ def _matvec_rows_q4_0_int8(
 ) -> None:
     n_blocks = blocks.shape[1] // 18
     for r in range(r0, r1):
+        prefetch_ahead(blocks, r)
         row = blocks[r]
         acc = zeros_f32x8()
         for b in range(n_blocks):
@@ -431,6 +433,7 @@ def _matvec_rows_q4_1_int8(
 ) -> None:
     n_blocks = blocks.shape[1] // 20
     for r in range(r0, r1):
+        prefetch_ahead(blocks, r)
         row = blocks[r]
         acc = zeros_f32x8()
         mins = np.float32(0)
@@ -445,7 +448,7 @@ def matvec_q4_1_int8(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     """matvec_q4_1 with x quantized to int8 per 32 and integer dot products (kernels.simd); the `+ m` terms
     multiply the sums of the quantized blocks of x."""
     xq, xd = quantize_activations(x)
-    x_sums = quantized_block_sums(xq, xd)
+    x_sums = quantized_sums(xq, xd, 32)
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, ROW_TILE)):
         _matvec_rows_q4_1_int8(blocks, xq, xd, x_sums, y, tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE))
@@ -529,6 +532,7 @@ def _matvec_rows_q5_0_int8(
 ) -> None:
     n_blocks = blocks.shape[1] // 22
     for r in range(r0, r1):
+        prefetch_ahead(blocks, r)
         row = blocks[r]
         acc = zeros_f32x8()
         for b in range(n_blocks):
@@ -623,6 +627,7 @@ def _matvec_rows_q5_1_int8(
 ) -> None:
     n_blocks = blocks.shape[1] // 24
     for r in range(r0, r1):
+        prefetch_ahead(blocks, r)
         row = blocks[r]
         acc = zeros_f32x8()
         mins = np.float32(0)
@@ -637,7 +642,7 @@ def matvec_q5_1_int8(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     """matvec_q5_1 with x quantized to int8 per 32 and integer dot products (kernels.simd); the `+ m` terms
     multiply the sums of the quantized blocks of x."""
     xq, xd = quantize_activations(x)
-    x_sums = quantized_block_sums(xq, xd)
+    x_sums = quantized_sums(xq, xd, 32)
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, ROW_TILE)):
         _matvec_rows_q5_1_int8(blocks, xq, xd, x_sums, y, tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE))
@@ -721,6 +726,7 @@ def _matvec_rows_q8_0_int8(
 ) -> None:
     n_blocks = blocks.shape[1] // 34
     for r in range(r0, r1):
+        prefetch_ahead(blocks, r)
         row = blocks[r]
         acc = zeros_f32x8()
         for b in range(n_blocks):

@@ -8,10 +8,10 @@ Tolerance of matvec/matmul: |y - y_exact| <= 1e-4 * sum_k (|w_k| + |min_k|) |x_k
 is the f64 product of gguf-py's dequantized weights and min_k the `dmin * m` part of w_k (summation order
 differs from a plain dot product, and the `- dmin * m` terms are applied through per-sub-block sums of x).
 
-Where the CPU has integer dot products, the registered Q4_K, Q5_K and Q6_K matvec quantize x to int8 per 32
-values (scale d_b = max |x_b| / 127, rounding to nearest) and use it for the `d * sc * q` part of each
-weight, whose magnitude is at most |w_k| + |min_k|: the bound gains sum_k (|w_k| + |min_k|) d_b(k) / 2, the
-worst case of the activation rounding.
+Where the CPU has integer dot products, the registered matvec kernels quantize x to int8 per 32 values
+(scale d_b = max |x_b| / 127, rounding to nearest) and use it for the `d * sc * q` part of each weight, whose
+magnitude is at most |w_k| + |min_k| (and Q2_K for its `- dmin * m` part too): the bound gains
+sum_k (|w_k| + |min_k|) d_b(k) / 2, the worst case of the activation rounding.
 """
 
 from __future__ import annotations
@@ -42,10 +42,7 @@ QUANT_RANGES = {
 QTYPES = list(F16_OFFSETS)
 RTOL = 1e-4
 # the matvec kernels registered instead of matvec_<type> when kernels.simd has an instruction set
-INT8_MATVEC = {
-    q: getattr(kquants, f"matvec_{q.name.lower()}_int8")
-    for q in (GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K)
-}
+INT8_MATVEC = {q: getattr(kquants, f"matvec_{q.name.lower()}_int8") for q in QTYPES}
 
 
 def make_blocks(
@@ -221,3 +218,19 @@ def test_int8_matvec_within_activation_rounding(
     y = np.empty(rows, np.float32)
     INT8_MATVEC[qtype](blocks, x, y)
     assert np.all(np.abs(y - expected) <= tolerance + 1e-30)
+
+
+@pytest.mark.parametrize("qtype", list(INT8_MATVEC), ids=lambda q: q.name)
+def test_int8_matvec_exact_on_int8_activations(qtype: GGMLQuantizationType) -> None:
+    """x already integers with 127 in every 32-block: quantizing it loses nothing, so only the f32 tolerance
+    remains (a wrong bit field or scale would not hide in the activation rounding)."""
+    if simd.INT8_DOT is None:
+        pytest.skip("no int8 dot product instructions on this CPU")
+    blocks = make_blocks(qtype, 37, 3, seed=7, realistic=True)
+    x = np.random.default_rng(3).integers(-127, 128, 3 * 256).astype(np.float32)
+    x[::32] = 127
+    expected = gguf.quants.dequantize(blocks, qtype).astype(np.float64) @ x.astype(np.float64)
+    y = np.empty(37, np.float32)
+    INT8_MATVEC[qtype](blocks, x, y)
+    tolerance = RTOL * (weight_magnitudes(qtype, blocks) @ np.abs(x).astype(np.float64))
+    assert np.all(np.abs(y - expected) <= tolerance)
