@@ -208,8 +208,8 @@ class Tokenizer:
 
         The cut goes after a non-space followed by a space; failing that (a run without whitespace), at the
         start of a pre-token that does not follow whitespace or at a MAX_PIECE_CHARS chunk boundary inside
-        one, at least _CUT_MARGIN characters before the end and never inside the special token's text. So text streamed through this
-        is held for at most about MAX_PIECE_CHARS characters.
+        one, at least _CUT_MARGIN characters before the end and never inside the special token's text. So
+        text streamed through this is held for at most about MAX_PIECE_CHARS characters.
         """
         if m := _SAFE_CUT.search(text):
             return m.start() + 1
