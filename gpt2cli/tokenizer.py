@@ -36,6 +36,7 @@ _CUT_MARGIN = 16
 # A non-space followed by a space: no pre-tokenizer piece spans it, and none looks across it (the only
 # lookahead, `\s+(?!\S)`, ends inside whitespace), so text cut there tokenizes exactly as the whole text.
 _SAFE_CUT = regex.compile(r"(?r)\S\s")
+_WHITESPACE = regex.compile(r"\s")
 # Bounds the per-piece cache so a long-running process fed arbitrary text cannot grow it without limit;
 # natural text has far fewer distinct pieces (WikiText-2 test: 21k).
 MAX_CACHED_PIECES = 200_000
@@ -197,29 +198,35 @@ class Tokenizer:
         `encode(text[:n]) + encode(text[n:] + more) == encode(text + more)` for any `more`.
 
         The cut goes after a non-space followed by a space; failing that (a run without whitespace), at the
-        start of a pre-token or at a MAX_PIECE_CHARS chunk boundary inside one, at least _CUT_MARGIN
-        characters before the end and never inside the special token's text. So text streamed through this
-        is held for at most about MAX_PIECE_CHARS characters.
+        start of a pre-token that does not follow whitespace or at a MAX_PIECE_CHARS chunk boundary inside
+        one, at least _CUT_MARGIN characters before the end and never inside the special token's text. So
+        text streamed through this is held for at most about MAX_PIECE_CHARS characters.
         """
         if m := _SAFE_CUT.search(text):
             return m.start() + 1
         special = self.special_text
-        limit = len(text) - max(_CUT_MARGIN, len(special) + 1)
-        if limit <= 0:
+        last_cut = len(text) - max(_CUT_MARGIN, len(special) + 1)
+        if last_cut <= 0:
             return 0
-        # Pieces are matched within the text after the last special token that starts before the limit;
-        # the token's start (a segment boundary) is itself a cut.
-        special_start = text.rfind(special, 0, limit - 1 + len(special))
+        # The special token splits the text into segments before the pre-tokenizer runs. One starting past
+        # last_cut + 1 cannot move a piece boundary at or before last_cut (its only reach is one character
+        # back: the last character of a whitespace run before it); any starting earlier is complete here.
+        special_start = text.rfind(special, 0, last_cut + 1 + len(special))
         segment_start = 0 if special_start < 0 else special_start + len(special)
-        cut = max(special_start, 0) if segment_start > limit else segment_start
+        cut = segment_start  # the end of a special token is always a cut
         for m in PRETOKENIZE_PATTERN.finditer(text, segment_start):
             start, end = m.span()
-            if start > limit:
+            if start > last_cut:
                 break
             # Chunk boundaries at least 3 characters before the piece's end: the rest of the run is then
             # matched again as the same kind of piece, never as 's or 'll.
-            last_chunk = start + (min(limit, end - 3) - start) // MAX_PIECE_CHARS * MAX_PIECE_CHARS
-            cut = max(start, last_chunk)
+            last_chunk = start + (min(last_cut, end - 3) - start) // MAX_PIECE_CHARS * MAX_PIECE_CHARS
+            if last_chunk > start:
+                cut = last_chunk
+            elif not _WHITESPACE.match(text, start - 1):
+                # Not after whitespace: `\s+(?!\S)` would take a whole run ending at the cut, where the text
+                # goes on to give its last character to the next piece.
+                cut = start
         return cut
 
     def _bpe(self, piece: str) -> tuple[int, ...]:

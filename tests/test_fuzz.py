@@ -66,19 +66,27 @@ def bounded():
 
 
 def files_under(directory: Path) -> set[Path]:
-    return {p for p in directory.rglob("*") if p.is_file()}
+    return set(directory.rglob("*"))
 
 
-def our_temp_dirs() -> set[str]:
-    return {p.name for p in Path(tempfile.gettempdir()).glob("gpt2-quantize-*")}
+@contextlib.contextmanager
+def temp_dir_in(directory: Path):
+    """The process's temporary directory is `directory` within the block (so leftovers show there)."""
+    previous, tempfile.tempdir = tempfile.tempdir, str(directory)
+    try:
+        yield
+    finally:
+        tempfile.tempdir = previous
 
 
 def run_case(workdir: Path, args: list[str], output: Path | None = None) -> str | None:
     """Run `gpt2 ARGS` in `workdir`; None if it behaved, else what went wrong (with the arguments)."""
-    before, temps = files_under(workdir), our_temp_dirs()
     env = {"GPT2_HOME": str(workdir / "home"), "HF_HUB_OFFLINE": "1"}
+    (workdir / "home").mkdir(exist_ok=True)
+    (workdir / "tmp").mkdir(exist_ok=True)
+    before = files_under(workdir)
     try:
-        with bounded():
+        with bounded(), temp_dir_in(workdir / "tmp"):
             code, out, err = run_cli(args, env)
     # Any exception escaping the entry point is a finding, whatever its type.
     except BaseException as e:  # noqa: BLE001
@@ -93,8 +101,8 @@ def run_case(workdir: Path, args: list[str], output: Path | None = None) -> str 
     left = files_under(workdir) - before
     if code == 0 and output is not None:
         left.discard(output)
-    if left or our_temp_dirs() - temps:
-        problems.append(f"left behind: {sorted(map(str, left))} {sorted(our_temp_dirs() - temps)}")
+    if left:
+        problems.append(f"left behind: {sorted(map(str, left))}")
     return f"{'; '.join(problems)} for {args}" if problems else None
 
 
