@@ -22,7 +22,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, quants
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from kernels import KERNELS, BlockKernels  # noqa: E402
+from gpt2cli.kernels import KERNELS, BlockKernels  # noqa: E402
 
 # Wall time by default; --clock cpu takes the process's CPU time instead, which with --threads 1 measures the
 # kernels' own speed even while other processes share the cores (wall times then jump by scheduler ticks).

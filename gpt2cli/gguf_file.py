@@ -17,8 +17,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from gpt2cli.errors import Gpt2Error
 from gpt2cli.gguf_reader import TensorInfo, read_gguf
+from gpt2cli.kernels import KERNELS, BlockKernels, kernels_for
 from gpt2cli.tokenizer import Tokenizer
-from kernels import KERNELS, BlockKernels, kernels_for
 
 ARCH = "gpt2"
 U32_MAX = 2**32 - 1

@@ -18,7 +18,7 @@ from numba.typed import List as TypedList
 
 from gpt2cli.errors import Gpt2Error
 from gpt2cli.gguf_file import GPT2Config, GPT2Weights, LayerWeights, WeightMatrix
-from kernels import ops
+from gpt2cli.kernels import ops
 
 # Batches at least this long dequantize into scratch and use BLAS: the fused kernels win at 8 tokens, tie
 # near 64 and lose by 1.4x at 512 (benchmarks/bench_kernels.py --matmul).

@@ -27,10 +27,10 @@ from gpt2cli.errors import Gpt2Error
 from gpt2cli.gguf_file import ModelFile
 from gpt2cli.gguf_reader import TensorInfo
 from gpt2cli.gguf_write import TensorPlan, exit_on_signals, write_gpt2_gguf
+from gpt2cli.kernels import KERNELS
 from gpt2cli.model import GPT2Model
 from gpt2cli.ppl import KLDStats, ProgressCallback, compare_models, tokenize_file
 from gpt2cli.quant_types import FILE_TYPES, FileType, TensorChoice, is_quantizable, tensor_type
-from kernels import KERNELS
 
 T = GGMLQuantizationType
 FLOAT_INPUTS = (T.F32, T.F16, T.BF16)

@@ -14,8 +14,8 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from numba import prange
 
-from kernels import BlockKernels, register
-from kernels.common import (
+from . import BlockKernels, register
+from .common import (
     bf16_to_f32,
     f16_to_f32,
     f32_to_bf16,
@@ -23,7 +23,7 @@ from kernels.common import (
     n_tiles,
     tile_times_tokens,
 )
-from kernels.simd import HAS_F16C, half_to_f32, prefetch_ahead
+from .simd import HAS_F16C, half_to_f32, prefetch_ahead
 
 # Rows per parallel task; see kernels/legacy.py for the tiles and why each is a function of its own.
 ROW_TILE = 64

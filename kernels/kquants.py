@@ -25,10 +25,10 @@ import numba
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from kernels import BlockKernels, register
-from kernels.common import read_f16
-from kernels.kquants_quantize import quantize_q2_k, quantize_q3_k, quantize_q4_k, quantize_q5_k, quantize_q6_k
-from kernels.simd import (
+from . import BlockKernels, register
+from .common import read_f16
+from .kquants_quantize import quantize_q2_k, quantize_q3_k, quantize_q4_k, quantize_q5_k, quantize_q6_k
+from .simd import (
     INT8_DOT,
     accumulate_q2_k,
     accumulate_q3_k,

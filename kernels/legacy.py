@@ -22,9 +22,9 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from numba import prange
 
-from kernels import BlockKernels, register
-from kernels.common import f32_to_f16, n_tiles, read_f16, read_u32, tile_times_tokens, write_u16
-from kernels.simd import (
+from . import BlockKernels, register
+from .common import f32_to_f16, n_tiles, read_f16, read_u32, tile_times_tokens, write_u16
+from .simd import (
     INT8_DOT,
     accumulate_i8_32,
     accumulate_q4_0,

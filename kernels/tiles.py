@@ -25,8 +25,8 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from numba import prange
 
-from kernels.common import n_tiles, read_f16, read_u32
-from kernels.simd import (
+from .common import n_tiles, read_f16, read_u32
+from .simd import (
     INT8_DOT,
     MICRO_ROWS,
     MICRO_STEP,

@@ -15,8 +15,8 @@ from reference_gpt2 import gpt2_logits
 from synthetic import K_TYPES, LEGACY_TYPES, TINY_K, T, build_gguf
 
 from gpt2cli.gguf_file import ModelFile
+from gpt2cli.kernels import kernels_for, simd
 from gpt2cli.model import GPT2Model
-from kernels import kernels_for, simd
 
 CONFIG = replace(TINY_K, n_ctx=128, n_ff=1024)
 IDS = np.random.default_rng(1).integers(0, CONFIG.n_vocab, 96).tolist()

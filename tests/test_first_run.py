@@ -14,7 +14,7 @@ from pathlib import Path
 import numba
 import numpy as np
 
-import kernels
+from gpt2cli import kernels
 from gpt2cli.cli import on_first_compile
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,8 +43,8 @@ def test_an_unreachable_hub_fails_at_once_in_one_line(tmp_path: Path) -> None:
 
 
 def test_importing_leaves_the_environment_alone() -> None:
-    modules = "gpt2cli, gpt2cli.cli, gpt2cli.model, gpt2cli.ppl, gpt2cli.quantize, kernels.ops"
-    families = "; ".join(f"import kernels.{family}" for family in sorted(set(kernels.FAMILY_OF.values())))
+    modules = "gpt2cli, gpt2cli.cli, gpt2cli.model, gpt2cli.ppl, gpt2cli.quantize, gpt2cli.kernels.ops"
+    families = "; ".join(f"import gpt2cli.kernels.{name}" for name in sorted(set(kernels.FAMILY_OF.values())))
     done = run_python(
         f"import os; before = dict(os.environ); import {modules}; {families}; "
         "assert dict(os.environ) == before, set(os.environ.items()) ^ set(before.items())"
@@ -54,11 +54,11 @@ def test_importing_leaves_the_environment_alone() -> None:
 
 def test_a_file_imports_only_its_own_kernel_families() -> None:
     done = run_python(
-        "import sys; from gguf import GGMLQuantizationType as Q; import kernels; "
-        "assert not any(m in sys.modules for m in ('kernels.legacy', 'kernels.kquants', 'kernels.floats')); "
+        "import sys; from gguf import GGMLQuantizationType as Q; from gpt2cli import kernels; "
+        "assert not any(f'gpt2cli.kernels.{m}' in sys.modules for m in ('legacy', 'kquants', 'floats')); "
         "assert Q.Q8_0 in kernels.KERNELS and Q.IQ2_XS not in kernels.KERNELS; "
         "kernels.kernels_for(Q.Q8_0); "
-        "assert 'kernels.legacy' in sys.modules and 'kernels.kquants' not in sys.modules; "
+        "assert 'gpt2cli.kernels.legacy' in sys.modules and 'gpt2cli.kernels.kquants' not in sys.modules; "
         # numba's tables are filled without scipy's BLAS, which stays importable
         "assert 'scipy.linalg.cython_blas' not in sys.modules; "
         "import importlib.util; "
@@ -74,8 +74,8 @@ def test_every_family_registers_the_types_it_is_listed_for() -> None:
 
 
 def test_a_read_only_install_without_a_home_compiles_for_the_run(tmp_path: Path) -> None:
-    package = tmp_path / "site" / "kernels"
-    shutil.copytree(ROOT / "kernels", package, ignore=shutil.ignore_patterns("__pycache__"))
+    package = tmp_path / "site" / "gpt2cli" / "kernels"  # as a wheel installs it: the link made a folder
+    shutil.copytree(ROOT / "gpt2cli", package.parent, ignore=shutil.ignore_patterns("__pycache__"))
     # A file where __pycache__ and the user cache folders would go: no folder can be made there, even by root.
     (package / "__pycache__").write_text("")
     not_a_dir = tmp_path / "not-a-dir"
@@ -92,7 +92,8 @@ def test_a_read_only_install_without_a_home_compiles_for_the_run(tmp_path: Path)
         "TMPDIR": str(scratch),
     }
     code = (
-        f"import numpy as np; from kernels import ops; assert ops.__file__.startswith({str(package)!r}); "
+        "import numpy as np; from gpt2cli.kernels import ops; "
+        f"assert ops.__file__.startswith({str(package)!r}); "
         "x = np.ones((2, 8), np.float32); ops.layer_norm(x, x[0], x[0], 1e-5, x); print('ran')"
     )
     done = run_python(code, env)
@@ -127,7 +128,7 @@ def test_the_first_compile_is_announced_once_and_a_cache_hit_not_at_all() -> Non
 
 def test_a_warm_start_loads_cached_kernels_without_numba_tables_or_scipy() -> None:
     code = (
-        "import sys, numpy as np; from kernels import ops; x = np.ones((2, 8), np.float32); "
+        "import sys, numpy as np; from gpt2cli.kernels import ops; x = np.ones((2, 8), np.float32); "
         "ops.layer_norm(x, x[0], x[0], 1e-5, x); "
         "print('numba.np.arraymath' in sys.modules, 'scipy.linalg.cython_blas' in sys.modules)"
     )
@@ -135,3 +136,13 @@ def test_a_warm_start_loads_cached_kernels_without_numba_tables_or_scipy() -> No
     done = run_python(code)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False", "False"]
+
+
+def test_another_top_level_kernels_package_is_importable_beside_ours(tmp_path: Path) -> None:
+    # Hugging Face's `kernels` (which transformers probes for) owns that name; ours ships as gpt2cli.kernels.
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text("THEIRS = True\n")
+    code = "import kernels, gpt2cli.kernels as ours; assert kernels.THEIRS and ours.KERNELS; print('ok')"
+    done = run_python(code, {"PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"

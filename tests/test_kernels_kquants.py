@@ -23,7 +23,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels import kernels_for, kquants, kquants_quantize, simd
+from gpt2cli.kernels import kernels_for, kquants, kquants_quantize, simd
 
 # byte offsets of the f16 fields (d, dmin) inside each block, and of the quantized values (zeroed to isolate
 # the `- dmin * m` part of each weight)

@@ -18,7 +18,7 @@ from gguf import GGMLQuantizationType, quants
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels import kernels_for, legacy, simd
+from gpt2cli.kernels import kernels_for, legacy, simd
 
 Q = GGMLQuantizationType
 QUANTIZED = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0]

@@ -9,8 +9,8 @@ from synthetic import FLOAT_TYPES, K_TYPES, LEGACY_TYPES, TINY, TINY_K, T, build
 
 from gpt2cli import model as model_module
 from gpt2cli.gguf_file import ModelFile
+from gpt2cli.kernels import KERNELS
 from gpt2cli.model import GPT2Model
-from kernels import KERNELS
 
 IDS = [464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13, 50256, 40, 1101, 257, 3303, 2746]
 RTOL = 1e-4  # max |ours - reference| / max |reference|, over all logits

@@ -15,7 +15,7 @@ from gguf.quants import dequantize
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels import kquants_quantize as kq
+from gpt2cli.kernels import kquants_quantize as kq
 
 Q = GGMLQuantizationType
 QUANTIZERS = {

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from synthetic import FLOAT_TYPES, K_TYPES, LEGACY_TYPES
 
-from kernels import kernels_for, simd
+from gpt2cli.kernels import kernels_for, simd
 
 QUANTIZED = (*LEGACY_TYPES, *K_TYPES)
 
