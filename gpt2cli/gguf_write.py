@@ -49,7 +49,9 @@ def exit_on_signals() -> Iterator[None]:
     def handle(signum: int, _frame: object) -> None:
         raise SystemExit(128 + signum)
 
-    catchable = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    # A signal the process was started to ignore (SIGHUP under nohup) stays ignored.
+    present = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    catchable = [sig for sig in present if signal.getsignal(sig) is not signal.SIG_IGN]
     previous = {sig: signal.signal(sig, handle) for sig in catchable}
     try:
         yield

@@ -13,7 +13,9 @@ import numpy as np
 from numba import prange
 
 
-@numba.njit(cache=True, fastmath=True)
+# numpy's error model: a zero variance with eps 0 gives inf, which the logits check reports, not a
+# ZeroDivisionError from inside the kernel (prange bodies already use it).
+@numba.njit(cache=True, fastmath=True, error_model="numpy")
 def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float, out: np.ndarray) -> None:
     """out[n, e] = (x - mean) / sqrt(var + eps) * w + b, row by row. On one thread: a decode step's single
     row takes ~1 us, less than waking the other thread (2-3 us idle, up to a time slice on a busy machine)."""

@@ -522,7 +522,7 @@ def test_lone_carriage_returns_beside_crlf(tmp_path, tokenizer, monkeypatch, dat
 def test_json_report_has_no_bare_nan():
     # Was: a bare NaN in --json output, which is not JSON.
     nan = math.nan
-    result = PerplexityResult(PplSettings("hf", 16, 8), 1, 1, 2, nan, nan, nan, nan, 0, nan)
+    result = PerplexityResult(PplSettings("hf", 16, 8), 1, 1, 2, nan, nan, nan, nan, 0, nan, "f32 (exact)")
     report = result_dict(result)
     json.dumps(report, allow_nan=False)
     assert report["ppl"] is None and report["mean_nll"] is None and report["seconds"] is None

@@ -271,6 +271,9 @@ def test_interrupted_run_leaves_nothing(tmp_path, tiny_f32):
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
 def test_terminated_run_leaves_nothing(tmp_path, tiny_f32, signum):
     # Was: SIGTERM and SIGHUP left .OUT.xxxx.part files (issue 10).
+    before = signal.getsignal(signum)
+    if before is signal.SIG_IGN:
+        pytest.skip(f"{signum.name} is ignored in this process (nohup), as quantize then leaves it")
     ckpt = source_checkpoint(tiny_f32)
     written = []
 
@@ -283,9 +286,7 @@ def test_terminated_run_leaves_nothing(tmp_path, tiny_f32, signum):
         quantize_checkpoint(ckpt, file_type("Q8_0"), tmp_path / "q.gguf", on_tensor=terminate)
     assert exit_info.value.code == 128 + signum
     assert list(tmp_path.iterdir()) == []
-    assert (
-        signal.getsignal(signum) is signal.SIG_DFL or signal.getsignal(signum) == signal.default_int_handler
-    )
+    assert signal.getsignal(signum) == before
 
 
 def test_progress_follows_the_writes(tmp_path, tiny_f32):
