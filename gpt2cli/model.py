@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from numba.typed import List as TypedList
 
 from gpt2cli.errors import Gpt2Error
 from gpt2cli.gguf_file import GPT2Config, GPT2Weights, LayerWeights, WeightMatrix
@@ -137,13 +136,14 @@ class GPT2Model:
         lw: LayerWeights,
         caches: Sequence[KVCache],
         spans: list[tuple[int, int]],
-        decoding: tuple[TypedList, TypedList, np.ndarray] | None,
+        decoding: tuple[Sequence[np.ndarray], Sequence[np.ndarray], np.ndarray] | None,
     ) -> np.ndarray:
         """[n, e] -> [n, e]: causal self-attention, each sequence over its own cached positions and new ones.
 
         The rows of x are the sequences' new tokens back to back: caches[i]'s are x[r0 : r0 + m], (r0, m) =
         spans[i]. The products with the weights take all n rows at once. `decoding` (one token per
-        sequence): the caches' keys and values as typed lists and their lengths, for ops.decode_attention.
+        sequence): the caches' keys and values (typed lists, or one cache's arrays with a leading axis of
+        1) and their lengths, for ops.decode_attention.
         """
         c = self.config
         n = x.shape[0]
@@ -213,7 +213,12 @@ class GPT2Model:
         x = w.token_embd.dequantize_rows(np.concatenate(ids)) + w.position_embd[positions]  # [n, e]
         decoding = None
         if len(positions) == len(caches):  # built once per step: a typed list costs ~50 us
-            keys, values = TypedList(c.k for c in caches), TypedList(c.v for c in caches)
+            if len(caches) == 1:  # a view, not a typed list: building one compiles for ~1 s in every process
+                keys, values = caches[0].k[None], caches[0].v[None]
+            else:
+                from numba.typed import List as TypedList
+
+                keys, values = TypedList(c.k for c in caches), TypedList(c.v for c in caches)
             decoding = (keys, values, positions)
         for i, lw in enumerate(w.layers):
             x = x + self.attention(
