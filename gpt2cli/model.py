@@ -1,12 +1,12 @@
 """The GPT-2 forward pass on the CPU: prefill and decoding of one or more sequences, each with its KV cache.
 
-A single token multiplies straight from the stored blocks (`matvec`). A batch of INT8_MIN_TOKENS to
-INT8_MAX_TOKENS on quantized weights quantizes its activations to int8 as ggml does and takes integer dot
-products (`int8_matmul`, kernels.tiles). Other batches, float weights and exact mode compute in f32: short
-batches with the fused block kernels (`matmul`), long ones by dequantizing a tile of rows at a time into
-scratch for numpy's BLAS, whichever was measured faster for that batch size. Several sequences run as one
-batch: their tokens share each pass over the weights (decoding is memory-bound, so B sequences cost little
-more than one) and only attention is per sequence, against its own cache.
+A single token, and each token of a batch of up to MATVEC_MAX_TOKENS, multiplies straight from the stored
+blocks (`matvec`, int8 activations unless exact). A batch of INT8_MIN_TOKENS to INT8_MAX_TOKENS on quantized
+weights quantizes its activations to int8 as ggml does and takes integer dot products (`int8_matmul`,
+kernels.tiles). Other batches, float weights and exact mode compute in f32: short batches with the fused
+block kernels (`matmul`), long ones by dequantizing a tile of rows at a time into scratch for numpy's BLAS,
+whichever was measured faster for that batch size. Several sequences run as one batch, with attention per
+sequence against its own cache.
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ from gpt2cli.kernels import ops
 # Batches at least this long dequantize into scratch and use BLAS: the fused kernels win at 8 tokens, tie
 # near 64 and lose by 1.4x at 512 (benchmarks/bench_kernels.py --matmul).
 BLAS_MIN_TOKENS = 64
+# Up to this many tokens (a few sequences decoding together) take one int8 matvec each: a whole distilgpt2
+# step of 2 / 5 / 8 tokens took 0.3x / 0.8x / 1.1-1.3x the time of the fused f32 kernels (Q4_K_M, Q8_0).
+MATVEC_MAX_TOKENS = 6
 # Batches of INT8_MIN_TOKENS to INT8_MAX_TOKENS - 1 on quantized weights use int8 activations. Measured per
 # core (CPU time, a 3072 x 768 matrix) against the better f32 path: 0.75x at 8 tokens (the unpacking is scalar
 # code), 1.0x at 32, 1.05-1.2x at 64-128 and 0.75-0.8x at 512, where BLAS's f32 FMAs outrun the f32 scaling
@@ -111,9 +114,10 @@ class GPT2Model:
         n = x.shape[0]
         x = np.ascontiguousarray(x, dtype=np.float32)
         y = np.empty((n, w.rows), dtype=np.float32)
-        if n == 1:
+        if n == 1 or (n <= MATVEC_MAX_TOKENS and not self.exact):
             matvec = w.kernels.exact_matvec if self.exact else w.kernels.matvec
-            matvec(w.blocks, x[0], y[0])
+            for i in range(n):
+                matvec(w.blocks, x[i], y[i])
         elif self.int8_batches(n) and w.kernels.int8_matmul is not None:
             w.kernels.int8_matmul(w.blocks, x, y)
         elif n < BLAS_MIN_TOKENS:
