@@ -58,18 +58,11 @@ def worker_ours(path: str, prompt: int, gen: int, runs: int) -> dict:
 
 
 def plain_cpu_llama(path: str):
-    """llama.cpp without its extra buffer types: their AMX repacking dies of SIGILL on quantized files where a
-    VM shows AMX it does not grant (-march=native builds), as in tests/llama_oracle.py."""
+    """llama.cpp on its plain CPU path, as bench_ppl loads it."""
     import llama_cpp
+    from bench_ppl import plain_cpu_buffers
 
-    defaults = llama_cpp.llama_cpp.llama_model_default_params
-
-    def plain_cpu_params():
-        params = defaults()
-        params.use_extra_bufts = False
-        return params
-
-    llama_cpp.llama_cpp.llama_model_default_params = plain_cpu_params
+    plain_cpu_buffers(llama_cpp)
     return llama_cpp.Llama(
         model_path=path, n_ctx=1024, n_batch=512, n_threads=THREADS, n_threads_batch=THREADS, verbose=False
     )

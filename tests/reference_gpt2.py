@@ -37,10 +37,12 @@ def mha(x, w_qkv, b_qkv, w_out, b_out, n_head):  # [n, e] -> [n, e]
     return linear(np.hstack(out), w_out, b_out)
 
 
-def gpt2_logits(params: dict[str, np.ndarray], ids: list[int], n_head: int, eps: float = 1e-5) -> np.ndarray:
-    """Logits [n, vocab] for every position of `ids`, from tensors named as in GGUF."""
+def hidden_states(params: dict[str, np.ndarray], ids: list[int], n_head: int, eps: float = 1e-5) -> list:
+    """transformers' hidden_states, [n, e] each: the embeddings, each block's output, and the last block's
+    after the final LayerNorm in its place; from tensors named as in GGUF."""
     p = params
     x = p["token_embd.weight"][ids] + p["position_embd.weight"][: len(ids)]
+    states = [x]
     n_layer = 1 + max(int(k.split(".")[1]) for k in p if k.startswith("blk."))
     for i in range(n_layer):
         b = f"blk.{i}."
@@ -56,5 +58,12 @@ def gpt2_logits(params: dict[str, np.ndarray], ids: list[int], n_head: int, eps:
         h = layer_norm(x, p[b + "ffn_norm.weight"], p[b + "ffn_norm.bias"], eps)
         h = gelu(linear(h, p[b + "ffn_up.weight"], p[b + "ffn_up.bias"]))
         x = x + linear(h, p[b + "ffn_down.weight"], p[b + "ffn_down.bias"])
-    x = layer_norm(x, p["output_norm.weight"], p["output_norm.bias"], eps)
-    return linear(x, p.get("output.weight", p["token_embd.weight"]))
+        states.append(x)
+    states[-1] = layer_norm(x, p["output_norm.weight"], p["output_norm.bias"], eps)
+    return states
+
+
+def gpt2_logits(params: dict[str, np.ndarray], ids: list[int], n_head: int, eps: float = 1e-5) -> np.ndarray:
+    """Logits [n, vocab] for every position of `ids`, from tensors named as in GGUF."""
+    final = hidden_states(params, ids, n_head, eps)[-1]
+    return linear(final, params.get("output.weight", params["token_embd.weight"]))

@@ -13,7 +13,7 @@ import pytest
 from cli_helpers import run_cli
 from gguf import GGMLQuantizationType as T
 from hf_reference import transformers_gpt2
-from reference_gpt2 import gelu, layer_norm, linear, mha
+from reference_gpt2 import hidden_states, linear
 from synthetic import TINY, build_gguf
 
 from gpt2cli.embed import embed_texts
@@ -43,28 +43,7 @@ def tiny(tmp_path_factory) -> tuple[Path, dict[str, np.ndarray], ModelFile, GPT2
 
 
 def reference_states(params: dict[str, np.ndarray], ids: list[int]) -> list[np.ndarray]:
-    """transformers' hidden_states in f64, [len(ids), e] each: the embeddings, each block's output, and the
-    last block's after the final LayerNorm in its place."""
-    p, eps = params, TINY.layer_norm_eps
-    x = p["token_embd.weight"][ids] + p["position_embd.weight"][: len(ids)]
-    states = [x]
-    for i in range(TINY.n_layer):
-        b = f"blk.{i}."
-        h = layer_norm(x, p[b + "attn_norm.weight"], p[b + "attn_norm.bias"], eps)
-        x = x + mha(
-            h,
-            p[b + "attn_qkv.weight"],
-            p[b + "attn_qkv.bias"],
-            p[b + "attn_output.weight"],
-            p[b + "attn_output.bias"],
-            TINY.n_head,
-        )
-        h = layer_norm(x, p[b + "ffn_norm.weight"], p[b + "ffn_norm.bias"], eps)
-        h = gelu(linear(h, p[b + "ffn_up.weight"], p[b + "ffn_up.bias"]))
-        x = x + linear(h, p[b + "ffn_down.weight"], p[b + "ffn_down.bias"])
-        states.append(x)
-    states[-1] = layer_norm(x, p["output_norm.weight"], p["output_norm.bias"], eps)
-    return states
+    return hidden_states(params, ids, TINY.n_head, TINY.layer_norm_eps)
 
 
 def reference_log_probs(params: dict[str, np.ndarray], ids: list[int], bos: bool) -> np.ndarray:
