@@ -82,18 +82,9 @@ def on_first_compile(callback: Callable[[], None]) -> Iterator[None]:
     (or one after an upgrade): that run spends seconds compiling, and should say so."""
     from numba.core import event
 
-    class FirstCompile(event.Listener):
-        fired = False
+    from gpt2cli.kernels import OnFirstCompile
 
-        def on_start(self, _event: event.Event) -> None:
-            if not self.fired:
-                self.fired = True
-                callback()
-
-        def on_end(self, _event: event.Event) -> None:
-            pass
-
-    with event.install_listener("numba:compile", FirstCompile()):
+    with event.install_listener("numba:compile", OnFirstCompile(callback)):
         yield
 
 

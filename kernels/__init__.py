@@ -151,13 +151,17 @@ def _install_numba_tables() -> None:
             del sys.modules[name]
 
 
-class _TablesBeforeFirstCompile(event.Listener):
-    filled = False
+class OnFirstCompile(event.Listener):
+    """A listener for Numba's "numba:compile" events that calls `callback` once, at the first one."""
+
+    def __init__(self, callback: Callable[[], None]) -> None:
+        self.callback = callback
+        self.fired = False
 
     def on_start(self, _event: event.Event) -> None:
-        if not self.filled:
-            self.filled = True
-            _install_numba_tables()
+        if not self.fired:
+            self.fired = True
+            self.callback()
 
     def on_end(self, _event: event.Event) -> None:
         pass
@@ -181,5 +185,5 @@ def load_cached_code_lightly(module) -> None:
 
 
 _ensure_writable_cache()
-event.register("numba:compile", _TablesBeforeFirstCompile())
+event.register("numba:compile", OnFirstCompile(_install_numba_tables))
 load_cached_code_lightly(importlib.import_module(f"{__name__}.ops"))
