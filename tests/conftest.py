@@ -26,3 +26,17 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def tokenizer_dir(shared_data: Path) -> Path:
     return shared_data / "gpt2-tokenizer"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(path, params, ModelFile, GPT2Model) of the tiny random F32 model (tests/synthetic.py), per module."""
+    from synthetic import T, build_gguf
+
+    from gpt2cli.gguf_file import ModelFile
+    from gpt2cli.model import GPT2Model
+
+    path = tmp_path_factory.mktemp("tiny") / "tiny-f32.gguf"
+    params = build_gguf(path, T.F32)
+    mf = ModelFile(path)
+    return path, params, mf, GPT2Model(mf.weights, mf.config)

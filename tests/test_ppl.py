@@ -48,14 +48,6 @@ TEXT = (
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> tuple[Path, dict[str, np.ndarray], ModelFile, GPT2Model]:
-    path = tmp_path_factory.mktemp("ppl") / "tiny-f32.gguf"
-    params = build_gguf(path, T.F32)
-    mf = ModelFile(path)
-    return path, params, mf, GPT2Model(mf.weights, mf.config)
-
-
-@pytest.fixture(scope="module")
 def tiny_q8(tmp_path_factory) -> tuple[Path, dict[str, np.ndarray], GPT2Model]:
     # Same seed as `tiny`: the Q8_0 model is the F32 one quantized.
     path = tmp_path_factory.mktemp("ppl") / "tiny-q8_0.gguf"

@@ -11,12 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cli_helpers import run_cli
-from gguf import GGMLQuantizationType as T
 from reference_gpt2 import gpt2_logits
-from synthetic import TINY, build_gguf
+from synthetic import TINY
 
 from gpt2cli.errors import Gpt2Error
-from gpt2cli.gguf_file import ModelFile
 from gpt2cli.model import GPT2Model
 from gpt2cli.ppl import (
     PplSettings,
@@ -43,14 +41,6 @@ WIKI = (
     " = Thomas Hale = \n"
     " Thomas Hale ( 1850 – 1923 ) was a sailor . He kept the lighthouse for forty @-@ one years . \n"
 )
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> tuple[Path, dict[str, np.ndarray], ModelFile, GPT2Model]:
-    path = tmp_path_factory.mktemp("lm_eval") / "tiny-f32.gguf"
-    params = build_gguf(path, T.F32)
-    mf = ModelFile(path)
-    return path, params, mf, GPT2Model(mf.weights, mf.config)
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:  # f64 [m, vocab]

@@ -11,15 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cli_helpers import run_cli
-from gguf import GGMLQuantizationType as T
 from hf_reference import transformers_gpt2
 from reference_gpt2 import hidden_states, linear
-from synthetic import TINY, build_gguf
+from synthetic import TINY
 
 from gpt2cli.embed import embed_texts
 from gpt2cli.errors import Gpt2Error
-from gpt2cli.gguf_file import ModelFile
-from gpt2cli.model import GPT2Model
 from gpt2cli.score import TextScore, score_texts, word_scores
 from gpt2cli.texts import Shard, batches, read_texts
 
@@ -32,14 +29,6 @@ TEXTS = [
     "<|endoftext|> after a separator 🙂",
 ]
 EOT = 50256
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> tuple[Path, dict[str, np.ndarray], ModelFile, GPT2Model]:
-    path = tmp_path_factory.mktemp("score") / "tiny-f32.gguf"
-    params = build_gguf(path, T.F32)
-    mf = ModelFile(path)
-    return path, params, mf, GPT2Model(mf.weights, mf.config)
 
 
 def reference_states(params: dict[str, np.ndarray], ids: list[int]) -> list[np.ndarray]:
