@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from gpt2cli.errors import Gpt2Error
+from gpt2cli.kernels import ops
 from gpt2cli.model import GPT2Model
 from gpt2cli.texts import WHOLE_RUN, Shard, decode_utf8
 from gpt2cli.tokenizer import Tokenizer
@@ -250,13 +251,10 @@ def tokenize_file(
 
 def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """-log softmax(logits)[target] per row: f32 [m, vocab], int [m] -> f64 [m]."""
-    nll = np.empty(len(targets), dtype=np.float64)
-    for r0 in range(0, len(targets), SOFTMAX_ROWS):
-        rows = logits[r0 : r0 + SOFTMAX_ROWS]
-        shifted = rows - rows.max(axis=1, keepdims=True)
-        log_sum = np.log(np.exp(shifted).sum(axis=1, dtype=np.float64))
-        nll[r0 : r0 + len(rows)] = log_sum - shifted[np.arange(len(rows)), targets[r0 : r0 + SOFTMAX_ROWS]]
-    return nll
+    m = len(targets)
+    log_prob, entropy, rank = np.empty(m), np.empty(m), np.empty(m, dtype=np.int64)
+    ops.next_token_stats(logits, np.asarray(targets, dtype=np.int64), log_prob, entropy, rank)
+    return -log_prob
 
 
 def _log_softmax(rows: np.ndarray) -> np.ndarray:  # f32 [m, vocab] -> f64 [m, vocab]

@@ -1,7 +1,10 @@
-"""The transformer's f32 operations other than the weight products: layer norm and causal attention.
+"""The transformer's f32 operations other than the weight products: layer norm, causal attention and the
+statistics of the next-token distribution.
 
 As numba loops they replace a dozen numpy passes each and their temporaries: one call per layer keeps
 the per-token overhead of decoding small, and the prefill softmax exponentiates only the visible positions.
+Softmax exponentials go through `exp_nonpositive`, a polynomial LLVM vectorizes: numba has no vector libm
+here (no SVML), so `np.exp` in a loop is one scalar call per element.
 """
 
 from __future__ import annotations
@@ -11,6 +14,28 @@ import math
 import numba
 import numpy as np
 from numba import prange
+
+LOG2E = np.float32(1.4426950408889634)
+# ln 2 split in two (Cody-Waite) so that x - n ln 2 stays exact for |n| <= 127.
+LN2_HIGH = np.float32(0.693359375)
+LN2_LOW = np.float32(-2.12194440e-4)
+
+
+@numba.njit(inline="always", fastmath=True)
+def exp_nonpositive(x: np.float32) -> np.float32:
+    """e**x for x <= 0 (a softmax's shifted scores), within 3e-7 relative (Cephes' expf polynomial);
+    below -87 it is ~1e-38 rather than a subnormal."""
+    x = max(x, np.float32(-87.0))
+    n = np.floor(x * LOG2E + np.float32(0.5))  # x = n ln 2 + r, |r| <= ln 2 / 2
+    r = x - n * LN2_HIGH - n * LN2_LOW
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    two_to_n = np.int32((np.int32(n) + np.int32(127)) << np.int32(23)).view(np.float32)
+    return (p * r * r + r + np.float32(1)) * two_to_n
 
 
 # numpy's error model: a zero variance with eps 0 gives inf, which the logits check reports, not a
@@ -59,7 +84,7 @@ def decode_attention(q: np.ndarray, keys, values, positions: np.ndarray, layer: 
             top = max(top, s)
         total = np.float32(0)
         for j in range(seen):
-            e = np.exp(scores[j] - top)
+            e = exp_nonpositive(scores[j] - top)
             scores[j] = e
             total += e
         acc = np.zeros(d, dtype=np.float32)
@@ -86,7 +111,7 @@ def causal_softmax(scores: np.ndarray, p0: int, scale: float) -> None:
             top = max(top, row[j])
         total = np.float32(0)
         for j in range(seen):
-            e = np.exp(row[j] - top)
+            e = exp_nonpositive(row[j] - top)
             row[j] = e
             total += e
         inv = np.float32(1) / total
@@ -118,7 +143,7 @@ def segment_attention(qkv: np.ndarray, first: np.ndarray, out: np.ndarray) -> No
             top = max(top, s)
         total = np.float32(0)
         for j in range(len(scores)):
-            e = np.exp(scores[j] - top)
+            e = exp_nonpositive(scores[j] - top)
             scores[j] = e
             total += e
         acc = np.zeros(d, dtype=np.float32)
@@ -129,3 +154,32 @@ def segment_attention(qkv: np.ndarray, first: np.ndarray, out: np.ndarray) -> No
         inv = np.float32(1) / total
         for c in range(d):
             out[i, h, c] = acc[c] * inv
+
+
+@numba.njit(cache=True, parallel=True, fastmath=True)
+def next_token_stats(
+    logits: np.ndarray, targets: np.ndarray, log_prob: np.ndarray, entropy: np.ndarray, rank: np.ndarray
+) -> None:
+    """Per row of logits f32[m, vocab] and its target token: log softmax at the target (log_prob f64[m]),
+    the entropy of the softmax in nats (entropy f64[m]) and how many logits exceed the target's (rank
+    int64[m]). Two passes over each row where numpy needs six; the sums in f64."""
+    m, vocab = logits.shape
+    for i in prange(m):
+        row = logits[i]
+        target = row[targets[i]]
+        top = np.float32(-np.inf)
+        above = 0
+        for j in range(vocab):
+            top = max(top, row[j])
+            above += row[j] > target
+        total = 0.0
+        moment = 0.0  # sum of e**s s, s the shifted logits: H = log total - moment / total
+        for j in range(vocab):
+            shifted = row[j] - top
+            e = exp_nonpositive(shifted)
+            total += e
+            moment += e * shifted
+        log_total = math.log(total)
+        log_prob[i] = target - top - log_total
+        entropy[i] = log_total - moment / total
+        rank[i] = above
