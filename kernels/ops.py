@@ -61,6 +61,20 @@ def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float, out: np.
 
 
 @numba.njit(cache=True, parallel=True, fastmath=True)
+def gelu(x: np.ndarray) -> None:
+    """In place over x f32[n, f]: HF's gelu_new (GPT-2's tanh form), 0.5 x (1 + tanh u) written as
+    x sigmoid(2 u) so that the one exponential is of a non-positive number."""
+    n, f = x.shape
+    for i in prange(n):
+        row = x[i]
+        for j in range(f):
+            v = row[j]
+            u = np.float32(0.7978845608028654) * (v + np.float32(0.044715) * v * v * v)  # sqrt(2 / pi) (...)
+            e = exp_nonpositive(np.float32(-2) * abs(u))
+            row[j] = v / (np.float32(1) + e) if u >= 0 else v * e / (np.float32(1) + e)
+
+
+@numba.njit(cache=True, parallel=True, fastmath=True)
 def decode_attention(q: np.ndarray, keys, values, positions: np.ndarray, layer: int, out: np.ndarray) -> None:
     """One new query for each of B sequences over that sequence's own cache, in one parallel loop.
 
