@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from gguf import GGMLQuantizationType
 
 from gpt2cli.errors import Gpt2Error
 from gpt2cli.gguf_file import GPT2Config, GPT2Weights, LayerWeights, WeightMatrix
@@ -113,6 +114,8 @@ class GPT2Model:
             w.kernels.int8_matmul(w.blocks, x, y)
         elif n < BLAS_MIN_TOKENS:
             w.kernels.matmul(w.blocks, x, y)
+        elif w.qtype == GGMLQuantizationType.F32:  # BLAS straight from the mapped file
+            np.matmul(x, w.blocks.view(np.float32).T, out=y)
         else:
             tile_rows = max(1, min(w.rows, self._scratch.size // w.cols))
             for r0 in range(0, w.rows, tile_rows):
