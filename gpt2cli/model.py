@@ -68,7 +68,10 @@ def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.nd
 
 
 def gelu(x: np.ndarray) -> np.ndarray:  # [n, f] -> [n, f], in place
-    ops.gelu(x)
+    if x.shape[0] <= MATVEC_MAX_TOKENS:
+        ops.gelu_serial(x)
+    else:
+        ops.gelu(x)
     return x
 
 

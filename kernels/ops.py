@@ -26,7 +26,10 @@ def exp_nonpositive(x: np.float32) -> np.float32:
     """e**x for x <= 0 (a softmax's shifted scores), within 3e-7 relative (Cephes' expf polynomial);
     below -87 it is ~1e-38 rather than a subnormal."""
     x = max(x, np.float32(-87.0))
-    n = np.floor(x * LOG2E + np.float32(0.5))  # x = n ln 2 + r, |r| <= ln 2 / 2
+    # x = n ln 2 + r, |r| <= ln 2 / 2: n rounded by truncating (toward 0) x log2(e) - 1/2 <= 0, where
+    # np.floor would be a call that stops LLVM from vectorizing the caller's loop
+    n_int = np.int32(x * LOG2E - np.float32(0.5))
+    n = np.float32(n_int)
     r = x - n * LN2_HIGH - n * LN2_LOW
     p = np.float32(1.9875691500e-4)
     p = p * r + np.float32(1.3981999507e-3)
@@ -34,7 +37,7 @@ def exp_nonpositive(x: np.float32) -> np.float32:
     p = p * r + np.float32(4.1665795894e-2)
     p = p * r + np.float32(1.6666665459e-1)
     p = p * r + np.float32(5.0000001201e-1)
-    two_to_n = np.int32((np.int32(n) + np.int32(127)) << np.int32(23)).view(np.float32)
+    two_to_n = np.int32((n_int + np.int32(127)) << np.int32(23)).view(np.float32)
     return (p * r * r + r + np.float32(1)) * two_to_n
 
 
@@ -60,18 +63,31 @@ def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float, out: np.
             out[i, c] = (row[c] - mean) * inv * w[c] + b[c]
 
 
-@numba.njit(cache=True, parallel=True, fastmath=True)
+@numba.njit(inline="always")
+def _gelu_in_place(row: np.ndarray) -> None:
+    """HF's gelu_new (GPT-2's tanh form), 0.5 x (1 + tanh u), written as x sigmoid(2 u) so that the one
+    exponential is of a non-positive number."""
+    for j in range(row.shape[0]):
+        v = row[j]
+        u = np.float32(0.7978845608028654) * (v + np.float32(0.044715) * v * v * v)  # sqrt(2 / pi) (...)
+        e = exp_nonpositive(np.float32(-2) * abs(u))
+        row[j] = v / (np.float32(1) + e) if u >= 0 else v * e / (np.float32(1) + e)
+
+
+# error_model="numpy" lets LLVM vectorize the division (no zero check raising ZeroDivisionError)
+@numba.njit(cache=True, parallel=True, fastmath=True, error_model="numpy")
 def gelu(x: np.ndarray) -> None:
-    """In place over x f32[n, f]: HF's gelu_new (GPT-2's tanh form), 0.5 x (1 + tanh u) written as
-    x sigmoid(2 u) so that the one exponential is of a non-positive number."""
-    n, f = x.shape
-    for i in prange(n):
-        row = x[i]
-        for j in range(f):
-            v = row[j]
-            u = np.float32(0.7978845608028654) * (v + np.float32(0.044715) * v * v * v)  # sqrt(2 / pi) (...)
-            e = exp_nonpositive(np.float32(-2) * abs(u))
-            row[j] = v / (np.float32(1) + e) if u >= 0 else v * e / (np.float32(1) + e)
+    """In place over x f32[n, f], the rows shared out over the threads."""
+    for i in prange(x.shape[0]):
+        _gelu_in_place(x[i])
+
+
+@numba.njit(cache=True, fastmath=True, error_model="numpy")
+def gelu_serial(x: np.ndarray) -> None:
+    """gelu on this thread alone: for a decode step's few rows waking the others costs more than the work,
+    most of all when another process keeps them busy."""
+    for i in range(x.shape[0]):
+        _gelu_in_place(x[i])
 
 
 @numba.njit(cache=True, parallel=True, fastmath=True)
