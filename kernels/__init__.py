@@ -23,12 +23,13 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import ModuleType
 
 import numba
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-from numba.core import event
+from numba.core import environment, event
 from numba.core.caching import FunctionCache
 from numba.core.dispatcher import Dispatcher
 from numba.core.registry import cpu_target
@@ -167,13 +168,39 @@ class OnFirstCompile(event.Listener):
         pass
 
 
+@contextmanager
+def _environments_without_imports() -> Iterator[None]:
+    """While cached code loads, rebuild the environments of functions from modules not imported yet (Numba's
+    own array and builtin implementations, inlined into the kernels) without importing them.
+
+    Numba imports a function's module to give its environment the module's globals, which only object mode
+    reads; the kernels are nopython code, and importing numba.np.arrayobj with its dependants costs 50-70 ms
+    of a warm start. The environments keep their constants, which nopython code does use."""
+    rebuild = environment._rebuild_env
+
+    def rebuild_without_import(modname: str, consts: list, env_name: str) -> environment.Environment:
+        env = environment.lookup_environment(env_name)
+        if env is not None or modname in sys.modules:
+            return env or rebuild(modname, consts, env_name)
+        env = environment.Environment({"__name__": modname})
+        env.consts[:] = consts
+        env.env_name = env_name
+        return env
+
+    environment._rebuild_env = rebuild_without_import  # what unpickling the cached code calls
+    try:
+        yield
+    finally:
+        environment._rebuild_env = rebuild
+
+
 class _KernelCache(FunctionCache):
     """Numba fills all its typing and lowering tables before loading cached machine code (0.15 s and 10 MB
     of a warm start), though running that code needs only its runtime (NRT); a compile fills them anyway."""
 
     def load_overload(self, sig, target_context):
         rtsys.initialize(target_context)
-        with self._guard_against_spurious_io_errors():
+        with _environments_without_imports(), self._guard_against_spurious_io_errors():
             return self._load_overload(sig, target_context)
 
 
