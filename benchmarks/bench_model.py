@@ -94,9 +94,9 @@ def run_worker(kind: str, path: Path, args) -> dict | None:
            "--gen", str(args.gen), "--runs", str(args.runs)]  # fmt: skip
     env = {**os.environ, "NUMBA_NUM_THREADS": str(THREADS), "OMP_NUM_THREADS": str(THREADS)}
     if kind == "ours":
-        from gpt2cli.cli import OPENMP_ENVIRONMENT  # as `gpt2 generate` runs
+        from gpt2cli.cli import THREAD_ENVIRONMENT  # as `gpt2 generate` runs
 
-        env.update(OPENMP_ENVIRONMENT)
+        env.update(THREAD_ENVIRONMENT)
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         print(f"{kind} failed on {path.name}: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)

@@ -60,9 +60,9 @@ def main() -> None:
     blas_threads = args.blas_threads or args.threads
     os.environ["NUMBA_NUM_THREADS"] = str(args.threads)
     os.environ["OPENBLAS_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"] = str(blas_threads)
-    from gpt2cli.cli import OPENMP_ENVIRONMENT  # as `gpt2 ppl` runs
+    from gpt2cli.cli import THREAD_ENVIRONMENT  # as `gpt2 ppl` runs
 
-    os.environ.update(OPENMP_ENVIRONMENT)
+    os.environ.update(THREAD_ENVIRONMENT)
 
     import numpy as np
     from conftest import shared_data_dir

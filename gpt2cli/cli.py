@@ -21,9 +21,13 @@ ClickException = UsageError.__base__
 
 # The kernels' OpenMP threads spin for a while after each parallel loop, by default long enough to take the
 # core from numpy's BLAS threads during a prefill (1.0k vs 1.3-1.8k tokens/s for 512 tokens here), while
-# decoding, whose parallel loops come back to back, needs some spinning to wake fast. libgomp reads this
-# once, when the first parallel loop runs; the command sets it (see main), the library leaves it alone.
-OPENMP_ENVIRONMENT = {"GOMP_SPINCOUNT": "30000"}
+# decoding, whose parallel loops come back to back, needs some spinning to wake fast. OpenBLAS's threads
+# spin 2^28 cycles (~0.1 s) before sleeping, from the moment numpy is imported: ~40 ms of CPU time at
+# every start, taken from the imports that follow on a busy machine; after 2^20 cycles they sleep, and a
+# prefill's products (milliseconds each) hardly notice waking them. libgomp reads its variable when the
+# first parallel loop runs, OpenBLAS when numpy is imported; the command sets them (see main), the library
+# leaves them alone.
+THREAD_ENVIRONMENT = {"GOMP_SPINCOUNT": "30000", "OPENBLAS_THREAD_TIMEOUT": "20"}
 
 app = typer.Typer(
     name="gpt2",
@@ -588,11 +592,11 @@ def serve(
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: click's own errors and Gpt2Error become one line on stderr and exit code 2."""
-    import numpy as np
-
     # Here, not at import: a library must leave the environment alone, a program may choose its own.
-    for name, value in OPENMP_ENVIRONMENT.items():
+    for name, value in THREAD_ENVIRONMENT.items():
         os.environ.setdefault(name, value)
+    import numpy as np  # after the environment: OpenBLAS reads it when numpy loads
+
     command = typer.main.get_command(app)
     if sys.stdout is None or sys.stdout.closed:  # started with stdout closed (`gpt2 ... >&-`)
         sys.exit(_fail("standard output is closed", 2))
