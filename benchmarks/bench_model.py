@@ -110,15 +110,23 @@ def ratio_cells(ours: dict, ref: dict | None, key: str) -> list[str]:
     return [f"{ours[key]:.1f}", f"{ref[key]:.1f}", f"{ours[key] / ref[key]:.2f}"]
 
 
-def first_token_seconds(path: Path, numba_cache: str | None) -> float:
-    """Wall time of `gpt2 generate` printing one token; a fresh NUMBA_CACHE_DIR makes it a cold start."""
+def first_token_seconds(path: Path, numba_cache: str | None) -> tuple[float, float]:
+    """Wall and CPU (user + sys) seconds of `gpt2 generate` printing one token; a fresh NUMBA_CACHE_DIR makes
+    it a cold start. Run as `python -m gpt2cli`, so it measures the gpt2cli this script imports (set
+    PYTHONPATH to a checkout) and not the launcher in front of an installed `gpt2` (pyenv's shim alone
+    takes ~0.1 s)."""
     env = {**os.environ, "NUMBA_NUM_THREADS": str(THREADS)}
     if numba_cache:
         env["NUMBA_CACHE_DIR"] = numba_cache
-    cmd = ["gpt2", "generate", "Hello", "--model", str(path), "--max-new-tokens", "1", "--temperature", "0"]
+    cmd = [sys.executable, "-m", "gpt2cli", "generate", "Hello", "--model", str(path),
+           "--max-new-tokens", "1", "--temperature", "0"]  # fmt: skip
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, capture_output=True, env=env)
-    return time.perf_counter() - t0
+    child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    _, status, usage = os.wait4(child.pid, 0)
+    wall = time.perf_counter() - t0
+    if status != 0:
+        raise RuntimeError(f"gpt2 generate failed on {path.name} (status {status})")
+    return wall, usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:
@@ -158,10 +166,12 @@ def main() -> None:
     if args.startup:
         path = args.files[0]
         with tempfile.TemporaryDirectory() as cold:
-            cold_s = first_token_seconds(path, cold)
+            cold_wall, cold_cpu = first_token_seconds(path, cold)
         first_token_seconds(path, None)
-        warm = statistics.median(first_token_seconds(path, None) for _ in range(args.runs))
-        print(f"\nstart-up to the first token on {path.name}: warm {warm:.2f} s, cold {cold_s:.2f} s")
+        warm = [first_token_seconds(path, None) for _ in range(args.runs)]
+        warm_wall, warm_cpu = (statistics.median(run[i] for run in warm) for i in range(2))
+        print(f"\nstart-up to the first token on {path.name}: warm {warm_wall:.2f} s ({warm_cpu:.2f} s CPU), "
+              f"cold {cold_wall:.2f} s ({cold_cpu:.2f} s CPU)")  # fmt: skip
 
 
 if __name__ == "__main__":
