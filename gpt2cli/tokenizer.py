@@ -118,7 +118,8 @@ class Tokenizer:
         if tokens is None or merges is None:
             raise Gpt2Error("GGUF file lacks tokenizer.ggml.tokens or tokenizer.ggml.merges")
         for key, value in (("tokens", tokens), ("merges", merges)):
-            if not isinstance(value, list) or not all(type(s) is str for s in value):
+            # The element types collected in C: half the time of a generator over the 100k strings.
+            if not isinstance(value, list) or not set(map(type, value)) <= {str}:
                 raise Gpt2Error(f"tokenizer.ggml.{key} is not an array of strings")
         eos_id = metadata.get("tokenizer.ggml.eos_token_id", 50256)
         if type(eos_id) is not int:
