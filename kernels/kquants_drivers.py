@@ -37,11 +37,11 @@ from .kquants import (
     matvec_q6_k,
 )
 from .kquants_quantize import (
-    quantize_q2_k,
-    quantize_q3_k,
-    quantize_q4_k,
-    quantize_q5_k,
-    quantize_q6_k,
+    quantize_row_q2_k,
+    quantize_row_q3_k,
+    quantize_row_q4_k,
+    quantize_row_q5_k,
+    quantize_row_q6_k,
 )
 from .layout import Q2_K, Q3_K, Q4_K, Q5_K, Q6_K
 from .simd import (
@@ -401,6 +401,12 @@ def matmul_q2_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
 
 
 @numba.njit(cache=True, parallel=True)
+def quantize_q2_k(x: np.ndarray, out: np.ndarray) -> None:
+    for r in prange(x.shape[0]):
+        quantize_row_q2_k(x[r], out[r])
+
+
+@numba.njit(cache=True, parallel=True)
 def dequantize_q3_k(blocks: np.ndarray, out: np.ndarray) -> None:
     for r in prange(blocks.shape[0]):
         _dequantize_row_q3_k(blocks[r], out[r])
@@ -415,6 +421,12 @@ def matmul_q3_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         for j in range(w.shape[0]):
             _dequantize_row_q3_k(blocks[r0 + j], w[j])
         _multiply_tile(w, x, y, r0)
+
+
+@numba.njit(cache=True, parallel=True)
+def quantize_q3_k(x: np.ndarray, out: np.ndarray) -> None:
+    for r in prange(x.shape[0]):
+        quantize_row_q3_k(x[r], out[r])
 
 
 @numba.njit(cache=True, parallel=True)
@@ -435,6 +447,12 @@ def matmul_q4_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
 
 
 @numba.njit(cache=True, parallel=True)
+def quantize_q4_k(x: np.ndarray, out: np.ndarray) -> None:
+    for r in prange(x.shape[0]):
+        quantize_row_q4_k(x[r], out[r])
+
+
+@numba.njit(cache=True, parallel=True)
 def dequantize_q5_k(blocks: np.ndarray, out: np.ndarray) -> None:
     for r in prange(blocks.shape[0]):
         _dequantize_row_q5_k(blocks[r], out[r])
@@ -452,6 +470,12 @@ def matmul_q5_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
 
 
 @numba.njit(cache=True, parallel=True)
+def quantize_q5_k(x: np.ndarray, out: np.ndarray) -> None:
+    for r in prange(x.shape[0]):
+        quantize_row_q5_k(x[r], out[r])
+
+
+@numba.njit(cache=True, parallel=True)
 def dequantize_q6_k(blocks: np.ndarray, out: np.ndarray) -> None:
     for r in prange(blocks.shape[0]):
         _dequantize_row_q6_k(blocks[r], out[r])
@@ -466,6 +490,12 @@ def matmul_q6_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         for j in range(w.shape[0]):
             _dequantize_row_q6_k(blocks[r0 + j], w[j])
         _multiply_tile(w, x, y, r0)
+
+
+@numba.njit(cache=True, parallel=True)
+def quantize_q6_k(x: np.ndarray, out: np.ndarray) -> None:
+    for r in prange(x.shape[0]):
+        quantize_row_q6_k(x[r], out[r])
 
 
 register(

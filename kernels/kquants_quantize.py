@@ -5,8 +5,8 @@ Ports of `quantize_row_q{2,3,4,5,6}_K_ref` and their helpers from ggml/src/ggml-
 in C's order of operations (ints are converted to float32 before they meet a float, since Numba would
 otherwise promote to float64), there is no fastmath, and f16 rounding follows GGML_FP32_TO_FP16.
 
-Public kernels: quantize_q*_k(x f32[rows, cols], out u8[rows, cols // 256 * type_size]), cols % 256 == 0,
-parallel over rows. Block layouts are those of the design doc, section 2.
+Public kernels: quantize_row_q*_k(x f32[cols], out u8[cols // 256 * type_size]), cols % 256 == 0; the
+parallel quantize_q*_k over rows are generated into kernels.kquants_drivers. Block layouts: kernels.layout.
 
 Speed without changing a bit: the costly searches (make_qkx2_quants, make_qx_quants) run on all sub-blocks
 of a row at once, sub-block index innermost, so each sub-block's sums keep ggml's order while the loops
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from numba import prange
 
 from .layout import Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, QK_K
 
@@ -633,42 +632,8 @@ def quantize_block_q6_k(x: np.ndarray, y: np.ndarray, scales: np.ndarray, L: np.
             )
 
 
-# Row kernels: rows are independent.
-
-
-@numba.njit(cache=True, parallel=True)
-def quantize_q2_k(x: np.ndarray, out: np.ndarray) -> None:
-    """x f32[rows, cols] -> out u8[rows, cols // 256 * 84]."""
-    for r in prange(x.shape[0]):
-        quantize_row_q2_k(x[r], out[r])
-
-
-@numba.njit(cache=True, parallel=True)
-def quantize_q3_k(x: np.ndarray, out: np.ndarray) -> None:
-    """x f32[rows, cols] -> out u8[rows, cols // 256 * 110]."""
-    for r in prange(x.shape[0]):
-        for b in range(x.shape[1] // QK_K):
-            quantize_block_q3_k(
-                x[r, b * QK_K : (b + 1) * QK_K], out[r, b * Q3_K.bytes : (b + 1) * Q3_K.bytes]
-            )
-
-
-@numba.njit(cache=True, parallel=True)
-def quantize_q4_k(x: np.ndarray, out: np.ndarray) -> None:
-    """x f32[rows, cols] -> out u8[rows, cols // 256 * 144]."""
-    for r in prange(x.shape[0]):
-        quantize_row_q4_k(x[r], out[r])
-
-
-@numba.njit(cache=True, parallel=True)
-def quantize_q5_k(x: np.ndarray, out: np.ndarray) -> None:
-    """x f32[rows, cols] -> out u8[rows, cols // 256 * 176]."""
-    for r in prange(x.shape[0]):
-        quantize_row_q5_k(x[r], out[r])
-
-
-@numba.njit(cache=True, parallel=True)
-def quantize_q6_k(x: np.ndarray, out: np.ndarray) -> None:
-    """x f32[rows, cols] -> out u8[rows, cols // 256 * 210]."""
-    for r in prange(x.shape[0]):
-        quantize_row_q6_k(x[r], out[r])
+@numba.njit(cache=True)
+def quantize_row_q3_k(x: np.ndarray, out: np.ndarray) -> None:
+    """x f32[cols] -> out u8[cols // 256 * 110]."""
+    for b in range(x.shape[0] // QK_K):
+        quantize_block_q3_k(x[b * QK_K : (b + 1) * QK_K], out[b * Q3_K.bytes : (b + 1) * Q3_K.bytes])

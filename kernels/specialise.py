@@ -268,7 +268,7 @@ def quantize_{name}(x: np.ndarray, out: np.ndarray) -> None:
 """
 
 # The K-quants: kernels.kquants decodes a row (_dequantize_row_<type>) and has each type's f32 matvec,
-# kernels.kquants_quantize the quantizers.
+# kernels.kquants_quantize quantizes a row (quantize_row_<type>).
 KQUANT_TEMPLATE = """
 
 @numba.njit(cache=True, parallel=True)
@@ -286,6 +286,12 @@ def matmul_{name}(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         for j in range(w.shape[0]):
             _dequantize_row_{name}(blocks[r0 + j], w[j])
         _multiply_tile(w, x, y, r0)
+
+
+@numba.njit(cache=True, parallel=True)
+def quantize_{name}(x: np.ndarray, out: np.ndarray) -> None:
+    for r in prange(x.shape[0]):
+        quantize_row_{name}(x[r], out[r])
 """
 
 # F16 and BF16, one weight per uint16.
@@ -424,7 +430,7 @@ def render_kquants() -> str:
                 + [f"_dequantize_row_{t}" for t in KQUANT_TYPES]
                 + [f"matvec_{t}" for t in KQUANT_TYPES]
             ),
-            kquants_quantize=_names([f"quantize_{t}" for t in KQUANT_TYPES]),
+            kquants_quantize=_names([f"quantize_row_{t}" for t in KQUANT_TYPES]),
             layouts=", ".join(sorted(t.layout for t in types)),
             simd=_int8_imports(types),
         ),

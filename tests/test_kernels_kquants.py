@@ -23,7 +23,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpt2cli.kernels import kernels_for, kquants_quantize, simd
+from gpt2cli.kernels import kernels_for, simd
 from gpt2cli.kernels import kquants_drivers as drivers
 from gpt2cli.kernels.layout import Q2_K, Q3_K, Q4_K, Q5_K, Q6_K
 
@@ -105,7 +105,7 @@ def test_registered(qtype: GGMLQuantizationType) -> None:
     if int8_activations(qtype):
         matvec = INT8_MATVEC[qtype]
     assert (kernels.dequantize, kernels.matvec, kernels.matmul) == (dequantize, matvec, matmul)
-    assert kernels.quantize is getattr(kquants_quantize, f"quantize_{qtype.name.lower()}")
+    assert kernels.quantize is getattr(drivers, f"quantize_{qtype.name.lower()}")
 
 
 @pytest.mark.parametrize("qtype", QTYPES, ids=lambda q: q.name)
