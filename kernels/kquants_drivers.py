@@ -73,6 +73,18 @@ def _int8_rows_q2_k(
         prefetch_ahead(blocks, r)
         row = blocks[r]
         t = 0
+        while t + 8 <= n:
+            acc = zero_accumulators(8)
+            for b in range(n_blocks):
+                acc = accumulate_q2_k(acc, row, xq, xd, x_sums, b, t)
+            store_sums(acc, y, t, r)
+            t += 8
+        while t + 5 <= n:
+            acc = zero_accumulators(5)
+            for b in range(n_blocks):
+                acc = accumulate_q2_k(acc, row, xq, xd, x_sums, b, t)
+            store_sums(acc, y, t, r)
+            t += 5
         while t + 4 <= n:
             acc = zero_accumulators(4)
             for b in range(n_blocks):
@@ -137,6 +149,18 @@ def _int8_rows_q3_k(
         prefetch_ahead(blocks, r)
         row = blocks[r]
         t = 0
+        while t + 8 <= n:
+            acc = zero_accumulators(8)
+            for b in range(n_blocks):
+                acc = accumulate_q3_k(acc, row, xq, xd, x_sums, b, t)
+            store_sums(acc, y, t, r)
+            t += 8
+        while t + 5 <= n:
+            acc = zero_accumulators(5)
+            for b in range(n_blocks):
+                acc = accumulate_q3_k(acc, row, xq, xd, x_sums, b, t)
+            store_sums(acc, y, t, r)
+            t += 5
         while t + 4 <= n:
             acc = zero_accumulators(4)
             for b in range(n_blocks):
@@ -201,6 +225,18 @@ def _int8_rows_q4_k(
         prefetch_ahead(blocks, r)
         row = blocks[r]
         t = 0
+        while t + 8 <= n:
+            acc = zero_accumulators(8)
+            for b in range(n_blocks):
+                acc = accumulate_q4_k(acc, row, xq, xd, x_sums, b, t)
+            store_sums(acc, y, t, r)
+            t += 8
+        while t + 5 <= n:
+            acc = zero_accumulators(5)
+            for b in range(n_blocks):
+                acc = accumulate_q4_k(acc, row, xq, xd, x_sums, b, t)
+            store_sums(acc, y, t, r)
+            t += 5
         while t + 4 <= n:
             acc = zero_accumulators(4)
             for b in range(n_blocks):
@@ -265,6 +301,18 @@ def _int8_rows_q5_k(
         prefetch_ahead(blocks, r)
         row = blocks[r]
         t = 0
+        while t + 8 <= n:
+            acc = zero_accumulators(8)
+            for b in range(n_blocks):
+                acc = accumulate_q5_k(acc, row, xq, xd, x_sums, b, t)
+            store_sums(acc, y, t, r)
+            t += 8
+        while t + 5 <= n:
+            acc = zero_accumulators(5)
+            for b in range(n_blocks):
+                acc = accumulate_q5_k(acc, row, xq, xd, x_sums, b, t)
+            store_sums(acc, y, t, r)
+            t += 5
         while t + 4 <= n:
             acc = zero_accumulators(4)
             for b in range(n_blocks):
@@ -329,6 +377,18 @@ def _int8_rows_q6_k(
         prefetch_ahead(blocks, r)
         row = blocks[r]
         t = 0
+        while t + 8 <= n:
+            acc = zero_accumulators(8)
+            for b in range(n_blocks):
+                acc = accumulate_q6_k(acc, row, xq, xd, x_sums, b, t)
+            store_sums(acc, y, t, r)
+            t += 8
+        while t + 5 <= n:
+            acc = zero_accumulators(5)
+            for b in range(n_blocks):
+                acc = accumulate_q6_k(acc, row, xq, xd, x_sums, b, t)
+            store_sums(acc, y, t, r)
+            t += 5
         while t + 4 <= n:
             acc = zero_accumulators(4)
             for b in range(n_blocks):

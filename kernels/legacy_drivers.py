@@ -72,6 +72,18 @@ def _int8_rows_q4_0(
         prefetch_ahead(blocks, r)
         row = blocks[r]
         t = 0
+        while t + 8 <= n:
+            acc = zero_accumulators(8)
+            for b in range(n_blocks):
+                acc = accumulate_q4_0(acc, row, xq, xd, x_sums, b, t)
+            store_sums(acc, y, t, r)
+            t += 8
+        while t + 5 <= n:
+            acc = zero_accumulators(5)
+            for b in range(n_blocks):
+                acc = accumulate_q4_0(acc, row, xq, xd, x_sums, b, t)
+            store_sums(acc, y, t, r)
+            t += 5
         while t + 4 <= n:
             acc = zero_accumulators(4)
             for b in range(n_blocks):
@@ -136,6 +148,18 @@ def _int8_rows_q4_1(
         prefetch_ahead(blocks, r)
         row = blocks[r]
         t = 0
+        while t + 8 <= n:
+            acc = zero_accumulators(8)
+            for b in range(n_blocks):
+                acc = accumulate_q4_1(acc, row, xq, xd, x_sums, b, t)
+            store_sums(acc, y, t, r)
+            t += 8
+        while t + 5 <= n:
+            acc = zero_accumulators(5)
+            for b in range(n_blocks):
+                acc = accumulate_q4_1(acc, row, xq, xd, x_sums, b, t)
+            store_sums(acc, y, t, r)
+            t += 5
         while t + 4 <= n:
             acc = zero_accumulators(4)
             for b in range(n_blocks):
@@ -200,6 +224,18 @@ def _int8_rows_q5_0(
         prefetch_ahead(blocks, r)
         row = blocks[r]
         t = 0
+        while t + 8 <= n:
+            acc = zero_accumulators(8)
+            for b in range(n_blocks):
+                acc = accumulate_q5_0(acc, row, xq, xd, x_sums, b, t)
+            store_sums(acc, y, t, r)
+            t += 8
+        while t + 5 <= n:
+            acc = zero_accumulators(5)
+            for b in range(n_blocks):
+                acc = accumulate_q5_0(acc, row, xq, xd, x_sums, b, t)
+            store_sums(acc, y, t, r)
+            t += 5
         while t + 4 <= n:
             acc = zero_accumulators(4)
             for b in range(n_blocks):
@@ -264,6 +300,18 @@ def _int8_rows_q5_1(
         prefetch_ahead(blocks, r)
         row = blocks[r]
         t = 0
+        while t + 8 <= n:
+            acc = zero_accumulators(8)
+            for b in range(n_blocks):
+                acc = accumulate_q5_1(acc, row, xq, xd, x_sums, b, t)
+            store_sums(acc, y, t, r)
+            t += 8
+        while t + 5 <= n:
+            acc = zero_accumulators(5)
+            for b in range(n_blocks):
+                acc = accumulate_q5_1(acc, row, xq, xd, x_sums, b, t)
+            store_sums(acc, y, t, r)
+            t += 5
         while t + 4 <= n:
             acc = zero_accumulators(4)
             for b in range(n_blocks):
@@ -328,6 +376,18 @@ def _int8_rows_q8_0(
         prefetch_ahead(blocks, r)
         row = blocks[r]
         t = 0
+        while t + 8 <= n:
+            acc = zero_accumulators(8)
+            for b in range(n_blocks):
+                acc = accumulate_q8_0(acc, row, xq, xd, x_sums, b, t)
+            store_sums(acc, y, t, r)
+            t += 8
+        while t + 5 <= n:
+            acc = zero_accumulators(5)
+            for b in range(n_blocks):
+                acc = accumulate_q8_0(acc, row, xq, xd, x_sums, b, t)
+            store_sums(acc, y, t, r)
+            t += 5
         while t + 4 <= n:
             acc = zero_accumulators(4)
             for b in range(n_blocks):

@@ -36,7 +36,7 @@ def random_blocks(qtype: GGMLQuantizationType, rows: int, cols: int, seed: int) 
 
 
 @pytest.mark.parametrize("qtype", INT8_TYPES, ids=lambda q: q.name)
-@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 16])
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 7, 8, 12, 16])
 def test_matvecs_equal_one_matvec_per_token(qtype, n):
     kernels = kernels_for(qtype)
     rows, cols = 67, 512  # an odd row count: the last parallel task is short
