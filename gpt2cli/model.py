@@ -1,7 +1,9 @@
 """The GPT-2 forward pass on the CPU: prefill and decoding of one or more sequences, each with its KV cache.
 
-A single token, and each token of a batch of up to MATVEC_MAX_TOKENS, multiplies straight from the stored
-blocks (`matvec`, int8 activations unless exact). A batch of INT8_MIN_TOKENS to INT8_MAX_TOKENS on quantized
+A single token multiplies straight from the stored blocks (`matvec`, int8 activations unless exact); a batch
+of 2 to MATVECS_MAX_TOKENS on quantized weights (several sequences decoding together) takes the int8 matvec
+of all its tokens at once (`matvecs`, each row of blocks read once), and one of up to MATVEC_MAX_TOKENS on
+float weights one matvec per token. A batch of INT8_MIN_TOKENS to INT8_MAX_TOKENS on quantized
 weights quantizes its activations to int8 as ggml does and takes integer dot products (`int8_matmul`,
 kernels.tiles). Other batches, float weights and exact mode compute in f32: short batches with the fused
 block kernels (`matmul`), long ones by dequantizing a tile of rows at a time into scratch for numpy's BLAS,
@@ -26,6 +28,11 @@ BLAS_MIN_TOKENS = 64
 # Up to this many tokens (a few sequences decoding together) take one int8 matvec each: a whole distilgpt2
 # step of 2 / 5 / 8 tokens took 0.3x / 0.8x / 1.1-1.3x the time of the fused f32 kernels (Q4_K_M, Q8_0).
 MATVEC_MAX_TOKENS = 6
+# Up to this many tokens on quantized weights take the int8 matvec of several tokens at once (`matvecs`): a
+# distilgpt2 Q4_K_M decode step of 2 / 5 / 8 / 16 sequences took 1.29x / 1.75x / 1.55x / 1.22x less CPU time
+# (one thread) than one int8 matvec per token (2-6) or the fused f32 kernels (8, 16); generate's batches
+# (SEQUENCES_PER_BATCH) are at most 16.
+MATVECS_MAX_TOKENS = 16
 # Batches of INT8_MIN_TOKENS to INT8_MAX_TOKENS - 1 on quantized weights use int8 activations. Measured per
 # core (CPU time, a 3072 x 768 matrix) against the better f32 path: 0.75x at 8 tokens (the unpacking is scalar
 # code), 1.0x at 32, 1.05-1.2x at 64-128 and 0.75-0.8x at 512, where BLAS's f32 FMAs outrun the f32 scaling
@@ -86,7 +93,7 @@ class GPT2Model:
 
     def int8_batches(self, n: int) -> bool:
         """Whether a batch of n > 1 tokens multiplies quantized weights with int8 activations."""
-        return not self.exact and INT8_MIN_TOKENS <= n < INT8_MAX_TOKENS
+        return not self.exact and (n <= MATVECS_MAX_TOKENS or INT8_MIN_TOKENS <= n < INT8_MAX_TOKENS)
 
     def batch_compute(self, n: int) -> str:
         """What batches of n > 1 tokens compute with, for reports."""
@@ -99,7 +106,8 @@ class GPT2Model:
             return "f32 (float weights)"
         if self.int8_batches(n):
             return "int8 activations on quantized weights (llama.cpp-style)"
-        return f"f32 (int8 only for batches of {INT8_MIN_TOKENS}-{INT8_MAX_TOKENS - 1} tokens)"
+        int8_sizes = f"2-{MATVECS_MAX_TOKENS} and {INT8_MIN_TOKENS}-{INT8_MAX_TOKENS - 1}"
+        return f"f32 (int8 only for batches of {int8_sizes} tokens)"
 
     def new_cache(self, max_len: int | None = None) -> KVCache:
         return KVCache(self.config, max_len)
@@ -109,7 +117,9 @@ class GPT2Model:
         n = x.shape[0]
         x = np.ascontiguousarray(x, dtype=np.float32)
         y = np.empty((n, w.rows), dtype=np.float32)
-        if n == 1 or (n <= MATVEC_MAX_TOKENS and not self.exact):
+        if 1 < n <= MATVECS_MAX_TOKENS and not self.exact and w.kernels.matvecs is not None:
+            w.kernels.matvecs(w.blocks, x, y)
+        elif n == 1 or (n <= MATVEC_MAX_TOKENS and not self.exact):
             matvec = w.kernels.exact_matvec if self.exact else w.kernels.matvec
             for i in range(n):
                 matvec(w.blocks, x[i], y[i])

@@ -4,34 +4,25 @@ F32's matmul is numpy (BLAS) on a float32 view of the bytes; its matvec is a num
 on the kernels' OpenMP threads: BLAS threads spinning beside them in a decode step fight them over the cores
 (22.8 instead of ~100 tokens/s on 2 cores). F16 and BF16 are converted to f32 with exact integer arithmetic
 (numba has no float16), which agrees bit for bit with gguf-py's `astype` for dequantization and
-quantization; the products convert F16 with the CPU's instruction where it has one (F16C).
+quantization; the products convert F16 with the CPU's instruction where it has one (F16C). The F16 and BF16
+drivers are generated from one template into kernels.floats_drivers (kernels.specialise).
 """
 
 from __future__ import annotations
 
 import numba
 import numpy as np
-from gguf import GGMLQuantizationType
 from numba import prange
 
-from . import BlockKernels, register
-from .common import (
-    bf16_to_f32,
-    f16_to_f32,
-    f32_to_bf16,
-    f32_to_f16,
-    n_tiles,
-    tile_times_tokens,
-)
+from .common import f16_to_f32, n_tiles
 from .simd import HAS_F16C, half_to_f32, prefetch_ahead
 
-# Rows per parallel task; see kernels/legacy.py for the tiles and why each is a function of its own.
+# Rows per parallel task; see kernels/legacy_drivers.py for the tiles and why each is a function of its own.
 ROW_TILE = 64
-MATMUL_ROW_TILE = 16
 
 
 # f16 -> f32 in matvec and matmul: one instruction per 8 or 16 weights where the CPU converts halves
-_f16_to_f32_for_products = half_to_f32 if HAS_F16C else f16_to_f32
+f16_to_f32_for_products = half_to_f32 if HAS_F16C else f16_to_f32
 
 
 def dequantize_f32(blocks: np.ndarray, out: np.ndarray) -> None:
@@ -76,128 +67,3 @@ def matmul_f32(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
 
 def quantize_f32(x: np.ndarray, out: np.ndarray) -> None:
     np.copyto(out.view(np.float32), x)
-
-
-@numba.njit(cache=True)
-def _dequantize_rows_f16(halves: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
-    for r in range(r0, r1):
-        for k in range(halves.shape[1]):
-            out[r, k] = f16_to_f32(halves[r, k])
-
-
-@numba.njit(cache=True, parallel=True)
-def dequantize_f16(blocks: np.ndarray, out: np.ndarray) -> None:
-    halves = blocks.view(np.uint16)
-    rows = halves.shape[0]
-    for tile in prange(n_tiles(rows, ROW_TILE)):
-        _dequantize_rows_f16(halves, out, tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE))
-
-
-@numba.njit(cache=True, fastmath=True)
-def _matvec_rows_f16(halves: np.ndarray, x: np.ndarray, y: np.ndarray, r0: int, r1: int) -> None:
-    cols = halves.shape[1]
-    for r in range(r0, r1):
-        prefetch_ahead(halves, r)
-        row = halves[r]
-        total = np.float32(0)
-        for k in range(cols):
-            total += _f16_to_f32_for_products(row[k]) * x[k]
-        y[r] = total
-
-
-@numba.njit(cache=True, parallel=True)
-def matvec_f16(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
-    halves = blocks.view(np.uint16)
-    rows = halves.shape[0]
-    for tile in prange(n_tiles(rows, ROW_TILE)):
-        _matvec_rows_f16(halves, x, y, tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE))
-
-
-@numba.njit(cache=True, fastmath=True)
-def _matmul_tile_f16(halves: np.ndarray, x: np.ndarray, y: np.ndarray, r0: int, r1: int) -> None:
-    weights = np.empty((r1 - r0, halves.shape[1]), np.float32)
-    for t in range(r1 - r0):
-        for k in range(halves.shape[1]):
-            weights[t, k] = _f16_to_f32_for_products(halves[r0 + t, k])
-    tile_times_tokens(weights, r1 - r0, x, y, r0)
-
-
-@numba.njit(cache=True, parallel=True)
-def matmul_f16(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
-    halves = blocks.view(np.uint16)
-    rows = halves.shape[0]
-    for tile in prange(n_tiles(rows, MATMUL_ROW_TILE)):
-        _matmul_tile_f16(halves, x, y, tile * MATMUL_ROW_TILE, min(rows, (tile + 1) * MATMUL_ROW_TILE))
-
-
-@numba.njit(cache=True, parallel=True)
-def quantize_f16(x: np.ndarray, out: np.ndarray) -> None:
-    halves = out.view(np.uint16)
-    for r in prange(x.shape[0]):
-        for k in range(x.shape[1]):
-            halves[r, k] = f32_to_f16(x[r, k])
-
-
-@numba.njit(cache=True)
-def _dequantize_rows_bf16(halves: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
-    for r in range(r0, r1):
-        for k in range(halves.shape[1]):
-            out[r, k] = bf16_to_f32(halves[r, k])
-
-
-@numba.njit(cache=True, parallel=True)
-def dequantize_bf16(blocks: np.ndarray, out: np.ndarray) -> None:
-    halves = blocks.view(np.uint16)
-    rows = halves.shape[0]
-    for tile in prange(n_tiles(rows, ROW_TILE)):
-        _dequantize_rows_bf16(halves, out, tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE))
-
-
-@numba.njit(cache=True, fastmath=True)
-def _matvec_rows_bf16(halves: np.ndarray, x: np.ndarray, y: np.ndarray, r0: int, r1: int) -> None:
-    cols = halves.shape[1]
-    for r in range(r0, r1):
-        prefetch_ahead(halves, r)
-        row = halves[r]
-        total = np.float32(0)
-        for k in range(cols):
-            total += bf16_to_f32(row[k]) * x[k]
-        y[r] = total
-
-
-@numba.njit(cache=True, parallel=True)
-def matvec_bf16(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
-    halves = blocks.view(np.uint16)
-    rows = halves.shape[0]
-    for tile in prange(n_tiles(rows, ROW_TILE)):
-        _matvec_rows_bf16(halves, x, y, tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE))
-
-
-@numba.njit(cache=True, fastmath=True)
-def _matmul_tile_bf16(halves: np.ndarray, x: np.ndarray, y: np.ndarray, r0: int, r1: int) -> None:
-    weights = np.empty((r1 - r0, halves.shape[1]), np.float32)
-    for t in range(r1 - r0):
-        for k in range(halves.shape[1]):
-            weights[t, k] = bf16_to_f32(halves[r0 + t, k])
-    tile_times_tokens(weights, r1 - r0, x, y, r0)
-
-
-@numba.njit(cache=True, parallel=True)
-def matmul_bf16(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
-    halves = blocks.view(np.uint16)
-    rows = halves.shape[0]
-    for tile in prange(n_tiles(rows, MATMUL_ROW_TILE)):
-        _matmul_tile_bf16(halves, x, y, tile * MATMUL_ROW_TILE, min(rows, (tile + 1) * MATMUL_ROW_TILE))
-
-
-@numba.njit(cache=True, parallel=True)
-def quantize_bf16(x: np.ndarray, out: np.ndarray) -> None:
-    halves = out.view(np.uint16)
-    for r in prange(x.shape[0]):
-        for k in range(x.shape[1]):
-            halves[r, k] = f32_to_bf16(x[r, k])
-
-
-register(BlockKernels(GGMLQuantizationType.F32, dequantize_f32, matvec_f32, matmul_f32, quantize_f32))
-register(BlockKernels(GGMLQuantizationType.F16, dequantize_f16, matvec_f16, matmul_f16, quantize_f16))
-register(BlockKernels(GGMLQuantizationType.BF16, dequantize_bf16, matvec_bf16, matmul_bf16, quantize_bf16))

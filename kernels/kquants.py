@@ -16,45 +16,22 @@ ggml's do. Elsewhere (and as `matvec_f32`, for exact decoding) matvec keeps x in
 in registers, summing `scale * q * x` over the eight sub-blocks of a (half) block with one horizontal sum.
 
 matmul dequantizes a tile of rows once into a thread-local f32 buffer and multiplies it with all the tokens
-by a register-blocked 4 tokens x 4 rows kernel.
+by a register-blocked 4 tokens x 4 rows kernel (_multiply_tile). Block layouts: kernels.layout; the parallel
+drivers over rows (dequantize, int8 matvec, matmul) are generated into kernels.kquants_drivers
+(kernels.specialise).
 """
 
 from __future__ import annotations
 
 import numba
 import numpy as np
-from gguf import GGMLQuantizationType
 
-from . import BlockKernels, register
 from .common import read_f16
-from .kquants_quantize import quantize_q2_k, quantize_q3_k, quantize_q4_k, quantize_q5_k, quantize_q6_k
-from .simd import (
-    INT8_DOT,
-    accumulate_q2_k,
-    accumulate_q3_k,
-    accumulate_q4_k,
-    accumulate_q5_k,
-    accumulate_q6_k,
-    prefetch_ahead,
-    quantize_activations,
-    quantized_sums,
-    sum_f32x8,
-    zeros_f32x8,
-)
+from .layout import Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, QK_K
 
-QK_K = 256
-# Rows of W dequantized together by matmul: 64 rows x 3072 cols x 4 bytes = 768 KiB, within L2 (2 MiB);
-# measured better than 8-32 rows for long prompts, where re-reading X per tile dominates.
-MATMUL_TILE_ROWS = 64
 # Rows of W per matmul micro-kernel step, and tokens per step: 4 x 4 accumulators stay in registers.
 MICRO_ROWS = 4
 MICRO_TOKENS = 4
-
-Q2_K_BYTES = 84
-Q3_K_BYTES = 110
-Q4_K_BYTES = 144
-Q5_K_BYTES = 176
-Q6_K_BYTES = 210
 
 
 @numba.njit(inline="always")
@@ -117,13 +94,13 @@ def _q6(low: np.uint8, shift: int, high: np.uint8, high_shift: int) -> np.float3
 
 @numba.njit(cache=True)
 def _dequantize_row_q2_k(row: np.ndarray, y: np.ndarray) -> None:
-    for b in range(row.shape[0] // Q2_K_BYTES):
-        o = b * Q2_K_BYTES
-        d = read_f16(row, o + 80)
-        dmin = read_f16(row, o + 82)
+    for b in range(row.shape[0] // Q2_K.bytes):
+        o = b * Q2_K.bytes
+        d = read_f16(row, o + Q2_K.d)
+        dmin = read_f16(row, o + Q2_K.dmin)
         for half in range(2):
             # sub-block 8h + 2j + half: the 2-bit fields j of qs[32h + 16 half + e], 16 elements each
-            s = o + half
+            s = o + Q2_K.scales + half
             d0, m0 = d * np.float32(_byte(row, s) & 15), dmin * np.float32(_byte(row, s) >> 4)
             d1, m1 = d * np.float32(_byte(row, s + 2) & 15), dmin * np.float32(_byte(row, s + 2) >> 4)
             d2, m2 = d * np.float32(_byte(row, s + 4) & 15), dmin * np.float32(_byte(row, s + 4) >> 4)
@@ -132,7 +109,7 @@ def _dequantize_row_q2_k(row: np.ndarray, y: np.ndarray) -> None:
             d5, m5 = d * np.float32(_byte(row, s + 10) & 15), dmin * np.float32(_byte(row, s + 10) >> 4)
             d6, m6 = d * np.float32(_byte(row, s + 12) & 15), dmin * np.float32(_byte(row, s + 12) >> 4)
             d7, m7 = d * np.float32(_byte(row, s + 14) & 15), dmin * np.float32(_byte(row, s + 14) >> 4)
-            qs = row[o + 16 + 16 * half : o + 80]
+            qs = row[o + Q2_K.qs + 16 * half : o + Q2_K.qs + 64]
             out = y[QK_K * b + 16 * half : QK_K * (b + 1)]
             for e in range(16):
                 q = qs[e]
@@ -149,20 +126,20 @@ def _dequantize_row_q2_k(row: np.ndarray, y: np.ndarray) -> None:
 
 @numba.njit(cache=True)
 def _dequantize_row_q3_k(row: np.ndarray, y: np.ndarray) -> None:
-    for b in range(row.shape[0] // Q3_K_BYTES):
-        o = b * Q3_K_BYTES
-        d = read_f16(row, o + 108)
+    for b in range(row.shape[0] // Q3_K.bytes):
+        o = b * Q3_K.bytes
+        d = read_f16(row, o + Q3_K.d)
         for half in range(2):
-            d0 = d * np.float32(_scale_q3_k(row, o + 96, half))
-            d1 = d * np.float32(_scale_q3_k(row, o + 96, half + 2))
-            d2 = d * np.float32(_scale_q3_k(row, o + 96, half + 4))
-            d3 = d * np.float32(_scale_q3_k(row, o + 96, half + 6))
-            d4 = d * np.float32(_scale_q3_k(row, o + 96, half + 8))
-            d5 = d * np.float32(_scale_q3_k(row, o + 96, half + 10))
-            d6 = d * np.float32(_scale_q3_k(row, o + 96, half + 12))
-            d7 = d * np.float32(_scale_q3_k(row, o + 96, half + 14))
-            hmask = row[o + 16 * half : o + 16 * half + 16]
-            qs = row[o + 32 + 16 * half : o + 96]
+            d0 = d * np.float32(_scale_q3_k(row, o + Q3_K.scales, half))
+            d1 = d * np.float32(_scale_q3_k(row, o + Q3_K.scales, half + 2))
+            d2 = d * np.float32(_scale_q3_k(row, o + Q3_K.scales, half + 4))
+            d3 = d * np.float32(_scale_q3_k(row, o + Q3_K.scales, half + 6))
+            d4 = d * np.float32(_scale_q3_k(row, o + Q3_K.scales, half + 8))
+            d5 = d * np.float32(_scale_q3_k(row, o + Q3_K.scales, half + 10))
+            d6 = d * np.float32(_scale_q3_k(row, o + Q3_K.scales, half + 12))
+            d7 = d * np.float32(_scale_q3_k(row, o + Q3_K.scales, half + 14))
+            hmask = row[o + Q3_K.hmask + 16 * half : o + Q3_K.hmask + 16 * half + 16]
+            qs = row[o + Q3_K.qs + 16 * half : o + Q3_K.qs + 64]
             out = y[QK_K * b + 16 * half : QK_K * (b + 1)]
             for e in range(16):
                 q = qs[e]
@@ -186,21 +163,21 @@ def _scales_k4(row: np.ndarray, o: int, d: np.float32, j: int) -> tuple[np.float
 
 @numba.njit(cache=True)
 def _dequantize_row_q4_k(row: np.ndarray, y: np.ndarray) -> None:
-    for b in range(row.shape[0] // Q4_K_BYTES):
-        o = b * Q4_K_BYTES
-        d = read_f16(row, o)
-        dmin = read_f16(row, o + 2)
-        d0, m0 = _scales_k4(row, o + 4, d, 0)
-        d1, m1 = _scales_k4(row, o + 4, d, 1)
-        d2, m2 = _scales_k4(row, o + 4, d, 2)
-        d3, m3 = _scales_k4(row, o + 4, d, 3)
-        d4, m4 = _scales_k4(row, o + 4, d, 4)
-        d5, m5 = _scales_k4(row, o + 4, d, 5)
-        d6, m6 = _scales_k4(row, o + 4, d, 6)
-        d7, m7 = _scales_k4(row, o + 4, d, 7)
+    for b in range(row.shape[0] // Q4_K.bytes):
+        o = b * Q4_K.bytes
+        d = read_f16(row, o + Q4_K.d)
+        dmin = read_f16(row, o + Q4_K.dmin)
+        d0, m0 = _scales_k4(row, o + Q4_K.scales, d, 0)
+        d1, m1 = _scales_k4(row, o + Q4_K.scales, d, 1)
+        d2, m2 = _scales_k4(row, o + Q4_K.scales, d, 2)
+        d3, m3 = _scales_k4(row, o + Q4_K.scales, d, 3)
+        d4, m4 = _scales_k4(row, o + Q4_K.scales, d, 4)
+        d5, m5 = _scales_k4(row, o + Q4_K.scales, d, 5)
+        d6, m6 = _scales_k4(row, o + Q4_K.scales, d, 6)
+        d7, m7 = _scales_k4(row, o + Q4_K.scales, d, 7)
         m0, m1, m2, m3 = dmin * m0, dmin * m1, dmin * m2, dmin * m3
         m4, m5, m6, m7 = dmin * m4, dmin * m5, dmin * m6, dmin * m7
-        qs = row[o + 16 : o + 144]
+        qs = row[o + Q4_K.qs : o + Q4_K.qs + 128]
         out = y[QK_K * b : QK_K * (b + 1)]
         for e in range(32):
             q0 = qs[e]
@@ -219,22 +196,22 @@ def _dequantize_row_q4_k(row: np.ndarray, y: np.ndarray) -> None:
 
 @numba.njit(cache=True)
 def _dequantize_row_q5_k(row: np.ndarray, y: np.ndarray) -> None:
-    for b in range(row.shape[0] // Q5_K_BYTES):
-        o = b * Q5_K_BYTES
-        d = read_f16(row, o)
-        dmin = read_f16(row, o + 2)
-        d0, m0 = _scales_k4(row, o + 4, d, 0)
-        d1, m1 = _scales_k4(row, o + 4, d, 1)
-        d2, m2 = _scales_k4(row, o + 4, d, 2)
-        d3, m3 = _scales_k4(row, o + 4, d, 3)
-        d4, m4 = _scales_k4(row, o + 4, d, 4)
-        d5, m5 = _scales_k4(row, o + 4, d, 5)
-        d6, m6 = _scales_k4(row, o + 4, d, 6)
-        d7, m7 = _scales_k4(row, o + 4, d, 7)
+    for b in range(row.shape[0] // Q5_K.bytes):
+        o = b * Q5_K.bytes
+        d = read_f16(row, o + Q5_K.d)
+        dmin = read_f16(row, o + Q5_K.dmin)
+        d0, m0 = _scales_k4(row, o + Q5_K.scales, d, 0)
+        d1, m1 = _scales_k4(row, o + Q5_K.scales, d, 1)
+        d2, m2 = _scales_k4(row, o + Q5_K.scales, d, 2)
+        d3, m3 = _scales_k4(row, o + Q5_K.scales, d, 3)
+        d4, m4 = _scales_k4(row, o + Q5_K.scales, d, 4)
+        d5, m5 = _scales_k4(row, o + Q5_K.scales, d, 5)
+        d6, m6 = _scales_k4(row, o + Q5_K.scales, d, 6)
+        d7, m7 = _scales_k4(row, o + Q5_K.scales, d, 7)
         m0, m1, m2, m3 = dmin * m0, dmin * m1, dmin * m2, dmin * m3
         m4, m5, m6, m7 = dmin * m4, dmin * m5, dmin * m6, dmin * m7
-        qh = row[o + 16 : o + 48]
-        qs = row[o + 48 : o + 176]
+        qh = row[o + Q5_K.qh : o + Q5_K.qh + 32]
+        qs = row[o + Q5_K.qs : o + Q5_K.qs + 128]
         out = y[QK_K * b : QK_K * (b + 1)]
         for e in range(32):
             h = qh[e]
@@ -254,12 +231,12 @@ def _dequantize_row_q5_k(row: np.ndarray, y: np.ndarray) -> None:
 
 @numba.njit(cache=True)
 def _dequantize_row_q6_k(row: np.ndarray, y: np.ndarray) -> None:
-    for b in range(row.shape[0] // Q6_K_BYTES):
-        o = b * Q6_K_BYTES
-        d = read_f16(row, o + 208)
+    for b in range(row.shape[0] // Q6_K.bytes):
+        o = b * Q6_K.bytes
+        d = read_f16(row, o + Q6_K.d)
         for half in range(2):
             # sub-block 8h + 2j + half holds elements 128h + 32j + 16 half + e, e < 16
-            s = o + 192 + half
+            s = o + Q6_K.scales + half
             d0 = d * np.float32(_signed_byte(row, s))
             d1 = d * np.float32(_signed_byte(row, s + 2))
             d2 = d * np.float32(_signed_byte(row, s + 4))
@@ -268,8 +245,8 @@ def _dequantize_row_q6_k(row: np.ndarray, y: np.ndarray) -> None:
             d5 = d * np.float32(_signed_byte(row, s + 10))
             d6 = d * np.float32(_signed_byte(row, s + 12))
             d7 = d * np.float32(_signed_byte(row, s + 14))
-            ql = row[o + 16 * half : o + 128]
-            qh = row[o + 128 + 16 * half : o + 192]
+            ql = row[o + Q6_K.ql + 16 * half : o + Q6_K.ql + 128]
+            qh = row[o + Q6_K.qh + 16 * half : o + Q6_K.qh + 64]
             out = y[QK_K * b + 16 * half : QK_K * (b + 1)]
             for e in range(16):
                 a0 = ql[e]
@@ -286,36 +263,6 @@ def _dequantize_row_q6_k(row: np.ndarray, y: np.ndarray) -> None:
                 out[160 + e] = d5 * _q6(a3, 0, h1, 2)
                 out[192 + e] = d6 * _q6(a2, 4, h1, 4)
                 out[224 + e] = d7 * _q6(a3, 4, h1, 6)
-
-
-@numba.njit(cache=True, parallel=True)
-def dequantize_q2_k(blocks: np.ndarray, out: np.ndarray) -> None:
-    for r in numba.prange(blocks.shape[0]):
-        _dequantize_row_q2_k(blocks[r], out[r])
-
-
-@numba.njit(cache=True, parallel=True)
-def dequantize_q3_k(blocks: np.ndarray, out: np.ndarray) -> None:
-    for r in numba.prange(blocks.shape[0]):
-        _dequantize_row_q3_k(blocks[r], out[r])
-
-
-@numba.njit(cache=True, parallel=True)
-def dequantize_q4_k(blocks: np.ndarray, out: np.ndarray) -> None:
-    for r in numba.prange(blocks.shape[0]):
-        _dequantize_row_q4_k(blocks[r], out[r])
-
-
-@numba.njit(cache=True, parallel=True)
-def dequantize_q5_k(blocks: np.ndarray, out: np.ndarray) -> None:
-    for r in numba.prange(blocks.shape[0]):
-        _dequantize_row_q5_k(blocks[r], out[r])
-
-
-@numba.njit(cache=True, parallel=True)
-def dequantize_q6_k(blocks: np.ndarray, out: np.ndarray) -> None:
-    for r in numba.prange(blocks.shape[0]):
-        _dequantize_row_q6_k(blocks[r], out[r])
 
 
 # --- matvec: y[rows] = W x, weights decoded in registers ----------------------------------------------------
@@ -335,21 +282,21 @@ def _sub_block_sums(x: np.ndarray, size: int) -> np.ndarray:
 
 @numba.njit(cache=True, parallel=True, fastmath=True)
 def matvec_q2_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
-    n_blocks = blocks.shape[1] // Q2_K_BYTES
+    n_blocks = blocks.shape[1] // Q2_K.bytes
     x_sums = _sub_block_sums(x, 16)
     for r in numba.prange(blocks.shape[0]):
         row = blocks[r]
         acc = np.float32(0)
         for b in range(n_blocks):
-            o = b * Q2_K_BYTES
+            o = b * Q2_K.bytes
             scaled = np.float32(0)
             mins = np.float32(0)
             for s in range(16):
-                mins += np.float32(_byte(row, o + s) >> 4) * x_sums[16 * b + s]
+                mins += np.float32(_byte(row, o + Q2_K.scales + s) >> 4) * x_sums[16 * b + s]
             for half in range(2):
                 # sub-block 8h + 2j + half: the 2-bit fields j of qs[32h + 16 half + e], 16 elements each;
                 # fields are masked in place, not shifted down, and the scale takes the 4**-j instead
-                s = o + half
+                s = o + Q2_K.scales + half
                 sc0 = np.float32(_byte(row, s) & 15)
                 sc1 = np.float32(_byte(row, s + 2) & 15) * np.float32(0.25)
                 sc2 = np.float32(_byte(row, s + 4) & 15) * np.float32(0.0625)
@@ -358,7 +305,7 @@ def matvec_q2_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
                 sc5 = np.float32(_byte(row, s + 10) & 15) * np.float32(0.25)
                 sc6 = np.float32(_byte(row, s + 12) & 15) * np.float32(0.0625)
                 sc7 = np.float32(_byte(row, s + 14) & 15) * np.float32(0.015625)
-                qs = row[o + 16 + 16 * half : o + 80]
+                qs = row[o + Q2_K.qs + 16 * half : o + Q2_K.qs + 64]
                 xs = x[QK_K * b + 16 * half : QK_K * (b + 1)]
                 for e in range(16):
                     q = qs[e]
@@ -373,30 +320,30 @@ def matvec_q2_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
                         + sc6 * np.float32(_field(p, 0, 48)) * xs[192 + e]
                         + sc7 * np.float32(_field(p, 0, 192)) * xs[224 + e]
                     )
-            acc += read_f16(row, o + 80) * scaled - read_f16(row, o + 82) * mins
+            acc += read_f16(row, o + Q2_K.d) * scaled - read_f16(row, o + Q2_K.dmin) * mins
         y[r] = acc
 
 
 @numba.njit(cache=True, parallel=True, fastmath=True)
 def matvec_q3_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
-    n_blocks = blocks.shape[1] // Q3_K_BYTES
+    n_blocks = blocks.shape[1] // Q3_K.bytes
     for r in numba.prange(blocks.shape[0]):
         row = blocks[r]
         acc = np.float32(0)
         for b in range(n_blocks):
-            o = b * Q3_K_BYTES
+            o = b * Q3_K.bytes
             scaled = np.float32(0)
             for half in range(2):
-                sc0 = np.float32(_scale_q3_k(row, o + 96, half))
-                sc1 = np.float32(_scale_q3_k(row, o + 96, half + 2))
-                sc2 = np.float32(_scale_q3_k(row, o + 96, half + 4))
-                sc3 = np.float32(_scale_q3_k(row, o + 96, half + 6))
-                sc4 = np.float32(_scale_q3_k(row, o + 96, half + 8))
-                sc5 = np.float32(_scale_q3_k(row, o + 96, half + 10))
-                sc6 = np.float32(_scale_q3_k(row, o + 96, half + 12))
-                sc7 = np.float32(_scale_q3_k(row, o + 96, half + 14))
-                hmask = row[o + 16 * half : o + 16 * half + 16]
-                qs = row[o + 32 + 16 * half : o + 96]
+                sc0 = np.float32(_scale_q3_k(row, o + Q3_K.scales, half))
+                sc1 = np.float32(_scale_q3_k(row, o + Q3_K.scales, half + 2))
+                sc2 = np.float32(_scale_q3_k(row, o + Q3_K.scales, half + 4))
+                sc3 = np.float32(_scale_q3_k(row, o + Q3_K.scales, half + 6))
+                sc4 = np.float32(_scale_q3_k(row, o + Q3_K.scales, half + 8))
+                sc5 = np.float32(_scale_q3_k(row, o + Q3_K.scales, half + 10))
+                sc6 = np.float32(_scale_q3_k(row, o + Q3_K.scales, half + 12))
+                sc7 = np.float32(_scale_q3_k(row, o + Q3_K.scales, half + 14))
+                hmask = row[o + Q3_K.hmask + 16 * half : o + Q3_K.hmask + 16 * half + 16]
+                qs = row[o + Q3_K.qs + 16 * half : o + Q3_K.qs + 64]
                 xs = x[QK_K * b + 16 * half : QK_K * (b + 1)]
                 for e in range(16):
                     q = qs[e]
@@ -412,27 +359,27 @@ def matvec_q3_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
                         + sc6 * _q3(p, 4, m, 6) * xs[192 + e]
                         + sc7 * _q3(p, 6, m, 7) * xs[224 + e]
                     )
-            acc += read_f16(row, o + 108) * scaled
+            acc += read_f16(row, o + Q3_K.d) * scaled
         y[r] = acc
 
 
 @numba.njit(cache=True, parallel=True, fastmath=True)
 def matvec_q4_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
-    n_blocks = blocks.shape[1] // Q4_K_BYTES
+    n_blocks = blocks.shape[1] // Q4_K.bytes
     x_sums = _sub_block_sums(x, 32)
     for r in numba.prange(blocks.shape[0]):
         row = blocks[r]
         acc = np.float32(0)
         for b in range(n_blocks):
-            o = b * Q4_K_BYTES
-            sc0, m0 = _scale_min_k4(row, o + 4, 0)
-            sc1, m1 = _scale_min_k4(row, o + 4, 1)
-            sc2, m2 = _scale_min_k4(row, o + 4, 2)
-            sc3, m3 = _scale_min_k4(row, o + 4, 3)
-            sc4, m4 = _scale_min_k4(row, o + 4, 4)
-            sc5, m5 = _scale_min_k4(row, o + 4, 5)
-            sc6, m6 = _scale_min_k4(row, o + 4, 6)
-            sc7, m7 = _scale_min_k4(row, o + 4, 7)
+            o = b * Q4_K.bytes
+            sc0, m0 = _scale_min_k4(row, o + Q4_K.scales, 0)
+            sc1, m1 = _scale_min_k4(row, o + Q4_K.scales, 1)
+            sc2, m2 = _scale_min_k4(row, o + Q4_K.scales, 2)
+            sc3, m3 = _scale_min_k4(row, o + Q4_K.scales, 3)
+            sc4, m4 = _scale_min_k4(row, o + Q4_K.scales, 4)
+            sc5, m5 = _scale_min_k4(row, o + Q4_K.scales, 5)
+            sc6, m6 = _scale_min_k4(row, o + Q4_K.scales, 6)
+            sc7, m7 = _scale_min_k4(row, o + Q4_K.scales, 7)
             s = x_sums[8 * b : 8 * b + 8]
             mins = (
                 np.float32(m0) * s[0] + np.float32(m1) * s[1] + np.float32(m2) * s[2] + np.float32(m3) * s[3]
@@ -442,7 +389,7 @@ def matvec_q4_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
             )
             f0, f1, f2, f3 = np.float32(sc0), np.float32(sc1), np.float32(sc2), np.float32(sc3)
             f4, f5, f6, f7 = np.float32(sc4), np.float32(sc5), np.float32(sc6), np.float32(sc7)
-            qs = row[o + 16 : o + 144]
+            qs = row[o + Q4_K.qs : o + Q4_K.qs + 128]
             xs = x[QK_K * b : QK_K * (b + 1)]
             scaled = np.float32(0)
             for e in range(32):
@@ -460,27 +407,27 @@ def matvec_q4_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
                     + f6 * np.float32(_field(q3, 0, 15)) * xs[192 + e]
                     + f7 * np.float32(_field(q3, 4, 15)) * xs[224 + e]
                 )
-            acc += read_f16(row, o) * scaled - read_f16(row, o + 2) * mins
+            acc += read_f16(row, o + Q4_K.d) * scaled - read_f16(row, o + Q4_K.dmin) * mins
         y[r] = acc
 
 
 @numba.njit(cache=True, parallel=True, fastmath=True)
 def matvec_q5_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
-    n_blocks = blocks.shape[1] // Q5_K_BYTES
+    n_blocks = blocks.shape[1] // Q5_K.bytes
     x_sums = _sub_block_sums(x, 32)
     for r in numba.prange(blocks.shape[0]):
         row = blocks[r]
         acc = np.float32(0)
         for b in range(n_blocks):
-            o = b * Q5_K_BYTES
-            sc0, m0 = _scale_min_k4(row, o + 4, 0)
-            sc1, m1 = _scale_min_k4(row, o + 4, 1)
-            sc2, m2 = _scale_min_k4(row, o + 4, 2)
-            sc3, m3 = _scale_min_k4(row, o + 4, 3)
-            sc4, m4 = _scale_min_k4(row, o + 4, 4)
-            sc5, m5 = _scale_min_k4(row, o + 4, 5)
-            sc6, m6 = _scale_min_k4(row, o + 4, 6)
-            sc7, m7 = _scale_min_k4(row, o + 4, 7)
+            o = b * Q5_K.bytes
+            sc0, m0 = _scale_min_k4(row, o + Q5_K.scales, 0)
+            sc1, m1 = _scale_min_k4(row, o + Q5_K.scales, 1)
+            sc2, m2 = _scale_min_k4(row, o + Q5_K.scales, 2)
+            sc3, m3 = _scale_min_k4(row, o + Q5_K.scales, 3)
+            sc4, m4 = _scale_min_k4(row, o + Q5_K.scales, 4)
+            sc5, m5 = _scale_min_k4(row, o + Q5_K.scales, 5)
+            sc6, m6 = _scale_min_k4(row, o + Q5_K.scales, 6)
+            sc7, m7 = _scale_min_k4(row, o + Q5_K.scales, 7)
             s = x_sums[8 * b : 8 * b + 8]
             mins = (
                 np.float32(m0) * s[0] + np.float32(m1) * s[1] + np.float32(m2) * s[2] + np.float32(m3) * s[3]
@@ -490,8 +437,8 @@ def matvec_q5_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
             )
             f0, f1, f2, f3 = np.float32(sc0), np.float32(sc1), np.float32(sc2), np.float32(sc3)
             f4, f5, f6, f7 = np.float32(sc4), np.float32(sc5), np.float32(sc6), np.float32(sc7)
-            qh = row[o + 16 : o + 48]
-            qs = row[o + 48 : o + 176]
+            qh = row[o + Q5_K.qh : o + Q5_K.qh + 32]
+            qs = row[o + Q5_K.qs : o + Q5_K.qs + 128]
             xs = x[QK_K * b : QK_K * (b + 1)]
             scaled = np.float32(0)
             for e in range(32):
@@ -510,22 +457,22 @@ def matvec_q5_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
                     + f6 * _q5(q3, 0, h, 6) * xs[192 + e]
                     + f7 * _q5(q3, 4, h, 7) * xs[224 + e]
                 )
-            acc += read_f16(row, o) * scaled - read_f16(row, o + 2) * mins
+            acc += read_f16(row, o + Q5_K.d) * scaled - read_f16(row, o + Q5_K.dmin) * mins
         y[r] = acc
 
 
 @numba.njit(cache=True, parallel=True, fastmath=True)
 def matvec_q6_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
-    n_blocks = blocks.shape[1] // Q6_K_BYTES
+    n_blocks = blocks.shape[1] // Q6_K.bytes
     for r in numba.prange(blocks.shape[0]):
         row = blocks[r]
         acc = np.float32(0)
         for b in range(n_blocks):
-            o = b * Q6_K_BYTES
+            o = b * Q6_K.bytes
             scaled = np.float32(0)
             for half in range(2):
                 # sub-block 8h + 2j + half holds elements 128h + 32j + 16 half + e, e < 16
-                s = o + 192 + half
+                s = o + Q6_K.scales + half
                 sc0 = np.float32(_signed_byte(row, s))
                 sc1 = np.float32(_signed_byte(row, s + 2))
                 sc2 = np.float32(_signed_byte(row, s + 4))
@@ -534,8 +481,8 @@ def matvec_q6_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
                 sc5 = np.float32(_signed_byte(row, s + 10))
                 sc6 = np.float32(_signed_byte(row, s + 12))
                 sc7 = np.float32(_signed_byte(row, s + 14))
-                ql = row[o + 16 * half : o + 128]
-                qh = row[o + 128 + 16 * half : o + 192]
+                ql = row[o + Q6_K.ql + 16 * half : o + Q6_K.ql + 128]
+                qh = row[o + Q6_K.qh + 16 * half : o + Q6_K.qh + 64]
                 xs = x[QK_K * b + 16 * half : QK_K * (b + 1)]
                 for e in range(16):
                     a0 = ql[e]
@@ -554,133 +501,8 @@ def matvec_q6_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
                         + sc6 * _q6(a2, 4, h1, 4) * xs[192 + e]
                         + sc7 * _q6(a3, 4, h1, 6) * xs[224 + e]
                     )
-            acc += read_f16(row, o + 208) * scaled
+            acc += read_f16(row, o + Q6_K.d) * scaled
         y[r] = acc
-
-
-# --- matvec with int8 activations (kernels.simd): x quantized per 32 values, which is one Q4_K sub-block and
-# two Q2_K/Q3_K/Q6_K sub-blocks, so every integer dot product needs one activation scale. Rows are handed out
-# in tiles; LLVM keeps the intrinsics' vector code tighter in a plain njit function than in a parfor body.
-
-MATVEC_ROW_TILE = 32
-
-
-@numba.njit(cache=True, fastmath=True)
-def _matvec_rows_q2_k_int8(
-    blocks: np.ndarray, xq: np.ndarray, xd: np.ndarray, x_sums: np.ndarray, y: np.ndarray, r0: int, r1: int
-) -> None:
-    n_blocks = blocks.shape[1] // Q2_K_BYTES
-    for r in range(r0, r1):
-        prefetch_ahead(blocks, r)
-        row = blocks[r]
-        acc = zeros_f32x8()
-        for b in range(n_blocks):
-            acc = accumulate_q2_k(acc, row, b * Q2_K_BYTES, xq, xd, x_sums, b)
-        y[r] = sum_f32x8(acc)
-
-
-@numba.njit(cache=True, parallel=True)
-def matvec_q2_k_int8(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
-    xq, xd = quantize_activations(x)
-    x_sums = quantized_sums(xq, xd, 16)
-    rows = blocks.shape[0]
-    for t in numba.prange((rows + MATVEC_ROW_TILE - 1) // MATVEC_ROW_TILE):
-        r0 = t * MATVEC_ROW_TILE
-        _matvec_rows_q2_k_int8(blocks, xq, xd, x_sums, y, r0, min(rows, r0 + MATVEC_ROW_TILE))
-
-
-@numba.njit(cache=True, fastmath=True)
-def _matvec_rows_q3_k_int8(
-    blocks: np.ndarray, xq: np.ndarray, xd: np.ndarray, y: np.ndarray, r0: int, r1: int
-) -> None:
-    n_blocks = blocks.shape[1] // Q3_K_BYTES
-    for r in range(r0, r1):
-        prefetch_ahead(blocks, r)
-        row = blocks[r]
-        acc = zeros_f32x8()
-        for b in range(n_blocks):
-            acc = accumulate_q3_k(acc, row, b * Q3_K_BYTES, xq, xd, b)
-        y[r] = sum_f32x8(acc)
-
-
-@numba.njit(cache=True, parallel=True)
-def matvec_q3_k_int8(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
-    xq, xd = quantize_activations(x)
-    rows = blocks.shape[0]
-    for t in numba.prange((rows + MATVEC_ROW_TILE - 1) // MATVEC_ROW_TILE):
-        r0 = t * MATVEC_ROW_TILE
-        _matvec_rows_q3_k_int8(blocks, xq, xd, y, r0, min(rows, r0 + MATVEC_ROW_TILE))
-
-
-@numba.njit(cache=True, fastmath=True)
-def _matvec_rows_q4_k_int8(
-    blocks: np.ndarray, xq: np.ndarray, xd: np.ndarray, x_sums: np.ndarray, y: np.ndarray, r0: int, r1: int
-) -> None:
-    n_blocks = blocks.shape[1] // Q4_K_BYTES
-    for r in range(r0, r1):
-        prefetch_ahead(blocks, r)
-        row = blocks[r]
-        acc = zeros_f32x8()
-        for b in range(n_blocks):
-            acc = accumulate_q4_k(acc, row, b * Q4_K_BYTES, xq, xd, x_sums, b)
-        y[r] = sum_f32x8(acc)
-
-
-@numba.njit(cache=True, parallel=True)
-def matvec_q4_k_int8(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
-    xq, xd = quantize_activations(x)
-    x_sums = quantized_sums(xq, xd, 32)
-    rows = blocks.shape[0]
-    for t in numba.prange((rows + MATVEC_ROW_TILE - 1) // MATVEC_ROW_TILE):
-        r0 = t * MATVEC_ROW_TILE
-        _matvec_rows_q4_k_int8(blocks, xq, xd, x_sums, y, r0, min(rows, r0 + MATVEC_ROW_TILE))
-
-
-@numba.njit(cache=True, fastmath=True)
-def _matvec_rows_q5_k_int8(
-    blocks: np.ndarray, xq: np.ndarray, xd: np.ndarray, x_sums: np.ndarray, y: np.ndarray, r0: int, r1: int
-) -> None:
-    n_blocks = blocks.shape[1] // Q5_K_BYTES
-    for r in range(r0, r1):
-        prefetch_ahead(blocks, r)
-        row = blocks[r]
-        acc = zeros_f32x8()
-        for b in range(n_blocks):
-            acc = accumulate_q5_k(acc, row, b * Q5_K_BYTES, xq, xd, x_sums, b)
-        y[r] = sum_f32x8(acc)
-
-
-@numba.njit(cache=True, parallel=True)
-def matvec_q5_k_int8(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
-    xq, xd = quantize_activations(x)
-    x_sums = quantized_sums(xq, xd, 32)
-    rows = blocks.shape[0]
-    for t in numba.prange((rows + MATVEC_ROW_TILE - 1) // MATVEC_ROW_TILE):
-        r0 = t * MATVEC_ROW_TILE
-        _matvec_rows_q5_k_int8(blocks, xq, xd, x_sums, y, r0, min(rows, r0 + MATVEC_ROW_TILE))
-
-
-@numba.njit(cache=True, fastmath=True)
-def _matvec_rows_q6_k_int8(
-    blocks: np.ndarray, xq: np.ndarray, xd: np.ndarray, y: np.ndarray, r0: int, r1: int
-) -> None:
-    n_blocks = blocks.shape[1] // Q6_K_BYTES
-    for r in range(r0, r1):
-        prefetch_ahead(blocks, r)
-        row = blocks[r]
-        acc = zeros_f32x8()
-        for b in range(n_blocks):
-            acc = accumulate_q6_k(acc, row, b * Q6_K_BYTES, xq, xd, b)
-        y[r] = sum_f32x8(acc)
-
-
-@numba.njit(cache=True, parallel=True)
-def matvec_q6_k_int8(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
-    xq, xd = quantize_activations(x)
-    rows = blocks.shape[0]
-    for t in numba.prange((rows + MATVEC_ROW_TILE - 1) // MATVEC_ROW_TILE):
-        r0 = t * MATVEC_ROW_TILE
-        _matvec_rows_q6_k_int8(blocks, xq, xd, y, r0, min(rows, r0 + MATVEC_ROW_TILE))
 
 
 # --- matmul: Y[n, rows] = X W^T, one dequantized tile of W at a time -------------------------------------
@@ -730,110 +552,3 @@ def _multiply_tile(w: np.ndarray, x: np.ndarray, y: np.ndarray, r0: int) -> None
                         for k in range(cols):
                             total += x[i, k] * w[j, k]
                         y[i, r0 + j] = total
-
-
-@numba.njit(cache=True, parallel=True)
-def matmul_q2_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
-    rows = blocks.shape[0]
-    for t in numba.prange((rows + MATMUL_TILE_ROWS - 1) // MATMUL_TILE_ROWS):
-        r0 = t * MATMUL_TILE_ROWS
-        w = np.empty((min(MATMUL_TILE_ROWS, rows - r0), x.shape[1]), np.float32)
-        for j in range(w.shape[0]):
-            _dequantize_row_q2_k(blocks[r0 + j], w[j])
-        _multiply_tile(w, x, y, r0)
-
-
-@numba.njit(cache=True, parallel=True)
-def matmul_q3_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
-    rows = blocks.shape[0]
-    for t in numba.prange((rows + MATMUL_TILE_ROWS - 1) // MATMUL_TILE_ROWS):
-        r0 = t * MATMUL_TILE_ROWS
-        w = np.empty((min(MATMUL_TILE_ROWS, rows - r0), x.shape[1]), np.float32)
-        for j in range(w.shape[0]):
-            _dequantize_row_q3_k(blocks[r0 + j], w[j])
-        _multiply_tile(w, x, y, r0)
-
-
-@numba.njit(cache=True, parallel=True)
-def matmul_q4_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
-    rows = blocks.shape[0]
-    for t in numba.prange((rows + MATMUL_TILE_ROWS - 1) // MATMUL_TILE_ROWS):
-        r0 = t * MATMUL_TILE_ROWS
-        w = np.empty((min(MATMUL_TILE_ROWS, rows - r0), x.shape[1]), np.float32)
-        for j in range(w.shape[0]):
-            _dequantize_row_q4_k(blocks[r0 + j], w[j])
-        _multiply_tile(w, x, y, r0)
-
-
-@numba.njit(cache=True, parallel=True)
-def matmul_q5_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
-    rows = blocks.shape[0]
-    for t in numba.prange((rows + MATMUL_TILE_ROWS - 1) // MATMUL_TILE_ROWS):
-        r0 = t * MATMUL_TILE_ROWS
-        w = np.empty((min(MATMUL_TILE_ROWS, rows - r0), x.shape[1]), np.float32)
-        for j in range(w.shape[0]):
-            _dequantize_row_q5_k(blocks[r0 + j], w[j])
-        _multiply_tile(w, x, y, r0)
-
-
-@numba.njit(cache=True, parallel=True)
-def matmul_q6_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
-    rows = blocks.shape[0]
-    for t in numba.prange((rows + MATMUL_TILE_ROWS - 1) // MATMUL_TILE_ROWS):
-        r0 = t * MATMUL_TILE_ROWS
-        w = np.empty((min(MATMUL_TILE_ROWS, rows - r0), x.shape[1]), np.float32)
-        for j in range(w.shape[0]):
-            _dequantize_row_q6_k(blocks[r0 + j], w[j])
-        _multiply_tile(w, x, y, r0)
-
-
-register(
-    BlockKernels(
-        GGMLQuantizationType.Q2_K,
-        dequantize_q2_k,
-        matvec_q2_k_int8 if INT8_DOT else matvec_q2_k,
-        matmul_q2_k,
-        quantize_q2_k,
-        matvec_f32=matvec_q2_k if INT8_DOT else None,
-    )
-)
-register(
-    BlockKernels(
-        GGMLQuantizationType.Q3_K,
-        dequantize_q3_k,
-        matvec_q3_k_int8 if INT8_DOT else matvec_q3_k,
-        matmul_q3_k,
-        quantize_q3_k,
-        matvec_f32=matvec_q3_k if INT8_DOT else None,
-    )
-)
-register(
-    BlockKernels(
-        GGMLQuantizationType.Q4_K,
-        dequantize_q4_k,
-        matvec_q4_k_int8 if INT8_DOT else matvec_q4_k,
-        matmul_q4_k,
-        quantize_q4_k,
-        matvec_f32=matvec_q4_k if INT8_DOT else None,
-    )
-)
-register(
-    BlockKernels(
-        GGMLQuantizationType.Q5_K,
-        dequantize_q5_k,
-        matvec_q5_k_int8 if INT8_DOT else matvec_q5_k,
-        matmul_q5_k,
-        quantize_q5_k,
-        matvec_f32=matvec_q5_k if INT8_DOT else None,
-    )
-)
-register(
-    BlockKernels(
-        GGMLQuantizationType.Q6_K,
-        dequantize_q6_k,
-        matvec_q6_k_int8 if INT8_DOT else matvec_q6_k,
-        matmul_q6_k,
-        quantize_q6_k,
-        matvec_f32=matvec_q6_k if INT8_DOT else None,
-    )
-)

@@ -5,8 +5,8 @@ Ports of `quantize_row_q{2,3,4,5,6}_K_ref` and their helpers from ggml/src/ggml-
 in C's order of operations (ints are converted to float32 before they meet a float, since Numba would
 otherwise promote to float64), there is no fastmath, and f16 rounding follows GGML_FP32_TO_FP16.
 
-Public kernels: quantize_q*_k(x f32[rows, cols], out u8[rows, cols // 256 * type_size]), cols % 256 == 0,
-parallel over rows. Block layouts are those of the design doc, section 2.
+Public kernels: quantize_row_q*_k(x f32[cols], out u8[cols // 256 * type_size]), cols % 256 == 0; the
+parallel quantize_q*_k over rows are generated into kernels.kquants_drivers. Block layouts: kernels.layout.
 
 Speed without changing a bit: the costly searches (make_qkx2_quants, make_qx_quants) run on all sub-blocks
 of a row at once, sub-block index innermost, so each sub-block's sums keep ggml's order while the loops
@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from numba import prange
 
-QK_K = 256
+from .layout import Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, QK_K
+
 GROUP_MAX_EPS = np.float32(1e-15)
 
 f32 = np.float32
@@ -388,7 +388,9 @@ def quantize_row_q2_k(x: np.ndarray, out: np.ndarray) -> None:
     for b in range(lanes // 16):
         blk = slice(b * QK_K, (b + 1) * QK_K)
         sub = slice(b * 16, (b + 1) * 16)
-        quantize_block_q2_k(x[blk], out[b * 84 : (b + 1) * 84], work[0, sub], work[1, sub], L[blk])
+        quantize_block_q2_k(
+            x[blk], out[b * Q2_K.bytes : (b + 1) * Q2_K.bytes], work[0, sub], work[1, sub], L[blk]
+        )
 
 
 @numba.njit(cache=True)
@@ -405,22 +407,22 @@ def quantize_block_q2_k(
         if mins[j] > max_min:
             max_min = mins[j]
 
-    sc = y[0:16]
+    sc = y[Q2_K.scales : Q2_K.scales + 16]
     if max_scale > 0:
         iscale = f32(15.0) / max_scale
         for j in range(16):
             sc[j] = nearest_int(iscale * scales[j]) & 0xFF
-        d = store_fp16(y, 80, max_scale / f32(15.0))
+        d = store_fp16(y, Q2_K.d, max_scale / f32(15.0))
     else:
         sc[:] = 0
-        d = store_fp16(y, 80, f32(0.0))
+        d = store_fp16(y, Q2_K.d, f32(0.0))
     if max_min > 0:
         iscale = f32(15.0) / max_min
         for j in range(16):
             sc[j] = (sc[j] | (nearest_int(iscale * mins[j]) << 4)) & 0xFF
-        dmin = store_fp16(y, 82, max_min / f32(15.0))
+        dmin = store_fp16(y, Q2_K.dmin, max_min / f32(15.0))
     else:
-        dmin = store_fp16(y, 82, f32(0.0))
+        dmin = store_fp16(y, Q2_K.dmin, f32(0.0))
 
     for j in range(16):
         s = np.int64(sc[j])
@@ -430,7 +432,7 @@ def quantize_block_q2_k(
         dm = dmin * f32(s >> 4)
         for ii in range(16):
             L[16 * j + ii] = max(0, min(3, nearest_int((x[16 * j + ii] + dm) / dj)))
-    pack_2bit(L, y[16:80])
+    pack_2bit(L, y[Q2_K.qs : Q2_K.qs + 64])
 
 
 @numba.njit(cache=True)
@@ -448,7 +450,7 @@ def quantize_block_q3_k(x: np.ndarray, y: np.ndarray) -> None:
             max_scale = scales[j]
 
     # 16 signed 6-bit scales: low nibbles in bytes 0-7, high 2-bit pairs in bytes 8-11.
-    sc = y[96:108]
+    sc = y[Q3_K.scales : Q3_K.scales + 12]
     sc[:] = 0
     if max_scale != 0:
         iscale = f32(-32.0) / max_scale
@@ -459,9 +461,9 @@ def quantize_block_q3_k(x: np.ndarray, y: np.ndarray) -> None:
             else:
                 sc[j - 8] |= (q & 0xF) << 4
             sc[j % 4 + 8] |= (q >> 4) << (2 * (j // 4))
-        d = store_fp16(y, 108, f32(1.0) / iscale)
+        d = store_fp16(y, Q3_K.d, f32(1.0) / iscale)
     else:
-        d = store_fp16(y, 108, f32(0.0))
+        d = store_fp16(y, Q3_K.d, f32(0.0))
 
     for j in range(16):
         lo = np.int64(sc[j]) & 0xF if j < 8 else np.int64(sc[j - 8]) >> 4
@@ -473,13 +475,13 @@ def quantize_block_q3_k(x: np.ndarray, y: np.ndarray) -> None:
             L[16 * j + ii] = max(-4, min(3, nearest_int(x[16 * j + ii] / dj))) + 4
 
     # The high bit of element j goes to hmask[j % 32], bit j // 32.
-    hmask = y[0:32]
+    hmask = y[Q3_K.hmask : Q3_K.hmask + 32]
     hmask[:] = 0
     for j in range(QK_K):
         if L[j] > 3:
             hmask[j % 32] |= 1 << (j // 32)
             L[j] -= 4
-    pack_2bit(L, y[32:96])
+    pack_2bit(L, y[Q3_K.qs : Q3_K.qs + 64])
 
 
 @numba.njit(cache=True)
@@ -518,10 +520,10 @@ def quantize_block_k4(
         if mins[j] > max_min:
             max_min = mins[j]
 
-    q = y[4:16]
+    q = y[Q4_K.scales : Q4_K.scales + 12]  # Q5_K's d, dmin and scales lie where Q4_K's do
     pack_scales_mins_k4(scales, mins, max_scale, max_min, q)
-    d = store_fp16(y, 0, max_scale / f32(63.0))
-    dmin = store_fp16(y, 2, max_min / f32(63.0))
+    d = store_fp16(y, Q4_K.d, max_scale / f32(63.0))
+    dmin = store_fp16(y, Q4_K.dmin, max_min / f32(63.0))
     for j in range(8):
         sc, m = get_scale_min_k4(j, q)
         dj = d * f32(sc)
@@ -537,13 +539,13 @@ def quantize_row_q4_k(x: np.ndarray, out: np.ndarray) -> None:
     """x f32[cols] -> out u8[cols // 256 * 144]: blocks of d:f16, dmin:f16, scales[12], qs[128]."""
     scales, mins, L = quantize_subblocks_k4(x, 15, f32(-1.0), 20)
     for b in range(x.shape[0] // QK_K):
-        y = out[b * 144 : (b + 1) * 144]
+        y = out[b * Q4_K.bytes : (b + 1) * Q4_K.bytes]
         Lb = L[b * QK_K : (b + 1) * QK_K]
         sub = slice(b * 8, (b + 1) * 8)
         quantize_block_k4(x[b * QK_K : (b + 1) * QK_K], y, 15, scales[sub], mins[sub], Lb)
         for c in range(4):
             for k in range(32):
-                y[16 + 32 * c + k] = Lb[64 * c + k] | (Lb[64 * c + k + 32] << 4)
+                y[Q4_K.qs + 32 * c + k] = Lb[64 * c + k] | (Lb[64 * c + k + 32] << 4)
 
 
 @numba.njit(cache=True)
@@ -551,7 +553,7 @@ def quantize_row_q5_k(x: np.ndarray, out: np.ndarray) -> None:
     """x f32[cols] -> out u8[cols // 256 * 176]: blocks of d:f16, dmin:f16, scales[12], qh[32], qs[128]."""
     scales, mins, L = quantize_subblocks_k4(x, 31, f32(-0.5), 15)
     for b in range(x.shape[0] // QK_K):
-        y = out[b * 176 : (b + 1) * 176]
+        y = out[b * Q5_K.bytes : (b + 1) * Q5_K.bytes]
         Lb = L[b * QK_K : (b + 1) * QK_K]
         sub = slice(b * 8, (b + 1) * 8)
         quantize_block_k4(x[b * QK_K : (b + 1) * QK_K], y, 31, scales[sub], mins[sub], Lb)
@@ -561,7 +563,7 @@ def quantize_row_q5_k(x: np.ndarray, out: np.ndarray) -> None:
 @numba.njit(cache=True)
 def pack_q5_k(L: np.ndarray, y: np.ndarray) -> None:
     """L i32[256] in [0, 31] -> y's qh[32] (bit 2c or 2c + 1 of byte k for element 64c + k or + 32) and qs."""
-    qh = y[16:48]
+    qh = y[Q5_K.qh : Q5_K.qh + 32]
     qh[:] = 0
     for c in range(4):
         for k in range(32):
@@ -573,7 +575,7 @@ def pack_q5_k(L: np.ndarray, y: np.ndarray) -> None:
             if l2 > 15:
                 l2 -= 16
                 qh[k] |= 2 << (2 * c)
-            y[48 + 32 * c + k] = l1 | (l2 << 4)
+            y[Q5_K.qs + 32 * c + k] = l1 | (l2 << 4)
 
 
 @numba.njit(cache=True)
@@ -586,7 +588,9 @@ def quantize_row_q6_k(x: np.ndarray, out: np.ndarray) -> None:
     L = join_lanes(Lt)
     for b in range(x.shape[0] // QK_K):
         blk = slice(b * QK_K, (b + 1) * QK_K)
-        quantize_block_q6_k(x[blk], out[b * 210 : (b + 1) * 210], work[0, b * 16 : (b + 1) * 16], L[blk])
+        quantize_block_q6_k(
+            x[blk], out[b * Q6_K.bytes : (b + 1) * Q6_K.bytes], work[0, b * 16 : (b + 1) * 16], L[blk]
+        )
 
 
 @numba.njit(cache=True)
@@ -606,11 +610,11 @@ def quantize_block_q6_k(x: np.ndarray, y: np.ndarray, scales: np.ndarray, L: np.
         return
 
     iscale = f32(-128.0) / max_scale
-    d = store_fp16(y, 208, f32(1.0) / iscale)
+    d = store_fp16(y, Q6_K.d, f32(1.0) / iscale)
     for ib in range(16):
         # int8 storage of min(127, q): wrap to [-128, 127] as the C assignment does.
         s = ((min(127, nearest_int(iscale * scales[ib])) + 128) & 0xFF) - 128
-        y[192 + ib] = s & 0xFF
+        y[Q6_K.scales + ib] = s & 0xFF
         dj = d * f32(s)
         if dj == 0:
             continue
@@ -620,48 +624,16 @@ def quantize_block_q6_k(x: np.ndarray, y: np.ndarray, scales: np.ndarray, L: np.
     for h in range(2):
         for k in range(32):
             e = 128 * h + k
-            ql = 64 * h + k
+            ql = Q6_K.ql + 64 * h + k
             y[ql] = (L[e] & 0xF) | ((L[e + 64] & 0xF) << 4)
             y[ql + 32] = (L[e + 32] & 0xF) | ((L[e + 96] & 0xF) << 4)
-            y[128 + 32 * h + k] = (
+            y[Q6_K.qh + 32 * h + k] = (
                 (L[e] >> 4) | ((L[e + 32] >> 4) << 2) | ((L[e + 64] >> 4) << 4) | ((L[e + 96] >> 4) << 6)
             )
 
 
-# Row kernels: rows are independent.
-
-
-@numba.njit(cache=True, parallel=True)
-def quantize_q2_k(x: np.ndarray, out: np.ndarray) -> None:
-    """x f32[rows, cols] -> out u8[rows, cols // 256 * 84]."""
-    for r in prange(x.shape[0]):
-        quantize_row_q2_k(x[r], out[r])
-
-
-@numba.njit(cache=True, parallel=True)
-def quantize_q3_k(x: np.ndarray, out: np.ndarray) -> None:
-    """x f32[rows, cols] -> out u8[rows, cols // 256 * 110]."""
-    for r in prange(x.shape[0]):
-        for b in range(x.shape[1] // QK_K):
-            quantize_block_q3_k(x[r, b * QK_K : (b + 1) * QK_K], out[r, b * 110 : (b + 1) * 110])
-
-
-@numba.njit(cache=True, parallel=True)
-def quantize_q4_k(x: np.ndarray, out: np.ndarray) -> None:
-    """x f32[rows, cols] -> out u8[rows, cols // 256 * 144]."""
-    for r in prange(x.shape[0]):
-        quantize_row_q4_k(x[r], out[r])
-
-
-@numba.njit(cache=True, parallel=True)
-def quantize_q5_k(x: np.ndarray, out: np.ndarray) -> None:
-    """x f32[rows, cols] -> out u8[rows, cols // 256 * 176]."""
-    for r in prange(x.shape[0]):
-        quantize_row_q5_k(x[r], out[r])
-
-
-@numba.njit(cache=True, parallel=True)
-def quantize_q6_k(x: np.ndarray, out: np.ndarray) -> None:
-    """x f32[rows, cols] -> out u8[rows, cols // 256 * 210]."""
-    for r in prange(x.shape[0]):
-        quantize_row_q6_k(x[r], out[r])
+@numba.njit(cache=True)
+def quantize_row_q3_k(x: np.ndarray, out: np.ndarray) -> None:
+    """x f32[cols] -> out u8[cols // 256 * 110]."""
+    for b in range(x.shape[0] // QK_K):
+        quantize_block_q3_k(x[b * QK_K : (b + 1) * QK_K], out[b * Q3_K.bytes : (b + 1) * Q3_K.bytes])

@@ -3,9 +3,12 @@
 LLVM makes no vpdpbusd / pmaddubsw out of numba's integer loops, so the dot products are written in LLVM IR
 here (numba intrinsics, compatible with `cache=True`). Each 32 weights and 32 int8 activations make one
 integer dot product in 8 lanes of 4 products; the lanes, converted to f32 and times the weight and
-activation scales, go to an 8-lane f32 accumulator that numba carries as a value (f32x8), so a row ends with
-one horizontal sum. Measured on one core against the f32 kernels: 2.4x (Q8_0, ~24 GB/s) to 3-4x (4/5/6-bit
-types, 13-20 GB/s).
+activation scales, go to an 8-lane f32 accumulator per token that numba carries as a value (f32x8xN for a
+group of N tokens), so a row ends with one horizontal sum per token. Measured on one core against the f32
+kernels: 2.4x (Q8_0, ~24 GB/s) to 3-4x (4/5/6-bit types, 13-20 GB/s). Several tokens share each unpacked
+block (kernels.*_drivers int8_matvecs): about 1.35x the one-token speed per token in groups of 4 on one core,
+the dot product, its conversion and the scaled add being per token (so decode is compute-, not memory-bound
+here: a 768 x 768 matrix in L2 ran no faster per byte than the 50257-row head from memory).
 
 Products of unsigned and signed bytes are what the hardware multiplies (vpdpbusd, pmaddubsw), so signed
 weights use the sign trick: dot(w, x) = dot(|w|, sign(w) x), with |w| <= 128 read as unsigned and x in
@@ -28,6 +31,8 @@ from llvmlite import ir
 from numba import types
 from numba.core import cgutils, config
 from numba.extending import intrinsic, models, register_model
+
+from .layout import Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, QK_K
 
 QK8 = 32
 
@@ -120,22 +125,22 @@ def _is_byte_array(t) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# An f32 vector accumulator that numba carries between the intrinsics: 8 lanes, each the running sum of its
-# lane's integer dot products times their scales, so a row needs one horizontal sum, not one per 32 weights.
+# Accumulators that numba carries between the intrinsics: for each of a group of tokens, 8 f32 lanes, each
+# the running sum of its lane's integer dot products times their scales, so a row needs one horizontal sum
+# per token, not one per 32 weights. A group of tokens shares each unpacked block of weights; the tokens'
+# sums are independent chains of adds, which hides the latency that bounds a single token's chain.
 
 
-class F32x8Type(types.Type):
-    def __init__(self) -> None:
-        super().__init__(name="f32x8")
+class AccumulatorsType(types.Type):
+    def __init__(self, tokens: int) -> None:
+        self.tokens = tokens
+        super().__init__(name=f"f32x8x{tokens}")
 
 
-f32x8 = F32x8Type()
-
-
-@register_model(F32x8Type)
-class F32x8Model(models.PrimitiveModel):
+@register_model(AccumulatorsType)
+class AccumulatorsModel(models.PrimitiveModel):
     def __init__(self, dmm, fe_type) -> None:
-        super().__init__(dmm, fe_type, V8F32)
+        super().__init__(dmm, fe_type, ir.ArrayType(V8F32, fe_type.tokens))
 
 
 def _accumulate(builder, acc: ir.Value, lanes: ir.Value, scales: ir.Value) -> ir.Value:
@@ -149,32 +154,43 @@ def _splat_f32(builder, value: ir.Value) -> ir.Value:
 
 
 @intrinsic
-def zeros_f32x8(typingctx):
-    def codegen(context, builder, signature, args):
-        return ir.Constant(V8F32, None)
+def zero_accumulators(typingctx, tokens):
+    """Accumulators of `tokens` (a constant) tokens, all zero."""
+    if not isinstance(tokens, types.IntegerLiteral):
+        return None
+    acc = AccumulatorsType(tokens.literal_value)
 
-    return f32x8(), codegen
+    def codegen(context, builder, signature, args):
+        return ir.Constant(ir.ArrayType(V8F32, acc.tokens), None)
+
+    return acc(tokens), codegen
 
 
 @intrinsic
-def sum_f32x8(typingctx, acc):
-    """The sum of the 8 lanes, in any order."""
+def store_sums(typingctx, acc, y, t, r):
+    """y[t + j, r] = the sum of token j's 8 lanes (in any order), for each token j of the accumulators."""
+    if not (isinstance(acc, AccumulatorsType) and isinstance(y, types.Array) and y.ndim == 2):
+        return None
 
     def codegen(context, builder, signature, args):
-        function_type = ir.FunctionType(F32, [F32, V8F32])
-        function = cgutils.get_or_insert_function(
-            builder.module, function_type, "llvm.vector.reduce.fadd.v8f32"
-        )
-        return builder.call(function, [ir.Constant(F32, 0.0), args[0]], fastmath=("reassoc",))
+        acc_, y_, t_, r_ = args
+        y_type = signature.args[1]
+        y_array = context.make_array(y_type)(context, builder, y_)
+        reduce_type = ir.FunctionType(F32, [F32, V8F32])
+        reduce = cgutils.get_or_insert_function(builder.module, reduce_type, "llvm.vector.reduce.fadd.v8f32")
+        for j in range(acc.tokens):
+            lanes = builder.extract_value(acc_, j)
+            total = builder.call(reduce, [ir.Constant(F32, 0.0), lanes], fastmath=("reassoc",))
+            token = builder.add(t_, ir.Constant(t_.type, j))
+            builder.store(total, cgutils.get_item_pointer(context, builder, y_type, y_array, [token, r_]))
+        return context.get_dummy_value()
 
-    return types.float32(acc), codegen
+    return types.none(acc, y, t, r), codegen
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Intrinsics. Offsets are in bytes (elements of the C-contiguous uint8 / int8 arrays), nothing is
-# bounds-checked. Each accumulate_* adds scale * sum_k w_k x_k over one block of weights w and int8
-# activations x to an f32x8 accumulator: 32 weights with a scale passed in for the legacy types, a whole
-# 256-weight block with its scales read in the intrinsic for the K-quants.
+# bounds-checked.
 
 
 @intrinsic
@@ -191,90 +207,132 @@ def half_to_f32(typingctx, bits):
     return types.float32(bits), codegen
 
 
-@intrinsic
-def load_f16(typingctx, row, offset):
-    """row[offset:offset + 2] as a little-endian f16, converted to f32 (vcvtph2ps: exact)."""
-    if not (_is_byte_array(row) and isinstance(offset, types.Integer)):
-        return None
-
-    def codegen(context, builder, signature, args):
-        pointer = _pointer(context, builder, signature.args[0], args[0], args[1])
-        half = builder.load(builder.bitcast(pointer, ir.HalfType().as_pointer()), align=1)
-        return builder.fpext(half, F32)
-
-    return types.float32(row, offset), codegen
+# ---------------------------------------------------------------------------------------------------------
+# Per-block integer dot products, one signature for every block type:
+#
+#     acc = accumulate_<type>(acc, row, xq, xd, x_sums, b, t)
+#
+# adds, for each token j of the accumulators, block b of the weight row `row` (u8[row_bytes]) times the
+# activations of token t + j: xq int8[n, cols] and xd f32[n, cols // 32] (x quantized per 32, as ggml's Q8_0),
+# x_sums f32[n, cols // size] the sums of the quantized activations per `size` values (MIN_SUMS_SIZE; the
+# types without a min ignore them). The block's weights are unpacked once for all the tokens, and each token
+# gets exactly the operations of a group of one, so its sums do not depend on the group.
 
 
-@intrinsic
-def accumulate_i8_32(typingctx, acc, w, w_offset, x, x_offset, scale):
-    """w_k = int8(w[w_offset + k]): Q8_0 weights."""
-    if not (acc == f32x8 and _is_byte_array(w) and _is_byte_array(x)):
-        return None
+class _Block:
+    """IR access to block b of a row and to the activations of tokens t, t + 1, ... (see above)."""
 
-    def codegen(context, builder, signature, args):
-        weights = _load(builder, _pointer(context, builder, signature.args[1], args[1], args[2]), V32I8)
-        xs = _load(builder, _pointer(context, builder, signature.args[3], args[3], args[4]), V32I8)
-        return _accumulate(builder, args[0], _dot_s8_s8(builder, weights, xs), _splat_f32(builder, args[5]))
+    def __init__(self, context, builder, signature, args, block_bytes: int) -> None:
+        self.context, self.builder = context, builder
+        row_type, xq_type, xd_type, sums_type = signature.args[1:5]
+        _, row, xq, xd, sums, b, t = args
+        self.i64 = b.type
+        self.row_type, self.row = row_type, row
+        self.offset = builder.mul(b, ir.Constant(self.i64, block_bytes))
+        self.b, self.t = b, t
+        self.arrays = {
+            "xq": (xq_type, context.make_array(xq_type)(context, builder, xq)),
+            "xd": (xd_type, context.make_array(xd_type)(context, builder, xd)),
+            "sums": (sums_type, context.make_array(sums_type)(context, builder, sums)),
+        }
 
-    return f32x8(acc, w, w_offset, x, x_offset, types.float32), codegen
+    def constant(self, k: int) -> ir.Value:
+        return ir.Constant(self.i64, k)
+
+    def load(self, at: int, value_type: ir.Type) -> ir.Value:
+        """The block's bytes from `at` as a value_type (a vector of bytes or a half)."""
+        offset = self.builder.add(self.offset, self.constant(at))
+        pointer = _pointer(self.context, self.builder, self.row_type, self.row, offset)
+        return self.builder.load(self.builder.bitcast(pointer, value_type.as_pointer()), align=1)
+
+    def half(self, at: int) -> ir.Value:
+        """The f16 at `at`, as f32 (vcvtph2ps: exact)."""
+        return self.builder.fpext(self.load(at, ir.HalfType()), F32)
+
+    def token(self, name: str, j: int, column: ir.Value, value_type: ir.Type) -> ir.Value:
+        """activations `name`[t + j, column:] as a value_type."""
+        array_type, array = self.arrays[name]
+        token = self.builder.add(self.t, self.constant(j))
+        element = cgutils.get_item_pointer(self.context, self.builder, array_type, array, [token, column])
+        align = 1 if name == "xq" else 4
+        return self.builder.load(self.builder.bitcast(element, value_type.as_pointer()), align=align)
+
+    def block_times(self, k: int) -> ir.Value:
+        """b k: the column of the block's first value, in units of 1 / k of a block."""
+        return self.builder.mul(self.b, self.constant(k))
 
 
-def _legacy_block_intrinsic(qs_at: int, qh_at: int | None, zero: int):
-    """The intrinsic adding scale * dot(q - zero, xq) for one 32-weight block of ggml's 4/5-bit types at
-    row[offset:], its nibbles at qs_at (byte j: weight j low, weight j + 16 high) and, for 5 bits, the fifth
-    bits at qh_at (bit j of the little-endian u32: weight j); `xq` int8 from x_offset."""
+def _block_intrinsic(codegen_for_block):
+    """An intrinsic with the signature above from codegen(block: _Block, tokens, acc) -> acc."""
 
     @intrinsic
-    def accumulate(typingctx, acc, row, offset, xq, x_offset, scale):
-        if not (acc == f32x8 and _is_byte_array(row) and _is_byte_array(xq)):
+    def accumulate(typingctx, acc, row, xq, xd, x_sums, b, t):
+        arrays_ok = _is_byte_array(row) and _is_byte_array(xq) and xq.ndim == 2
+        if not (isinstance(acc, AccumulatorsType) and arrays_ok and xd.ndim == 2 and x_sums.ndim == 2):
             return None
 
         def codegen(context, builder, signature, args):
-            accumulator, row_, o, xq_, x_at, scale_ = args
-            row_type = signature.args[1]
+            return codegen_for_block(context, builder, signature, args, acc.tokens)
 
-            def at(k: int) -> ir.Value:
-                return _pointer(context, builder, row_type, row_, builder.add(o, ir.Constant(o.type, k)))
-
-            packed = _load(builder, at(qs_at), ir.VectorType(I8, 16))
-            v16i8 = ir.VectorType(I8, 16)
-            low = builder.and_(packed, ir.Constant(v16i8, [15] * 16))
-            high = builder.lshr(packed, ir.Constant(v16i8, [4] * 16))
-            q = builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(I32, 32), list(range(32))))
-            if qh_at is not None:
-                # byte j of the 4 qh bytes to lanes 8j .. 8j + 7, then each lane tests its own bit
-                bits = _load(builder, at(qh_at), ir.VectorType(I8, 4))
-                spread = builder.shuffle_vector(
-                    bits, bits, ir.Constant(ir.VectorType(I32, 32), [k // 8 for k in range(32)])
-                )
-                masks = ir.Constant(V32I8, [1 << (k % 8) for k in range(32)])
-                is_set = builder.icmp_unsigned("!=", builder.and_(spread, masks), ir.Constant(V32I8, None))
-                q = builder.or_(
-                    q, builder.select(is_set, ir.Constant(V32I8, [16] * 32), ir.Constant(V32I8, None))
-                )
-            xs = _load(builder, _pointer(context, builder, signature.args[3], xq_, x_at), V32I8)
-            if zero:
-                lanes = _dot_s8_s8(builder, builder.sub(q, ir.Constant(V32I8, [zero] * 32)), xs)
-            else:
-                lanes = _dot_u8_s8(builder, q, xs)
-            return _accumulate(builder, accumulator, lanes, _splat_f32(builder, scale_))
-
-        return f32x8(acc, row, offset, xq, x_offset, types.float32), codegen
+        return acc(acc, row, xq, xd, x_sums, b, t), codegen
 
     return accumulate
 
 
-# The integer part of each legacy type; the scale passed in is d times the activation scale, and the `+ m`
-# of the _1 types is the caller's (it multiplies the sum of the quantized block of x).
-accumulate_q4_0 = _legacy_block_intrinsic(qs_at=2, qh_at=None, zero=8)
-accumulate_q4_1 = _legacy_block_intrinsic(qs_at=4, qh_at=None, zero=0)
-accumulate_q5_0 = _legacy_block_intrinsic(qs_at=6, qh_at=2, zero=16)
-accumulate_q5_1 = _legacy_block_intrinsic(qs_at=8, qh_at=4, zero=0)
+def _legacy_block_intrinsic(layout, zero: int = 0):
+    """The intrinsic for one 32-weight block of a legacy type: d (q - zero) . x, plus m times the sum of
+    the quantized x for the types with a min. Q8_0's bytes are signed weights; the 4/5-bit types' qs byte j
+    holds weight j (low nibble) and j + 16 (high), and bit j of the little-endian u32 qh is weight j's fifth
+    bit."""
+    has_m, has_qh = hasattr(layout, "m"), hasattr(layout, "qh")
+    signed_bytes = layout is Q8_0
+
+    def codegen(context, builder, signature, args, tokens: int):
+        block = _Block(context, builder, signature, args, layout.bytes)
+        if signed_bytes:
+            q = block.load(layout.qs, V32I8)
+        else:
+            v16i8 = ir.VectorType(I8, 16)
+            packed = block.load(layout.qs, v16i8)
+            low = builder.and_(packed, ir.Constant(v16i8, [15] * 16))
+            high = builder.lshr(packed, ir.Constant(v16i8, [4] * 16))
+            q = builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(I32, 32), list(range(32))))
+        if has_qh:
+            # byte j of the 4 qh bytes to lanes 8j .. 8j + 7, then each lane tests its own bit
+            bits = block.load(layout.qh, ir.VectorType(I8, 4))
+            spread = builder.shuffle_vector(
+                bits, bits, ir.Constant(ir.VectorType(I32, 32), [k // 8 for k in range(32)])
+            )
+            masks = ir.Constant(V32I8, [1 << (k % 8) for k in range(32)])
+            is_set = builder.icmp_unsigned("!=", builder.and_(spread, masks), ir.Constant(V32I8, None))
+            q = builder.or_(
+                q, builder.select(is_set, ir.Constant(V32I8, [16] * 32), ir.Constant(V32I8, None))
+            )
+        if zero:
+            q = builder.sub(q, ir.Constant(V32I8, [zero] * 32))
+        d = block.half(layout.d)
+        m = block.half(layout.m) if has_m else None
+        acc = args[0]
+        for j in range(tokens):
+            xs = block.token("xq", j, block.block_times(32), V32I8)
+            lanes = _dot_s8_s8(builder, q, xs) if zero or signed_bytes else _dot_u8_s8(builder, q, xs)
+            scale = builder.fmul(d, block.token("xd", j, block.b, F32))
+            value = _accumulate(builder, builder.extract_value(acc, j), lanes, _splat_f32(builder, scale))
+            if has_m:
+                # the `+ m` term into lane 0: m times the sum of the quantized block of x
+                minimum = builder.fmul(m, block.token("sums", j, block.b, F32))
+                value = builder.fadd(value, builder.insert_element(ir.Constant(V8F32, None), minimum, I32(0)))
+            acc = builder.insert_value(acc, value, j)
+        return acc
+
+    return _block_intrinsic(codegen)
 
 
-def _f32_pointer(context, builder, array_type, array, index) -> ir.Value:
-    """float* to array[index] of an f32 array."""
-    return builder.gep(context.make_array(array_type)(context, builder, array).data, [index])
+accumulate_q4_0 = _legacy_block_intrinsic(Q4_0, zero=8)
+accumulate_q4_1 = _legacy_block_intrinsic(Q4_1)
+accumulate_q5_0 = _legacy_block_intrinsic(Q5_0, zero=16)
+accumulate_q5_1 = _legacy_block_intrinsic(Q5_1)
+accumulate_q8_0 = _legacy_block_intrinsic(Q8_0)
 
 
 def _q4_k_scales_and_mins(builder, packed: ir.Value) -> tuple[ir.Value, ir.Value]:
@@ -310,203 +368,141 @@ def _q4_k_scales_and_mins(builder, packed: ir.Value) -> tuple[ir.Value, ir.Value
     return builder.uitofp(scales, as_f32), builder.uitofp(mins, as_f32)
 
 
-def _k4_block_intrinsic(qs_at: int, qh_at: int | None):
-    """The intrinsic for one Q4_K (qh_at None) or Q5_K block at row[offset:] times x block s
-    (x[256 s:256 s + 256]): sum_j d sc_j xd[8s + j] dot(q_j, xq_j) - dmin m_j x_sums[8s + j], the sub-block
-    scales unpacked in vector registers. Sub-block j: nibble j % 2 of qs[32 (j // 2) + k], and for Q5_K bit j
-    of qh[k] as the fifth bit. xq int8[cols] and xd f32[cols // 32] are x quantized per 32, x_sums
-    f32[cols // 32] the sums of the quantized blocks (quantized_sums)."""
+def _k4_block_intrinsic(layout):
+    """The intrinsic for one Q4_K or Q5_K block (256 weights, 8 sub-blocks of 32): sum_j d sc_j xd[8b + j]
+    dot(q_j, xq_j) - dmin m_j x_sums[8b + j] (sums per 32), the sub-block scales unpacked in vector registers.
+    Sub-block j: nibble j % 2 of qs[32 (j // 2) + k], and for Q5_K bit j of qh[k] as the fifth bit."""
+    has_qh = hasattr(layout, "qh")
 
-    @intrinsic
-    def accumulate(typingctx, acc, row, offset, xq, xd, x_sums, s):
-        if not (acc == f32x8 and _is_byte_array(row) and _is_byte_array(xq)):
-            return None
-
-        def codegen(context, builder, signature, args):
-            accumulator, row_, o, xq_, xd_, x_sums_, s_ = args
-            row_type, xq_type, xd_type, x_sums_type = (
-                signature.args[1],
-                signature.args[3],
-                signature.args[4],
-                signature.args[5],
-            )
-            i64 = o.type
-
-            def at(k: int) -> ir.Value:
-                return builder.add(o, ir.Constant(i64, k))
-
-            def halves(k: int) -> ir.Value:
-                pointer = _pointer(context, builder, row_type, row_, at(k))
-                return builder.fpext(
-                    builder.load(builder.bitcast(pointer, ir.HalfType().as_pointer()), align=1), F32
-                )
-
-            d, dmin = halves(0), halves(2)
-            packed_scales = _load(
-                builder, _pointer(context, builder, row_type, row_, at(4)), ir.VectorType(I8, 16)
-            )
-            scales, mins = _q4_k_scales_and_mins(builder, packed_scales)
-            first = builder.mul(s_, ir.Constant(i64, 8))
-            xd_vector = builder.load(
-                builder.bitcast(_f32_pointer(context, builder, xd_type, xd_, first), V8F32.as_pointer()),
-                align=4,
-            )
-            sums = builder.load(
-                builder.bitcast(
-                    _f32_pointer(context, builder, x_sums_type, x_sums_, first), V8F32.as_pointer()
-                ),
-                align=4,
-            )
-            scales = builder.fmul(builder.fmul(scales, _splat_f32(builder, d)), xd_vector)
-            minus_mins = builder.fmul(mins, _splat_f32(builder, builder.fneg(dmin)))
+    def codegen(context, builder, signature, args, tokens: int):
+        block = _Block(context, builder, signature, args, layout.bytes)
+        d, dmin = block.half(layout.d), block.half(layout.dmin)
+        scales, mins = _q4_k_scales_and_mins(builder, block.load(layout.scales, ir.VectorType(I8, 16)))
+        scales = builder.fmul(scales, _splat_f32(builder, d))
+        minus_mins = builder.fmul(mins, _splat_f32(builder, builder.fneg(dmin)))
+        weights = []
+        for j in range(8):
+            nibbles = _bits(builder, block.load(layout.qs + 32 * (j // 2), V32I8), 4 * (j % 2), 15)
+            if has_qh:
+                fifth = builder.shl(_bits(builder, block.load(layout.qh, V32I8), j, 1), _bytes([4] * 32))
+                nibbles = builder.or_(nibbles, fifth)
+            weights.append(nibbles)
+        first = block.block_times(8)
+        acc = args[0]
+        for t in range(tokens):
+            token_scales = builder.fmul(scales, block.token("xd", t, first, V8F32))
             # sub-blocks of low and high nibbles into separate sums: two chains of dependent adds
             partial = [ir.Constant(V8F32, None), ir.Constant(V8F32, None)]
-            x_at = builder.mul(first, ir.Constant(i64, 32))
             for j in range(8):
-                packed = _load(
-                    builder, _pointer(context, builder, row_type, row_, at(qs_at + 32 * (j // 2))), V32I8
+                column = builder.add(block.block_times(QK_K), block.constant(32 * j))
+                lanes = _dot_u8_s8(builder, weights[j], block.token("xq", t, column, V32I8))
+                scale = builder.shuffle_vector(
+                    token_scales, token_scales, ir.Constant(ir.VectorType(I32, 8), [j] * 8)
                 )
-                nibbles = _bits(builder, packed, 4 * (j % 2), 15)
-                if qh_at is not None:
-                    high_bits = _load(builder, _pointer(context, builder, row_type, row_, at(qh_at)), V32I8)
-                    fifth = builder.shl(_bits(builder, high_bits, j, 1), ir.Constant(V32I8, [4] * 32))
-                    nibbles = builder.or_(nibbles, fifth)
-                xs = _load(
-                    builder,
-                    _pointer(context, builder, xq_type, xq_, builder.add(x_at, ir.Constant(i64, 32 * j))),
-                    V32I8,
-                )
-                scale = builder.shuffle_vector(scales, scales, ir.Constant(ir.VectorType(I32, 8), [j] * 8))
-                partial[j % 2] = _accumulate(builder, partial[j % 2], _dot_u8_s8(builder, nibbles, xs), scale)
-            block = builder.fadd(partial[0], partial[1])
-            block = _call(builder, "llvm.fma.v8f32", V8F32, minus_mins, sums, block)
-            return builder.fadd(accumulator, block)
+                partial[j % 2] = _accumulate(builder, partial[j % 2], lanes, scale)
+            sums = block.token("sums", t, first, V8F32)
+            total = _call(
+                builder, "llvm.fma.v8f32", V8F32, minus_mins, sums, builder.fadd(partial[0], partial[1])
+            )
+            acc = builder.insert_value(acc, builder.fadd(builder.extract_value(acc, t), total), t)
+        return acc
 
-        return f32x8(acc, row, offset, xq, xd, x_sums, s), codegen
-
-    return accumulate
+    return _block_intrinsic(codegen)
 
 
-accumulate_q4_k = _k4_block_intrinsic(qs_at=16, qh_at=None)
-accumulate_q5_k = _k4_block_intrinsic(qs_at=48, qh_at=16)
+accumulate_q4_k = _k4_block_intrinsic(Q4_K)
+accumulate_q5_k = _k4_block_intrinsic(Q5_K)
 
 
-def _k16_block_intrinsic(d_at: int, integer_scales, chunk_weights, signed: bool, integer_mins=None):
-    """The intrinsic for one block of a K-quant with 16 sub-blocks of 16 weights (Q2_K, Q3_K, Q6_K) at
-    row[offset:] times x block s (x[256 s:256 s + 256]): sum_i d sc_i xd[8 s + i // 2] dot(q_i, xq_i), and
-    for Q2_K (integer_mins given) - dmin sum_i m_i x_sums[16 s + i]; xq int8[cols] and xd f32[cols // 32]
-    are x quantized per 32, x_sums f32[cols // 16] its sums per 16 (xd times the sums of xq, as ggml's bsums).
+def _k16_block_intrinsic(layout, integer_scales, chunk_weights, signed: bool, integer_mins=None):
+    """The intrinsic for one block of a K-quant with 16 sub-blocks of 16 weights (Q2_K, Q3_K, Q6_K):
+    sum_i d sc_i xd[8b + i // 2] dot(q_i, xq_i), and for Q2_K (integer_mins given) - dmin sum_i m_i
+    x_sums[16b + i] (sums per 16, as ggml's bsums).
 
     Chunk c holds weights 32c .. 32c + 31, sub-blocks 2c and 2c + 1. The callbacks get the IR builder and
     `bytes_at(k, type)`, a load of the block's bytes from k:
     - integer_scales(builder, bytes_at, h) -> <8 x i8> signed scales of sub-blocks 8h .. 8h + 7;
     - chunk_weights(builder, bytes_at, c) -> <32 x i8> the weights of chunk c, signed (|q| <= 128) if
       `signed`;
-    - integer_mins(builder, bytes_at, h) -> <8 x i8> unsigned mins of sub-blocks 8h .. 8h + 7 (dmin: the f16
-      after d)."""
+    - integer_mins(builder, bytes_at, h) -> <8 x i8> unsigned mins of sub-blocks 8h .. 8h + 7."""
 
-    def codegen(context, builder, signature, args):
-        accumulator, row_, o, xq_, xd_ = args[:5]
-        s_ = args[-1]
-        row_type, xq_type, xd_type = signature.args[1], signature.args[3], signature.args[4]
-        i64 = o.type
-
-        def bytes_at(k: int, value_type: ir.Type) -> ir.Value:
-            pointer = _pointer(context, builder, row_type, row_, builder.add(o, ir.Constant(i64, k)))
-            return builder.load(builder.bitcast(pointer, value_type.as_pointer()), align=1)
-
-        def f32_vector(array_type, array, index: ir.Value) -> ir.Value:
-            pointer = _f32_pointer(context, builder, array_type, array, index)
-            return builder.load(builder.bitcast(pointer, V8F32.as_pointer()), align=4)
-
-        d = builder.fpext(bytes_at(d_at, ir.HalfType()), F32)
-        first = builder.mul(s_, ir.Constant(i64, 8))
-        xd_vector = f32_vector(xd_type, xd_, first)
-        # sub-block i (16 weights) lies in x block i // 2: scale_i = d sc_i xd[i // 2], in two 8-lane halves
-        # (16-lane vectors make LLVM use zmm registers, at half the speed)
-        scales = []
-        for h in range(2):
-            xd_pairs = builder.shuffle_vector(
-                xd_vector, xd_vector, ir.Constant(ir.VectorType(I32, 8), [4 * h + i // 2 for i in range(8)])
+    def codegen(context, builder, signature, args, tokens: int):
+        block = _Block(context, builder, signature, args, layout.bytes)
+        d = block.half(layout.d)
+        sub_block_scales = [
+            builder.fmul(
+                builder.sitofp(integer_scales(builder, block.load, h), V8F32), _splat_f32(builder, d)
             )
-            sub_block_scales = builder.sitofp(integer_scales(builder, bytes_at, h), V8F32)
-            scales.append(builder.fmul(builder.fmul(sub_block_scales, _splat_f32(builder, d)), xd_pairs))
-        x_at = builder.mul(first, ir.Constant(i64, 32))
-        # even and odd chunks into separate sums: two chains of dependent adds
-        partial = [ir.Constant(V8F32, None), ir.Constant(V8F32, None)]
-        for c in range(8):
-            h, j = divmod(c, 4)
-            weights = chunk_weights(builder, bytes_at, c)
-            xs = _load(
-                builder,
-                _pointer(context, builder, xq_type, xq_, builder.add(x_at, ir.Constant(i64, 32 * c))),
-                V32I8,
-            )
-            lanes = _dot_s8_s8(builder, weights, xs) if signed else _dot_u8_s8(builder, weights, xs)
-            # lanes 0-3 hold weights 0-15 (sub-block 2c), lanes 4-7 weights 16-31 (sub-block 2c + 1)
-            pick = ir.Constant(ir.VectorType(I32, 8), [2 * j] * 4 + [2 * j + 1] * 4)
-            partial[c % 2] = _accumulate(
-                builder, partial[c % 2], lanes, builder.shuffle_vector(scales[h], scales[h], pick)
-            )
-        block = builder.fadd(partial[0], partial[1])
+            for h in range(2)
+        ]
+        weights = [chunk_weights(builder, block.load, c) for c in range(8)]
         if integer_mins is not None:
-            x_sums_type, x_sums_ = signature.args[5], args[5]
-            dmin = builder.fpext(bytes_at(d_at + 2, ir.HalfType()), F32)
-            minus_dmin = _splat_f32(builder, builder.fneg(dmin))
+            minus_dmin = _splat_f32(builder, builder.fneg(block.half(layout.dmin)))
+            minus_mins = [
+                builder.fmul(builder.uitofp(integer_mins(builder, block.load, h), V8F32), minus_dmin)
+                for h in range(2)
+            ]
+        first = block.block_times(8)
+        acc = args[0]
+        for t in range(tokens):
+            xd_vector = block.token("xd", t, first, V8F32)
+            # sub-block i (16 weights) lies in x block i // 2: scale_i = d sc_i xd[i // 2], in two 8-lane
+            # halves (16-lane vectors make LLVM use zmm registers, at half the speed)
+            scales = []
             for h in range(2):
-                mins = builder.uitofp(integer_mins(builder, bytes_at, h), V8F32)
-                at = builder.add(builder.mul(s_, ir.Constant(i64, 16)), ir.Constant(i64, 8 * h))
-                sums = f32_vector(x_sums_type, x_sums_, at)
-                block = _call(builder, "llvm.fma.v8f32", V8F32, builder.fmul(mins, minus_dmin), sums, block)
-        return builder.fadd(accumulator, block)
+                xd_pairs = builder.shuffle_vector(
+                    xd_vector,
+                    xd_vector,
+                    ir.Constant(ir.VectorType(I32, 8), [4 * h + i // 2 for i in range(8)]),
+                )
+                scales.append(builder.fmul(sub_block_scales[h], xd_pairs))
+            # even and odd chunks into separate sums: two chains of dependent adds
+            partial = [ir.Constant(V8F32, None), ir.Constant(V8F32, None)]
+            for c in range(8):
+                h, j = divmod(c, 4)
+                column = builder.add(block.block_times(QK_K), block.constant(32 * c))
+                xs = block.token("xq", t, column, V32I8)
+                lanes = _dot_s8_s8(builder, weights[c], xs) if signed else _dot_u8_s8(builder, weights[c], xs)
+                # lanes 0-3 hold weights 0-15 (sub-block 2c), lanes 4-7 weights 16-31 (sub-block 2c + 1)
+                pick = ir.Constant(ir.VectorType(I32, 8), [2 * j] * 4 + [2 * j + 1] * 4)
+                partial[c % 2] = _accumulate(
+                    builder, partial[c % 2], lanes, builder.shuffle_vector(scales[h], scales[h], pick)
+                )
+            total = builder.fadd(partial[0], partial[1])
+            if integer_mins is not None:
+                for h in range(2):
+                    at = builder.add(block.block_times(16), block.constant(8 * h))
+                    sums = block.token("sums", t, at, V8F32)
+                    total = _call(builder, "llvm.fma.v8f32", V8F32, minus_mins[h], sums, total)
+            acc = builder.insert_value(acc, builder.fadd(builder.extract_value(acc, t), total), t)
+        return acc
 
-    if integer_mins is None:
-
-        @intrinsic
-        def accumulate(typingctx, acc, row, offset, xq, xd, s):
-            if not (acc == f32x8 and _is_byte_array(row) and _is_byte_array(xq)):
-                return None
-            return f32x8(acc, row, offset, xq, xd, s), codegen
-
-        return accumulate
-
-    @intrinsic
-    def accumulate_with_mins(typingctx, acc, row, offset, xq, xd, x_sums, s):
-        if not (acc == f32x8 and _is_byte_array(row) and _is_byte_array(xq)):
-            return None
-        return f32x8(acc, row, offset, xq, xd, x_sums, s), codegen
-
-    return accumulate_with_mins
+    return _block_intrinsic(codegen)
 
 
 def _q2_k_scales(builder, bytes_at, h: int) -> ir.Value:
-    return _bits(builder, bytes_at(8 * h, ir.VectorType(I8, 8)), 0, 15)
+    return _bits(builder, bytes_at(Q2_K.scales + 8 * h, ir.VectorType(I8, 8)), 0, 15)
 
 
 def _q2_k_mins(builder, bytes_at, h: int) -> ir.Value:
-    return _bits(builder, bytes_at(8 * h, ir.VectorType(I8, 8)), 4, 15)
+    return _bits(builder, bytes_at(Q2_K.scales + 8 * h, ir.VectorType(I8, 8)), 4, 15)
 
 
 def _q2_k_weights(builder, bytes_at, c: int) -> ir.Value:
     """Chunk c = 4h + j of Q2_K: the 2-bit fields j of qs[32h .. 32h + 31], unsigned."""
-    return _bits(builder, bytes_at(16 + 32 * (c // 4), V32I8), 2 * (c % 4), 3)
+    return _bits(builder, bytes_at(Q2_K.qs + 32 * (c // 4), V32I8), 2 * (c % 4), 3)
 
 
-# Q2_K, 84 bytes: scales[16] (scale in the low nibble, min in the high one), qs[64], d, dmin.
 accumulate_q2_k = _k16_block_intrinsic(
-    d_at=80,
-    integer_scales=_q2_k_scales,
-    chunk_weights=_q2_k_weights,
-    signed=False,
-    integer_mins=_q2_k_mins,
+    Q2_K, integer_scales=_q2_k_scales, chunk_weights=_q2_k_weights, signed=False, integer_mins=_q2_k_mins
 )
 
 
 def _q3_k_scales(builder, bytes_at, h: int) -> ir.Value:
     """Q3_K's 6-bit scales of sub-blocks 8h + i, minus 32: the low 4 bits in nibble h of scales[i], the high 2
     in bits 4h + 2 (i // 4) of scales[8 + i % 4]."""
-    low = _bits(builder, bytes_at(96, ir.VectorType(I8, 8)), 4 * h, 15)
-    high_bytes = _pick(builder, bytes_at(104, ir.VectorType(I8, 4)), [0, 1, 2, 3] * 2)
+    low = _bits(builder, bytes_at(Q3_K.scales, ir.VectorType(I8, 8)), 4 * h, 15)
+    high_bytes = _pick(builder, bytes_at(Q3_K.scales + 8, ir.VectorType(I8, 4)), [0, 1, 2, 3] * 2)
     high = _bits(builder, high_bytes, [4 * h] * 4 + [4 * h + 2] * 4, 3)
     scales = builder.or_(low, builder.shl(high, _bytes([4] * 8)))
     return builder.sub(scales, _bytes([32] * 8))
@@ -515,14 +511,13 @@ def _q3_k_scales(builder, bytes_at, h: int) -> ir.Value:
 def _q3_k_weights(builder, bytes_at, c: int) -> ir.Value:
     """Chunk c = 4h + j of Q3_K: the 2-bit fields j of qs[32h .. 32h + 31], minus 4 where bit c of hmask is
     clear."""
-    low = _bits(builder, bytes_at(32 + 32 * (c // 4), V32I8), 2 * (c % 4), 3)
-    high = builder.shl(_bits(builder, bytes_at(0, V32I8), c, 1), _bytes([2] * 32))
+    low = _bits(builder, bytes_at(Q3_K.qs + 32 * (c // 4), V32I8), 2 * (c % 4), 3)
+    high = builder.shl(_bits(builder, bytes_at(Q3_K.hmask, V32I8), c, 1), _bytes([2] * 32))
     return builder.sub(builder.or_(low, high), _bytes([4] * 32))
 
 
-# Q3_K, 110 bytes: hmask[32], qs[64], scales[12], d.
 accumulate_q3_k = _k16_block_intrinsic(
-    d_at=108, integer_scales=_q3_k_scales, chunk_weights=_q3_k_weights, signed=True
+    Q3_K, integer_scales=_q3_k_scales, chunk_weights=_q3_k_weights, signed=True
 )
 
 
@@ -530,19 +525,17 @@ def _q6_k_weights(builder, bytes_at, c: int) -> ir.Value:
     """Chunk c = 4h + j of Q6_K: nibble j // 2 of ql[64h + 32 (j % 2) + k] below bits 2j, 2j + 1 of
     qh[32h + k], minus 32."""
     h, j = divmod(c, 4)
-    low = _bits(builder, bytes_at(64 * h + 32 * (j % 2), V32I8), 4 * (j // 2), 15)
-    high = builder.shl(_bits(builder, bytes_at(128 + 32 * h, V32I8), 2 * j, 3), _bytes([4] * 32))
+    low = _bits(builder, bytes_at(Q6_K.ql + 64 * h + 32 * (j % 2), V32I8), 4 * (j // 2), 15)
+    high = builder.shl(_bits(builder, bytes_at(Q6_K.qh + 32 * h, V32I8), 2 * j, 3), _bytes([4] * 32))
     return builder.sub(builder.or_(low, high), _bytes([32] * 32))
 
 
-# Q6_K, 210 bytes: ql[128], qh[64], scales[16] int8, d.
 accumulate_q6_k = _k16_block_intrinsic(
-    d_at=208,
-    integer_scales=lambda builder, bytes_at, h: bytes_at(192 + 8 * h, ir.VectorType(I8, 8)),
+    Q6_K,
+    integer_scales=lambda builder, bytes_at, h: bytes_at(Q6_K.scales + 8 * h, ir.VectorType(I8, 8)),
     chunk_weights=_q6_k_weights,
     signed=True,
 )
-
 
 # ---------------------------------------------------------------------------------------------------------
 # Prefetching: a matvec streams its weights once, row after row; asking for the bytes a few KiB ahead keeps
@@ -763,16 +756,23 @@ def padded_groups(cols: int) -> int:
     return (cols // 16 + 15) // 16 * 16
 
 
-@numba.njit(cache=True)
-def quantized_sums(xq: np.ndarray, xd: np.ndarray, size: int) -> np.ndarray:
-    """f32[cols // size]: the sums of the quantized activations (xd xq) per `size` values, size dividing 32,
-    which the `+ m` / `- dmin m` terms multiply. As ggml does (Q8_1's s, Q8_K's bsums): the whole weight
-    d q + m then meets the same rounded x, so the rounding errors meet centred weights; the f32 sums of x
-    would leave them meeting d q >= 0 alone, which doubled the KL from exact logits (test_fidelity.py)."""
-    sums = np.empty(xq.shape[0] // size, np.float32)
-    for i in range(sums.shape[0]):
-        total = np.int32(0)
-        for k in range(size * i, size * (i + 1)):
-            total += np.int32(xq[k])
-        sums[i] = xd[size * i // QK8] * np.float32(total)
-    return sums
+@numba.njit(cache=True, fastmath=True)
+def quantize_tokens(x: np.ndarray, sums_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x f32[n, cols] -> (q int8[n, cols], d f32[n, cols // 32], sums f32[n, cols // sums_size]): each token
+    quantized as quantize_activations does, and the sums of its quantized activations (d q) per sums_size
+    values (dividing 32), which the `+ m` / `- dmin m` terms multiply. As ggml does (Q8_1's s, Q8_K's
+    bsums): the whole weight d q + m then meets the same rounded x, so the rounding errors meet centred
+    weights; the f32 sums of x would leave them meeting d q >= 0 alone, which doubled the KL from exact
+    logits (test_fidelity.py)."""
+    n, cols = x.shape
+    q = np.empty((n, cols), np.int8)
+    d = np.empty((n, cols // QK8), np.float32)
+    sums = np.empty((n, cols // sums_size), np.float32)
+    for i in range(n):
+        _quantize_into(x[i], q[i], d[i])
+        for g in range(sums.shape[1]):
+            total = np.int32(0)
+            for k in range(sums_size * g, sums_size * (g + 1)):
+                total += np.int32(q[i, k])
+            sums[i, g] = d[i, sums_size * g // QK8] * np.float32(total)
+    return q, d, sums

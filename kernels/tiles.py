@@ -25,6 +25,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from numba import prange
 
+from . import layout
 from .common import n_tiles, read_f16, read_u32
 from .simd import (
     INT8_DOT,
@@ -76,10 +77,10 @@ def _unpack_legacy(row, u, scales, mins, block_bytes: int, qs_at: int, qh_at: in
 @numba.njit(inline="always")
 def _unpack_q8_0(row, u, scales, mins):
     for b in range(u.shape[0] // 32):
-        o = b * 34
-        d = read_f16(row, o)
+        o = b * layout.Q8_0.bytes
+        d = read_f16(row, o + layout.Q8_0.d)
         for k in range(32):
-            u[32 * b + k] = row[o + 2 + k] ^ np.uint8(0x80)  # int8 q + 128
+            u[32 * b + k] = row[o + layout.Q8_0.qs + k] ^ np.uint8(0x80)  # int8 q + 128
         scales[2 * b] = scales[2 * b + 1] = d
         mins[2 * b] = mins[2 * b + 1] = np.float32(-128) * d
 
@@ -87,15 +88,17 @@ def _unpack_q8_0(row, u, scales, mins):
 @numba.njit(inline="always")
 def _unpack_q2_k(row, u, scales, mins):
     for b in range(u.shape[0] // 256):
-        o = b * 84
-        d, dmin = read_f16(row, o + 80), read_f16(row, o + 82)
+        o = b * layout.Q2_K.bytes
+        d, dmin = read_f16(row, o + layout.Q2_K.d), read_f16(row, o + layout.Q2_K.dmin)
         for s in range(16):
-            scales[16 * b + s] = d * np.float32(_byte(row, o + s) & 15)
-            mins[16 * b + s] = -(dmin * np.float32(_byte(row, o + s) >> 4))
+            scales[16 * b + s] = d * np.float32(_byte(row, o + layout.Q2_K.scales + s) & 15)
+            mins[16 * b + s] = -(dmin * np.float32(_byte(row, o + layout.Q2_K.scales + s) >> 4))
         for n in range(2):  # weight 128 n + 32 j + l: bits 2j, 2j + 1 of qs[32 n + l]
             for j in range(4):
                 for ell in range(32):
-                    u[256 * b + 128 * n + 32 * j + ell] = (_byte(row, o + 16 + 32 * n + ell) >> (2 * j)) & 3
+                    u[256 * b + 128 * n + 32 * j + ell] = (
+                        _byte(row, o + layout.Q2_K.qs + 32 * n + ell) >> (2 * j)
+                    ) & 3
 
 
 @numba.njit(inline="always")
@@ -108,16 +111,16 @@ def _scale_q3_k(row, o: int, s: int) -> np.float32:
 @numba.njit(inline="always")
 def _unpack_q3_k(row, u, scales, mins):
     for b in range(u.shape[0] // 256):
-        o = b * 110
-        d = read_f16(row, o + 108)
+        o = b * layout.Q3_K.bytes
+        d = read_f16(row, o + layout.Q3_K.d)
         for s in range(16):
-            scales[16 * b + s] = d * _scale_q3_k(row, o + 96, s)
+            scales[16 * b + s] = d * _scale_q3_k(row, o + layout.Q3_K.scales, s)
             mins[16 * b + s] = np.float32(-4) * scales[16 * b + s]
         for n in range(2):  # weight 128 n + 32 j + l: bits 2j of qs[32 n + l] - 4, plus 4 if hmask bit 4n + j
             for j in range(4):
                 for ell in range(32):
-                    low = (_byte(row, o + 32 + 32 * n + ell) >> (2 * j)) & 3
-                    high = (_byte(row, o + ell) >> (4 * n + j)) & 1
+                    low = (_byte(row, o + layout.Q3_K.qs + 32 * n + ell) >> (2 * j)) & 3
+                    high = (_byte(row, o + layout.Q3_K.hmask + ell) >> (4 * n + j)) & 1
                     u[256 * b + 128 * n + 32 * j + ell] = low | (high << 2)
 
 
@@ -128,13 +131,14 @@ def _unpack_k4(row, u, scales, mins, block_bytes: int, qh_at: int, qs_at: int):
     get_scale_min_k4)."""
     for b in range(u.shape[0] // 256):
         o = b * block_bytes
-        d, dmin = read_f16(row, o), read_f16(row, o + 2)
+        d, dmin = read_f16(row, o + layout.Q4_K.d), read_f16(row, o + layout.Q4_K.dmin)
+        packed = o + layout.Q4_K.scales  # Q5_K's d, dmin and scales lie where Q4_K's do
         for j in range(8):
             if j < 4:
-                sc, m = _byte(row, o + 4 + j) & 63, _byte(row, o + 8 + j) & 63
+                sc, m = _byte(row, packed + j) & 63, _byte(row, packed + 4 + j) & 63
             else:
-                sc = (_byte(row, o + 8 + j) & 15) | ((_byte(row, o + j) >> 6) << 4)
-                m = (_byte(row, o + 8 + j) >> 4) | ((_byte(row, o + 4 + j) >> 6) << 4)
+                sc = (_byte(row, packed + 4 + j) & 15) | ((_byte(row, packed + j - 4) >> 6) << 4)
+                m = (_byte(row, packed + 4 + j) >> 4) | ((_byte(row, packed + j) >> 6) << 4)
             scales[16 * b + 2 * j] = scales[16 * b + 2 * j + 1] = d * np.float32(sc)
             mins[16 * b + 2 * j] = mins[16 * b + 2 * j + 1] = -(dmin * np.float32(m))
             for ell in range(32):
@@ -147,17 +151,19 @@ def _unpack_k4(row, u, scales, mins, block_bytes: int, qh_at: int, qs_at: int):
 @numba.njit(inline="always")
 def _unpack_q6_k(row, u, scales, mins):
     for b in range(u.shape[0] // 256):
-        o = b * 210
-        d = read_f16(row, o + 208)
+        o = b * layout.Q6_K.bytes
+        d = read_f16(row, o + layout.Q6_K.d)
         for s in range(16):
-            scales[16 * b + s] = d * np.float32(np.int8(_byte(row, o + 192 + s)))
+            scales[16 * b + s] = d * np.float32(np.int8(_byte(row, o + layout.Q6_K.scales + s)))
             mins[16 * b + s] = np.float32(-32) * scales[16 * b + s]
         # weight 128 n + 32 j + l: nibble j // 2 of ql[64 n + 32 (j % 2) + l], bits 2j of qh[32 n + l] above
         for n in range(2):
             for j in range(4):
                 for ell in range(32):
-                    low = (_byte(row, o + 64 * n + 32 * (j % 2) + ell) >> (4 * (j // 2))) & 15
-                    high = (_byte(row, o + 128 + 32 * n + ell) >> (2 * j)) & 3
+                    low = (
+                        _byte(row, o + layout.Q6_K.ql + 64 * n + 32 * (j % 2) + ell) >> (4 * (j // 2))
+                    ) & 15
+                    high = (_byte(row, o + layout.Q6_K.qh + 32 * n + ell) >> (2 * j)) & 3
                     u[256 * b + 128 * n + 32 * j + ell] = low | (high << 4)
 
 
@@ -172,13 +178,27 @@ def _unpack_rows(kind: int, blocks, r0: int, r1: int, cols: int, u, scales, mins
             mins[i, : cols // 16],
         )
         if kind == Q4_0:
-            _unpack_legacy(row, u_row, scales_row, mins_row, 18, 2, 0, 0, 8)
+            _unpack_legacy(row, u_row, scales_row, mins_row, layout.Q4_0.bytes, layout.Q4_0.qs, 0, 0, 8)
         elif kind == Q4_1:
-            _unpack_legacy(row, u_row, scales_row, mins_row, 20, 4, 0, 2, 0)
+            _unpack_legacy(
+                row, u_row, scales_row, mins_row, layout.Q4_1.bytes, layout.Q4_1.qs, 0, layout.Q4_1.m, 0
+            )
         elif kind == Q5_0:
-            _unpack_legacy(row, u_row, scales_row, mins_row, 22, 6, 2, 0, 16)
+            _unpack_legacy(
+                row, u_row, scales_row, mins_row, layout.Q5_0.bytes, layout.Q5_0.qs, layout.Q5_0.qh, 0, 16
+            )
         elif kind == Q5_1:
-            _unpack_legacy(row, u_row, scales_row, mins_row, 24, 8, 4, 2, 0)
+            _unpack_legacy(
+                row,
+                u_row,
+                scales_row,
+                mins_row,
+                layout.Q5_1.bytes,
+                layout.Q5_1.qs,
+                layout.Q5_1.qh,
+                layout.Q5_1.m,
+                0,
+            )
         elif kind == Q8_0:
             _unpack_q8_0(row, u_row, scales_row, mins_row)
         elif kind == Q2_K:
@@ -186,9 +206,9 @@ def _unpack_rows(kind: int, blocks, r0: int, r1: int, cols: int, u, scales, mins
         elif kind == Q3_K:
             _unpack_q3_k(row, u_row, scales_row, mins_row)
         elif kind == Q4_K:
-            _unpack_k4(row, u_row, scales_row, mins_row, 144, 0, 16)
+            _unpack_k4(row, u_row, scales_row, mins_row, layout.Q4_K.bytes, 0, layout.Q4_K.qs)
         elif kind == Q5_K:
-            _unpack_k4(row, u_row, scales_row, mins_row, 176, 16, 48)
+            _unpack_k4(row, u_row, scales_row, mins_row, layout.Q5_K.bytes, layout.Q5_K.qh, layout.Q5_K.qs)
         else:
             _unpack_q6_k(row, u_row, scales_row, mins_row)
 

@@ -23,26 +23,25 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpt2cli.kernels import kernels_for, kquants, kquants_quantize, simd
+from gpt2cli.kernels import kernels_for, simd
+from gpt2cli.kernels import kquants_drivers as drivers
+from gpt2cli.kernels.layout import Q2_K, Q3_K, Q4_K, Q5_K, Q6_K
 
 # byte offsets of the f16 fields (d, dmin) inside each block, and of the quantized values (zeroed to isolate
 # the `- dmin * m` part of each weight)
 F16_OFFSETS = {
-    GGMLQuantizationType.Q2_K: (80, 82),
-    GGMLQuantizationType.Q3_K: (108,),
-    GGMLQuantizationType.Q4_K: (0, 2),
-    GGMLQuantizationType.Q5_K: (0, 2),
-    GGMLQuantizationType.Q6_K: (208,),
+    layout.qtype: tuple(getattr(layout, f) for f in ("d", "dmin") if hasattr(layout, f))
+    for layout in (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)
 }
 QUANT_RANGES = {
-    GGMLQuantizationType.Q2_K: ((16, 80),),
-    GGMLQuantizationType.Q4_K: ((16, 144),),
-    GGMLQuantizationType.Q5_K: ((16, 176),),
+    Q2_K.qtype: ((Q2_K.qs, Q2_K.d),),
+    Q4_K.qtype: ((Q4_K.qs, Q4_K.bytes),),
+    Q5_K.qtype: ((Q5_K.qh, Q5_K.bytes),),
 }
 QTYPES = list(F16_OFFSETS)
 RTOL = 1e-4
 # the matvec kernels registered instead of matvec_<type> when kernels.simd has an instruction set
-INT8_MATVEC = {q: getattr(kquants, f"matvec_{q.name.lower()}_int8") for q in QTYPES}
+INT8_MATVEC = {q: getattr(drivers, f"int8_matvec_{q.name.lower()}") for q in QTYPES}
 
 
 def make_blocks(
@@ -68,9 +67,9 @@ def make_blocks(
 def kernels_of(qtype: GGMLQuantizationType):
     name = qtype.name.lower()
     return (
-        getattr(kquants, f"dequantize_{name}"),
-        getattr(kquants, f"matvec_{name}"),
-        getattr(kquants, f"matmul_{name}"),
+        getattr(drivers, f"dequantize_{name}"),
+        getattr(drivers, f"matvec_{name}"),
+        getattr(drivers, f"matmul_{name}"),
     )
 
 
@@ -106,7 +105,7 @@ def test_registered(qtype: GGMLQuantizationType) -> None:
     if int8_activations(qtype):
         matvec = INT8_MATVEC[qtype]
     assert (kernels.dequantize, kernels.matvec, kernels.matmul) == (dequantize, matvec, matmul)
-    assert kernels.quantize is getattr(kquants_quantize, f"quantize_{qtype.name.lower()}")
+    assert kernels.quantize is getattr(drivers, f"quantize_{qtype.name.lower()}")
 
 
 @pytest.mark.parametrize("qtype", QTYPES, ids=lambda q: q.name)

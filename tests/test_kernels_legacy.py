@@ -18,23 +18,27 @@ from gguf import GGMLQuantizationType, quants
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpt2cli.kernels import kernels_for, legacy, simd
+from gpt2cli.kernels import kernels_for, simd
+from gpt2cli.kernels import legacy_drivers as drivers
+from gpt2cli.kernels.layout import LAYOUTS
 
 Q = GGMLQuantizationType
 QUANTIZED = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0]
 FLOATS = [Q.F32, Q.F16, Q.BF16]
 ALL = FLOATS + QUANTIZED
 # Byte offsets of the f16 fields (d, and m where there is one) inside a block.
-SCALE_OFFSETS = {Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_0: (0,), Q.Q5_1: (0, 2), Q.Q8_0: (0,)}
+SCALE_OFFSETS = {
+    q: tuple(getattr(LAYOUTS[q], f) for f in ("d", "m") if hasattr(LAYOUTS[q], f)) for q in QUANTIZED
+}
 MATMUL_TOLERANCE = 1e-5
 
 SETTINGS = settings(max_examples=25, deadline=None)
 # the matvec kernels that quantize x to int8 (registered when kernels.simd has an instruction set), and the
 # f32 kernels registered otherwise, which the tests hold to the f32 tolerance on every CPU
-INT8_MATVEC = {q: getattr(legacy, f"matvec_{q.name.lower()}_int8") for q in QUANTIZED}
-F32_MATVEC = {q: getattr(legacy, f"matvec_{q.name.lower()}") for q in QUANTIZED}
+INT8_MATVEC = {q: getattr(drivers, f"int8_matvec_{q.name.lower()}") for q in QUANTIZED}
+F32_MATVEC = {q: getattr(drivers, f"matvec_{q.name.lower()}") for q in QUANTIZED}
 # bytes of the quantized values in a block: zeroed, a block of a _1 type dequantizes to its `m`
-QUANT_RANGES = {Q.Q4_1: (4, 20), Q.Q5_1: (4, 24)}
+QUANT_RANGES = {q: (LAYOUTS[q].m + 2, LAYOUTS[q].bytes) for q in (Q.Q4_1, Q.Q5_1)}
 
 
 def finite_halves(rng: np.random.Generator, shape: tuple[int, ...], exponent_bits: int) -> np.ndarray:

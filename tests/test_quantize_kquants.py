@@ -15,15 +15,16 @@ from gguf.quants import dequantize
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gpt2cli.kernels import kquants_drivers
 from gpt2cli.kernels import kquants_quantize as kq
 
 Q = GGMLQuantizationType
 QUANTIZERS = {
-    Q.Q2_K: kq.quantize_q2_k,
-    Q.Q3_K: kq.quantize_q3_k,
-    Q.Q4_K: kq.quantize_q4_k,
-    Q.Q5_K: kq.quantize_q5_k,
-    Q.Q6_K: kq.quantize_q6_k,
+    Q.Q2_K: kquants_drivers.quantize_q2_k,
+    Q.Q3_K: kquants_drivers.quantize_q3_k,
+    Q.Q4_K: kquants_drivers.quantize_q4_k,
+    Q.Q5_K: kquants_drivers.quantize_q5_k,
+    Q.Q6_K: kquants_drivers.quantize_q6_k,
 }
 # tests/test-quantize-fns.cpp: MAX_QUANTIZATION_TOTAL_ERROR(_2BITS, _3BITS).
 GGML_TOTAL_ERROR = {Q.Q2_K: 0.0075, Q.Q3_K: 0.0040, Q.Q4_K: 0.002, Q.Q5_K: 0.002, Q.Q6_K: 0.002}
