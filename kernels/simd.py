@@ -30,6 +30,7 @@ from numba.core import cgutils, config
 from numba.extending import intrinsic, models, register_model
 
 QK8 = 32
+QK_K = 256
 
 I1, I8, I16, I32 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32)
 V32I8 = ir.VectorType(I8, 32)
@@ -582,20 +583,39 @@ def prefetch_ahead(rows: np.ndarray, r: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The batched product's micro-kernel (kernels.tiles): one common tile form for every block type, unsigned
-# weights u u8[rows, cols] with a scale and a min per 16 weights, w = scale u + min, times activations
-# quantized per 32. Per 64 weights (MICRO_STEP), row r and token t, in 16 lanes of 4 weights:
-# acc += f32(dot_lanes(u_r, xq_t)) * (scale_r xd_t), the scales and activation scales spread to their lanes;
-# then acc += min_r sums_t per 16 weights, sums_t the sums of the quantized activations. The f32 work per
-# integer dot product is what bounds the speed, so the wider the dot product the better (one 512-bit vpdpbusd
-# where there is AVX-512 VNNI, else two 256-bit ones), and the min terms are a separate, 16x shorter loop.
+# The batched product's micro-kernel (kernels.tiles): one tile form for every block type, unsigned weights
+# u u8[rows, cols] with w = d s u + min, times activations x = dx xq. A type's `block` is how many weights
+# share one f32 scale d (and the activations one dx): 32 for the legacy types, 256 for the K-quants, whose
+# sub-blocks of 16 or 32 weights add an integer scale s (1 for the legacy types). Per 64 weights
+# (MICRO_STEP), row r and token t, in 16 i32 lanes:
+# - legacy: lanes = vpdpbusd(u_r, xq_t), 4 weights a lane; acc += f32(lanes) * (d_r dx_t), the two d of the
+#   step spread to their lanes: 4 vector operations per 64 weights and cell;
+# - K-quants: lanes += vpdpwssd(vpmaddubsw(u_r, xq_t), s_r), the sub-block scales pre-spread to the i16 pairs
+#   (u <= 63 and |xq| <= 127: the pairs never saturate); once per 256 weights acc += f32(lanes) * (d_r dx_t):
+#   2 operations per 64 weights and cell, plus 3 per 256.
+# Then acc += min_r sums_t per 16 weights, sums_t the sums of the quantized activations, in a separate, 16x
+# shorter loop.
 
 MICRO_ROWS = 4
 MICRO_TOKENS = 4
 MICRO_STEP = 64
 V64I8 = ir.VectorType(I8, 64)
+V32I16 = ir.VectorType(I16, 32)
 V16I32 = ir.VectorType(I32, 16)
 V16F32 = ir.VectorType(F32, 16)
+
+
+def _halves(builder, v: ir.Value) -> tuple[ir.Value, ir.Value]:
+    """A 512-bit vector of 64 bytes as its two 256-bit halves."""
+    return tuple(
+        builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, 32), list(range(32 * h, 32 * h + 32))))
+        for h in range(2)
+    )
+
+
+def _concatenate(builder, low: ir.Value, high: ir.Value) -> ir.Value:
+    """Two <8 x i32> -> <16 x i32>."""
+    return builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(I32, 16), list(range(16))))
 
 
 def _dot_u8_s8_64(builder, unsigned: ir.Value, signed: ir.Value) -> ir.Value:
@@ -604,38 +624,54 @@ def _dot_u8_s8_64(builder, unsigned: ir.Value, signed: ir.Value) -> ir.Value:
         zero = ir.Constant(V16I32, None)
         a, b = builder.bitcast(unsigned, V16I32), builder.bitcast(signed, V16I32)
         return _call(builder, "llvm.x86.avx512.vpdpbusd.512", V16I32, zero, a, b)
-
-    def half(v: ir.Value, h: int) -> ir.Value:
-        return builder.shuffle_vector(
-            v, v, ir.Constant(ir.VectorType(I32, 32), list(range(32 * h, 32 * h + 32)))
-        )
-
-    low = _dot_u8_s8(builder, half(unsigned, 0), half(signed, 0))
-    high = _dot_u8_s8(builder, half(unsigned, 1), half(signed, 1))
-    return builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(I32, 16), list(range(16))))
+    (u0, u1), (s0, s1) = _halves(builder, unsigned), _halves(builder, signed)
+    return _concatenate(builder, _dot_u8_s8(builder, u0, s0), _dot_u8_s8(builder, u1, s1))
 
 
-@intrinsic
-def micro_kernel(typingctx, u, scales, mins, r, xq, xd, sums, t, out):
+def _scaled_dot_u8_s8_64(builder, acc: ir.Value, unsigned: ir.Value, signed: ir.Value, scales: ir.Value):
+    """acc <16 x i32> + lane i: bytes 4i .. 4i + 3 multiplied in pairs, pair p (bytes 2p, 2p + 1) times i16
+    scales[p] (<32 x i16>); unsigned <= 63 and |signed| <= 127 keep the pair sums within i16."""
+    if WIDE_DOT:
+        pairs = _call(builder, "llvm.x86.avx512.pmaddubs.w.512", V32I16, unsigned, signed)
+        a, b = builder.bitcast(pairs, V16I32), builder.bitcast(scales, V16I32)
+        return _call(builder, "llvm.x86.avx512.vpdpwssd.512", V16I32, acc, a, b)
+    lanes = []
+    scale_halves = _halves(builder, builder.bitcast(scales, V64I8))
+    for u, s, sc in zip(*_halves(builder, unsigned), *_halves(builder, signed), scale_halves, strict=True):
+        pairs = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", V16I16, u, s)
+        lanes.append(_call(builder, "llvm.x86.avx2.pmadd.wd", V8I32, pairs, builder.bitcast(sc, V16I16)))
+    return builder.add(acc, _concatenate(builder, *lanes))
+
+
+@intrinsic(prefer_literal=True)
+def micro_kernel(typingctx, u, sub_scales, scales, mins, r, xq, xd, sums, t, out, block):
     """out[j, i] = sum_k w[r + i, k] x[t + j, k] for i < MICRO_ROWS, j < MICRO_TOKENS: the 16 sums of 4 weight
-    rows of the tile (u, scales, mins; cols a multiple of MICRO_STEP, mins a multiple of 16 wide) and 4
-    quantized tokens (xq, xd, sums, as quantize_activation_rows makes them), kept in vector registers over the
-    whole row; each weight load feeds 4 tokens and each activation load 4 rows."""
-    if not (_is_byte_array(u) and _is_byte_array(xq) and isinstance(out, types.Array)):
+    rows of the tile and 4 quantized tokens, kept in vector registers over the whole row; each weight load
+    feeds 4 tokens and each activation load 4 rows. `block` (a constant, 32 or 256) is the weights per f32
+    scale; the tile is u u8[., cols] (cols a multiple of max(block, MICRO_STEP)), sub_scales i16[., cols // 2]
+    (block 256: the integer scale of each pair of weights; block 32: unread), scales f32[., cols // block],
+    mins f32[., a multiple of 16 >= cols // 16]; the tokens xq, xd, sums as quantize_activation_rows makes
+    them for the same block."""
+    if not (
+        _is_byte_array(u)
+        and _is_byte_array(xq)
+        and isinstance(out, types.Array)
+        and isinstance(block, types.IntegerLiteral)
+        and block.literal_value in (QK8, QK_K)
+    ):
         return None
+    weights_per_scale = block.literal_value
+    steps_per_flush = max(1, weights_per_scale // MICRO_STEP)
+    scales_per_flush = max(1, MICRO_STEP // weights_per_scale)
 
     def codegen(context, builder, signature, args):
+        names = ("u", "sub_scales", "scales", "mins", "r", "xq", "xd", "sums", "t", "out", "block")
         arrays = {
             name: (ty, context.make_array(ty)(context, builder, value))
-            for name, ty, value in zip(
-                ("u", "scales", "mins", "r", "xq", "xd", "sums", "t", "out"),
-                signature.args,
-                args,
-                strict=True,
-            )
+            for name, ty, value in zip(names, signature.args, args, strict=True)
             if isinstance(ty, types.Array)
         }
-        r_, t_ = args[3], args[7]
+        r_, t_ = args[4], args[8]
         i64 = r_.type
 
         def constant(k: int) -> ir.Value:
@@ -646,45 +682,55 @@ def micro_kernel(typingctx, u, scales, mins, r, xq, xd, sums, t, out):
             element = cgutils.get_item_pointer(context, builder, ty, array, [row, column])
             return builder.load(builder.bitcast(element, value_type.as_pointer()), align=align)
 
-        def spread(values: ir.Value, lanes: int) -> ir.Value:
+        def spread(values: ir.Value) -> ir.Value:
             """Each of the n values of a vector to 16 / n consecutive lanes."""
             n = values.type.count
             indices = [lane // (16 // n) for lane in range(16)]
             return builder.shuffle_vector(values, values, ir.Constant(ir.VectorType(I32, 16), indices))
 
+        def f32_scales(name: str, row: ir.Value, flush: ir.Value) -> ir.Value:
+            first = builder.mul(flush, constant(scales_per_flush))
+            return spread(load(name, row, first, ir.VectorType(F32, scales_per_flush), 4))
+
+        rows = [builder.add(r_, constant(i)) for i in range(MICRO_ROWS)]
+        tokens = [builder.add(t_, constant(j)) for j in range(MICRO_TOKENS)]
         cols = cgutils.unpack_tuple(builder, arrays["u"][1].shape, 2)[1]
-        steps = builder.udiv(cols, constant(MICRO_STEP))
+        flushes = builder.udiv(cols, constant(MICRO_STEP * steps_per_flush))
         accumulators = [
             [cgutils.alloca_once_value(builder, ir.Constant(V16F32, None)) for _ in range(MICRO_TOKENS)]
             for _ in range(MICRO_ROWS)
         ]
-        with cgutils.for_range(builder, steps) as loop:
-            k = loop.index
-            weights, row_scales = [], []
-            for i in range(MICRO_ROWS):
-                row = builder.add(r_, constant(i))
-                weights.append(load("u", row, builder.mul(k, constant(64)), V64I8, 1))
-                four = ir.VectorType(F32, 4)
-                row_scales.append(spread(load("scales", row, builder.mul(k, constant(4)), four, 4), 16))
-            xs, x_scales = [], []
-            for j in range(MICRO_TOKENS):
-                token = builder.add(t_, constant(j))
-                xs.append(load("xq", token, builder.mul(k, constant(64)), V64I8, 1))
-                two = ir.VectorType(F32, 2)
-                x_scales.append(spread(load("xd", token, builder.mul(k, constant(2)), two, 4), 16))
+        with cgutils.for_range(builder, flushes) as loop:
+            lanes = [[ir.Constant(V16I32, None)] * MICRO_TOKENS for _ in range(MICRO_ROWS)]
+            for step in range(steps_per_flush):
+                k = builder.add(builder.mul(loop.index, constant(steps_per_flush)), constant(step))
+                at = builder.mul(k, constant(MICRO_STEP))
+                weights = [load("u", row, at, V64I8, 1) for row in rows]
+                xs = [load("xq", token, at, V64I8, 1) for token in tokens]
+                if steps_per_flush == 1:
+                    lanes = [[_dot_u8_s8_64(builder, w, x) for x in xs] for w in weights]
+                else:
+                    pair_at = builder.mul(k, constant(MICRO_STEP // 2))
+                    pair_scales = [load("sub_scales", row, pair_at, V32I16, 2) for row in rows]
+                    lanes = [
+                        [_scaled_dot_u8_s8_64(builder, lanes[i][j], w, x, s) for j, x in enumerate(xs)]
+                        for i, (w, s) in enumerate(zip(weights, pair_scales, strict=True))
+                    ]
+            row_scales = [f32_scales("scales", row, loop.index) for row in rows]
+            x_scales = [f32_scales("xd", token, loop.index) for token in tokens]
             for i in range(MICRO_ROWS):
                 for j in range(MICRO_TOKENS):
                     scale = builder.fmul(row_scales[i], x_scales[j])
-                    lanes = builder.sitofp(_dot_u8_s8_64(builder, weights[i], xs[j]), V16F32)
+                    total = builder.sitofp(lanes[i][j], V16F32)
                     acc = _call(
-                        builder, "llvm.fma.v16f32", V16F32, lanes, scale, builder.load(accumulators[i][j])
+                        builder, "llvm.fma.v16f32", V16F32, total, scale, builder.load(accumulators[i][j])
                     )
                     builder.store(acc, accumulators[i][j])
         min_groups = cgutils.unpack_tuple(builder, arrays["mins"][1].shape, 2)[1]
         with cgutils.for_range(builder, builder.udiv(min_groups, constant(16))) as loop:
             k = builder.mul(loop.index, constant(16))
-            row_mins = [load("mins", builder.add(r_, constant(i)), k, V16F32, 4) for i in range(MICRO_ROWS)]
-            x_sums = [load("sums", builder.add(t_, constant(j)), k, V16F32, 4) for j in range(MICRO_TOKENS)]
+            row_mins = [load("mins", row, k, V16F32, 4) for row in rows]
+            x_sums = [load("sums", token, k, V16F32, 4) for token in tokens]
             for i in range(MICRO_ROWS):
                 for j in range(MICRO_TOKENS):
                     acc = builder.load(accumulators[i][j])
@@ -705,7 +751,7 @@ def micro_kernel(typingctx, u, scales, mins, r, xq, xd, sums, t, out):
                 )
         return context.get_dummy_value()
 
-    return types.none(u, scales, mins, r, xq, xd, sums, t, out), codegen
+    return types.none(u, sub_scales, scales, mins, r, xq, xd, sums, t, out, block), codegen
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -734,26 +780,49 @@ def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, d
 
 
-@numba.njit(cache=True, fastmath=True)
+@numba.njit(inline="always")
+def _quantize_per_256_into(x: np.ndarray, q: np.ndarray, d: np.ndarray) -> None:
+    """As ggml's quantize_row_q8_K_ref, bit for bit: the value of largest |x| (the first one) maps to -127,
+    q = min(127, rint(x (-127 / max))) and d = 1 / (-127 / max), all in f32."""
+    for b in range(d.shape[0]):
+        amax, signed_max = np.float32(0), np.float32(0)
+        for k in range(QK_K):
+            if abs(x[QK_K * b + k]) > amax:
+                amax, signed_max = abs(x[QK_K * b + k]), x[QK_K * b + k]
+        if amax == 0:
+            q[QK_K * b : QK_K * (b + 1)] = 0
+            d[b] = 0
+            continue
+        inverse = np.float32(-127) / signed_max
+        for k in range(QK_K):
+            q[QK_K * b + k] = np.int8(min(127, np.int32(np.rint(inverse * x[QK_K * b + k]))))
+        d[b] = np.float32(1) / inverse
+
+
+@numba.njit(cache=True)  # no fastmath: -127 / max must round as ggml's does, not become -127 * (1 / max)
 def quantize_activation_rows(
-    x: np.ndarray, rows_multiple: int, cols_multiple: int
+    x: np.ndarray, rows_multiple: int, cols_multiple: int, block: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """x f32[n, cols] -> (q int8[m, c], d f32[m, c // 32], sums f32[m, s]): each row quantized as
-    quantize_activations does, sums[i, g] = d q summed over x[i, 16 g:16 g + 16]; zeros from n up to m and
-    from cols up to c (the next multiples of rows_ / cols_multiple), and up to s, the next multiple of 16."""
+    """x f32[n, cols] -> (q int8[m, c], d f32[m, c // block], sums f32[m, s]), each row quantized per `block`
+    values as ggml does for the weights' type: 32 as quantize_activations (Q8_0), 256 as Q8_K;
+    sums[i, g] = d q summed over x[i, 16 g:16 g + 16]; zeros from n up to m and from cols up to c (the next
+    multiples of rows_ / cols_multiple), and up to s, the next multiple of 16."""
     n, cols = x.shape
     m = (n + rows_multiple - 1) // rows_multiple * rows_multiple
     c = (cols + cols_multiple - 1) // cols_multiple * cols_multiple
     q = np.zeros((m, c), np.int8)
-    d = np.zeros((m, c // QK8), np.float32)
+    d = np.zeros((m, c // block), np.float32)
     sums = np.zeros((m, padded_groups(c)), np.float32)
     for i in range(n):
-        _quantize_into(x[i], q[i, :cols], d[i, : cols // QK8])
+        if block == QK_K:
+            _quantize_per_256_into(x[i], q[i, :cols], d[i, : cols // block])
+        else:
+            _quantize_into(x[i], q[i, :cols], d[i, : cols // block])
         for g in range(cols // 16):
             total = np.int32(0)
             for k in range(16):
                 total += np.int32(q[i, 16 * g + k])
-            sums[i, g] = d[i, g // 2] * np.float32(total)
+            sums[i, g] = d[i, 16 * g // block] * np.float32(total)
     return q, d, sums
 
 
