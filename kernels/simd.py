@@ -584,94 +584,72 @@ def prefetch_ahead(rows: np.ndarray, r: int) -> None:
 
 # ---------------------------------------------------------------------------------------------------------
 # The batched product's micro-kernel (kernels.tiles): one tile form for every block type, unsigned weights
-# u u8[rows, cols] with w = d s u + min, times activations x = dx xq. A type's `block` is how many weights
-# share one f32 scale d (and the activations one dx): 32 for the legacy types, 256 for the K-quants, whose
-# sub-blocks of 16 or 32 weights add an integer scale s (1 for the legacy types). Per 64 weights
-# (MICRO_STEP), row r and token t, in 16 i32 lanes:
-# - legacy: lanes = vpdpbusd(u_r, xq_t), 4 weights a lane; acc += f32(lanes) * (d_r dx_t), the two d of the
-#   step spread to their lanes: 4 vector operations per 64 weights and cell;
-# - K-quants: lanes += vpdpwssd(vpmaddubsw(u_r, xq_t), s_r), the sub-block scales pre-spread to the i16 pairs
-#   (u <= 63 and |xq| <= 127: the pairs never saturate); once per 256 weights acc += f32(lanes) * (d_r dx_t):
-#   2 operations per 64 weights and cell, plus 3 per 256.
-# Then acc += min_r sums_t per 16 weights, sums_t the sums of the quantized activations, in a separate, 16x
-# shorter loop.
+# u u8[rows, cols] with a scale and a min per 16 weights, w = scale u + min, times activations x = xd xq (xd
+# per 32 or 256 as ggml quantizes them for the type, kept per 16). Each 256 weights are stored interleaved
+# (tile_position): lane i (4 bytes) of the 4 64-byte steps holds weights 16i .. 16i + 15, so that 4 vpdpbusd
+# accumulate in lane i the exact integer dot product of group i, which one conversion and one FMA then scale
+# by scale_r[i] xd_t[i]; the min terms (min_r[i] times sums_t[i], the sums of the quantized activations) take
+# one more FMA. Per 256 weights and (row, token) cell: 4 vpdpbusd + 1 vcvtdq2ps, which share port 0 on
+# Intel cores, and 3 f32 operations, which go to port 5. Measured first, the scheme of ggml's AVX2 kernels
+# (vpmaddubsw + vpdpwssd against integer sub-block scales, one f32 scaling per 256) ran no faster: every
+# 512-bit integer multiply issues on port 0 alone, and that needed 2 of them per 64 weights, as did the
+# earlier vpdpbusd + conversion per 64.
 
 MICRO_ROWS = 4
 MICRO_TOKENS = 4
 MICRO_STEP = 64
+GROUP = 16  # weights per scale and min
+SUPER_BLOCK = 256  # weights per interleaved run: 16 lanes of 16
 V64I8 = ir.VectorType(I8, 64)
-V32I16 = ir.VectorType(I16, 32)
 V16I32 = ir.VectorType(I32, 16)
 V16F32 = ir.VectorType(F32, 16)
 
 
-def _halves(builder, v: ir.Value) -> tuple[ir.Value, ir.Value]:
-    """A 512-bit vector of 64 bytes as its two 256-bit halves."""
-    return tuple(
-        builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, 32), list(range(32 * h, 32 * h + 32))))
-        for h in range(2)
-    )
+@numba.njit(inline="always")
+def tile_position(k: int) -> int:
+    """Where weight (or activation) k of a row sits in the tile's interleaved order."""
+    o = k % SUPER_BLOCK
+    return k - o + MICRO_STEP * (o % GROUP // 4) + 4 * (o // GROUP) + o % 4
 
 
-def _concatenate(builder, low: ir.Value, high: ir.Value) -> ir.Value:
-    """Two <8 x i32> -> <16 x i32>."""
-    return builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(I32, 16), list(range(16))))
-
-
-def _dot_u8_s8_64(builder, unsigned: ir.Value, signed: ir.Value) -> ir.Value:
-    """<64 x i8> u8, <64 x i8> s8 -> <16 x i32>: lane i sums the products of bytes 4i .. 4i + 3."""
+def _dot_u8_s8_64(builder, acc: ir.Value, unsigned: ir.Value, signed: ir.Value) -> ir.Value:
+    """acc <16 x i32> plus, in lane i, the products of bytes 4i .. 4i + 3 of <64 x i8> u8 and <64 x i8> s8."""
     if WIDE_DOT:
-        zero = ir.Constant(V16I32, None)
         a, b = builder.bitcast(unsigned, V16I32), builder.bitcast(signed, V16I32)
-        return _call(builder, "llvm.x86.avx512.vpdpbusd.512", V16I32, zero, a, b)
-    (u0, u1), (s0, s1) = _halves(builder, unsigned), _halves(builder, signed)
-    return _concatenate(builder, _dot_u8_s8(builder, u0, s0), _dot_u8_s8(builder, u1, s1))
+        return _call(builder, "llvm.x86.avx512.vpdpbusd.512", V16I32, acc, a, b)
+
+    def half(v: ir.Value, h: int) -> ir.Value:
+        return builder.shuffle_vector(
+            v, v, ir.Constant(ir.VectorType(I32, 32), list(range(32 * h, 32 * h + 32)))
+        )
+
+    low = _dot_u8_s8(builder, half(unsigned, 0), half(signed, 0))
+    high = _dot_u8_s8(builder, half(unsigned, 1), half(signed, 1))
+    both = builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(I32, 16), list(range(16))))
+    return builder.add(acc, both)
 
 
-def _scaled_dot_u8_s8_64(builder, acc: ir.Value, unsigned: ir.Value, signed: ir.Value, scales: ir.Value):
-    """acc <16 x i32> + lane i: bytes 4i .. 4i + 3 multiplied in pairs, pair p (bytes 2p, 2p + 1) times i16
-    scales[p] (<32 x i16>); unsigned <= 63 and |signed| <= 127 keep the pair sums within i16."""
-    if WIDE_DOT:
-        pairs = _call(builder, "llvm.x86.avx512.pmaddubs.w.512", V32I16, unsigned, signed)
-        a, b = builder.bitcast(pairs, V16I32), builder.bitcast(scales, V16I32)
-        return _call(builder, "llvm.x86.avx512.vpdpwssd.512", V16I32, acc, a, b)
-    lanes = []
-    scale_halves = _halves(builder, builder.bitcast(scales, V64I8))
-    for u, s, sc in zip(*_halves(builder, unsigned), *_halves(builder, signed), scale_halves, strict=True):
-        pairs = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", V16I16, u, s)
-        lanes.append(_call(builder, "llvm.x86.avx2.pmadd.wd", V8I32, pairs, builder.bitcast(sc, V16I16)))
-    return builder.add(acc, _concatenate(builder, *lanes))
-
-
-@intrinsic(prefer_literal=True)
-def micro_kernel(typingctx, u, sub_scales, scales, mins, r, xq, xd, sums, t, out, block):
+@intrinsic
+def micro_kernel(typingctx, u, scales, mins, r, xq, xd, sums, t, out):
     """out[j, i] = sum_k w[r + i, k] x[t + j, k] for i < MICRO_ROWS, j < MICRO_TOKENS: the 16 sums of 4 weight
-    rows of the tile and 4 quantized tokens, kept in vector registers over the whole row; each weight load
-    feeds 4 tokens and each activation load 4 rows. `block` (a constant, 32 or 256) is the weights per f32
-    scale; the tile is u u8[., cols] (cols a multiple of max(block, MICRO_STEP)), sub_scales i16[., cols // 2]
-    (block 256: the integer scale of each pair of weights; block 32: unread), scales f32[., cols // block],
-    mins f32[., a multiple of 16 >= cols // 16]; the tokens xq, xd, sums as quantize_activation_rows makes
-    them for the same block."""
-    if not (
-        _is_byte_array(u)
-        and _is_byte_array(xq)
-        and isinstance(out, types.Array)
-        and isinstance(block, types.IntegerLiteral)
-        and block.literal_value in (QK8, QK_K)
-    ):
+    rows of the tile (u in tile_position order, cols a multiple of SUPER_BLOCK; scales, mins f32[., cols //
+    16]) and 4 quantized tokens (xq, xd, sums, as quantize_activation_rows makes them), kept in vector
+    registers over the whole row; each weight load feeds 4 tokens and each activation load 4 rows."""
+    if not (_is_byte_array(u) and _is_byte_array(xq) and isinstance(out, types.Array)):
         return None
-    weights_per_scale = block.literal_value
-    steps_per_flush = max(1, weights_per_scale // MICRO_STEP)
-    scales_per_flush = max(1, MICRO_STEP // weights_per_scale)
 
     def codegen(context, builder, signature, args):
-        names = ("u", "sub_scales", "scales", "mins", "r", "xq", "xd", "sums", "t", "out", "block")
         arrays = {
             name: (ty, context.make_array(ty)(context, builder, value))
-            for name, ty, value in zip(names, signature.args, args, strict=True)
+            for name, ty, value in zip(
+                ("u", "scales", "mins", "r", "xq", "xd", "sums", "t", "out"),
+                signature.args,
+                args,
+                strict=True,
+            )
             if isinstance(ty, types.Array)
         }
-        r_, t_ = args[4], args[8]
+        r_, t_ = args[3], args[7]
         i64 = r_.type
 
         def constant(k: int) -> ir.Value:
@@ -682,61 +660,36 @@ def micro_kernel(typingctx, u, sub_scales, scales, mins, r, xq, xd, sums, t, out
             element = cgutils.get_item_pointer(context, builder, ty, array, [row, column])
             return builder.load(builder.bitcast(element, value_type.as_pointer()), align=align)
 
-        def spread(values: ir.Value) -> ir.Value:
-            """Each of the n values of a vector to 16 / n consecutive lanes."""
-            n = values.type.count
-            indices = [lane // (16 // n) for lane in range(16)]
-            return builder.shuffle_vector(values, values, ir.Constant(ir.VectorType(I32, 16), indices))
-
-        def f32_scales(name: str, row: ir.Value, flush: ir.Value) -> ir.Value:
-            first = builder.mul(flush, constant(scales_per_flush))
-            return spread(load(name, row, first, ir.VectorType(F32, scales_per_flush), 4))
-
         rows = [builder.add(r_, constant(i)) for i in range(MICRO_ROWS)]
         tokens = [builder.add(t_, constant(j)) for j in range(MICRO_TOKENS)]
         cols = cgutils.unpack_tuple(builder, arrays["u"][1].shape, 2)[1]
-        flushes = builder.udiv(cols, constant(MICRO_STEP * steps_per_flush))
         accumulators = [
             [cgutils.alloca_once_value(builder, ir.Constant(V16F32, None)) for _ in range(MICRO_TOKENS)]
             for _ in range(MICRO_ROWS)
         ]
-        with cgutils.for_range(builder, flushes) as loop:
+        with cgutils.for_range(builder, builder.udiv(cols, constant(SUPER_BLOCK))) as loop:
             lanes = [[ir.Constant(V16I32, None)] * MICRO_TOKENS for _ in range(MICRO_ROWS)]
-            for step in range(steps_per_flush):
-                k = builder.add(builder.mul(loop.index, constant(steps_per_flush)), constant(step))
-                at = builder.mul(k, constant(MICRO_STEP))
+            for step in range(SUPER_BLOCK // MICRO_STEP):
+                at = builder.add(builder.mul(loop.index, constant(SUPER_BLOCK)), constant(MICRO_STEP * step))
                 weights = [load("u", row, at, V64I8, 1) for row in rows]
                 xs = [load("xq", token, at, V64I8, 1) for token in tokens]
-                if steps_per_flush == 1:
-                    lanes = [[_dot_u8_s8_64(builder, w, x) for x in xs] for w in weights]
-                else:
-                    pair_at = builder.mul(k, constant(MICRO_STEP // 2))
-                    pair_scales = [load("sub_scales", row, pair_at, V32I16, 2) for row in rows]
-                    lanes = [
-                        [_scaled_dot_u8_s8_64(builder, lanes[i][j], w, x, s) for j, x in enumerate(xs)]
-                        for i, (w, s) in enumerate(zip(weights, pair_scales, strict=True))
-                    ]
-            row_scales = [f32_scales("scales", row, loop.index) for row in rows]
-            x_scales = [f32_scales("xd", token, loop.index) for token in tokens]
-            for i in range(MICRO_ROWS):
-                for j in range(MICRO_TOKENS):
-                    scale = builder.fmul(row_scales[i], x_scales[j])
-                    total = builder.sitofp(lanes[i][j], V16F32)
-                    acc = _call(
-                        builder, "llvm.fma.v16f32", V16F32, total, scale, builder.load(accumulators[i][j])
-                    )
-                    builder.store(acc, accumulators[i][j])
-        min_groups = cgutils.unpack_tuple(builder, arrays["mins"][1].shape, 2)[1]
-        with cgutils.for_range(builder, builder.udiv(min_groups, constant(16))) as loop:
-            k = builder.mul(loop.index, constant(16))
-            row_mins = [load("mins", row, k, V16F32, 4) for row in rows]
-            x_sums = [load("sums", token, k, V16F32, 4) for token in tokens]
+                lanes = [
+                    [_dot_u8_s8_64(builder, lanes[i][j], w, x) for j, x in enumerate(xs)]
+                    for i, w in enumerate(weights)
+                ]
+            group = builder.mul(loop.index, constant(SUPER_BLOCK // GROUP))
+            row_scales = [load("scales", row, group, V16F32, 4) for row in rows]
+            row_mins = [load("mins", row, group, V16F32, 4) for row in rows]
+            x_scales = [load("xd", token, group, V16F32, 4) for token in tokens]
+            x_sums = [load("sums", token, group, V16F32, 4) for token in tokens]
             for i in range(MICRO_ROWS):
                 for j in range(MICRO_TOKENS):
                     acc = builder.load(accumulators[i][j])
+                    acc = _call(builder, "llvm.fma.v16f32", V16F32, row_mins[i], x_sums[j], acc)
+                    scale = builder.fmul(row_scales[i], x_scales[j])
+                    total = builder.sitofp(lanes[i][j], V16F32)
                     builder.store(
-                        _call(builder, "llvm.fma.v16f32", V16F32, row_mins[i], x_sums[j], acc),
-                        accumulators[i][j],
+                        _call(builder, "llvm.fma.v16f32", V16F32, total, scale, acc), accumulators[i][j]
                     )
         reduce_type = ir.FunctionType(F32, [F32, V16F32])
         reduce = cgutils.get_or_insert_function(builder.module, reduce_type, "llvm.vector.reduce.fadd.v16f32")
@@ -751,7 +704,7 @@ def micro_kernel(typingctx, u, sub_scales, scales, mins, r, xq, xd, sums, t, out
                 )
         return context.get_dummy_value()
 
-    return types.none(u, sub_scales, scales, mins, r, xq, xd, sums, t, out, block), codegen
+    return types.none(u, scales, mins, r, xq, xd, sums, t, out), codegen
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -801,35 +754,34 @@ def _quantize_per_256_into(x: np.ndarray, q: np.ndarray, d: np.ndarray) -> None:
 
 @numba.njit(cache=True)  # no fastmath: -127 / max must round as ggml's does, not become -127 * (1 / max)
 def quantize_activation_rows(
-    x: np.ndarray, rows_multiple: int, cols_multiple: int, block: int
+    x: np.ndarray, rows_multiple: int, block: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """x f32[n, cols] -> (q int8[m, c], d f32[m, c // block], sums f32[m, s]), each row quantized per `block`
-    values as ggml does for the weights' type: 32 as quantize_activations (Q8_0), 256 as Q8_K;
-    sums[i, g] = d q summed over x[i, 16 g:16 g + 16]; zeros from n up to m and from cols up to c (the next
-    multiples of rows_ / cols_multiple), and up to s, the next multiple of 16."""
+    """x f32[n, cols] -> (q int8[m, c], xd f32[m, c // 16], sums f32[m, c // 16]) for micro_kernel: each row
+    quantized per `block` values as ggml does for the weights' type (32: quantize_activations, Q8_0; 256:
+    Q8_K), q in tile_position order, xd the scale of each 16 values and sums[i, g] = xd q summed over
+    x[i, 16 g:16 g + 16]; zeros from n up to m, the next multiple of rows_multiple, and from cols up to c, the
+    next multiple of SUPER_BLOCK."""
     n, cols = x.shape
     m = (n + rows_multiple - 1) // rows_multiple * rows_multiple
-    c = (cols + cols_multiple - 1) // cols_multiple * cols_multiple
+    c = (cols + SUPER_BLOCK - 1) // SUPER_BLOCK * SUPER_BLOCK
     q = np.zeros((m, c), np.int8)
-    d = np.zeros((m, c // block), np.float32)
-    sums = np.zeros((m, padded_groups(c)), np.float32)
+    xd = np.zeros((m, c // GROUP), np.float32)
+    sums = np.zeros((m, c // GROUP), np.float32)
+    row_q = np.empty(cols, np.int8)
+    row_d = np.empty(cols // block, np.float32)
     for i in range(n):
         if block == QK_K:
-            _quantize_per_256_into(x[i], q[i, :cols], d[i, : cols // block])
+            _quantize_per_256_into(x[i], row_q, row_d)
         else:
-            _quantize_into(x[i], q[i, :cols], d[i, : cols // block])
-        for g in range(cols // 16):
+            _quantize_into(x[i], row_q, row_d)
+        for g in range(cols // GROUP):
             total = np.int32(0)
-            for k in range(16):
-                total += np.int32(q[i, 16 * g + k])
-            sums[i, g] = d[i, 16 * g // block] * np.float32(total)
-    return q, d, sums
-
-
-@numba.njit(inline="always")
-def padded_groups(cols: int) -> int:
-    """How many per-16 mins (and activation sums) a row of `cols` weights keeps: a multiple of 16."""
-    return (cols // 16 + 15) // 16 * 16
+            for k in range(GROUP * g, GROUP * (g + 1)):
+                total += np.int32(row_q[k])
+                q[i, tile_position(k)] = row_q[k]
+            xd[i, g] = row_d[GROUP * g // block]
+            sums[i, g] = xd[i, g] * np.float32(total)
+    return q, xd, sums
 
 
 @numba.njit(cache=True)

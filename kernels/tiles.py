@@ -29,13 +29,12 @@ from .common import n_tiles, read_f16, read_u32
 from .simd import (
     INT8_DOT,
     MICRO_ROWS,
-    MICRO_STEP,
     MICRO_TOKENS,
     QK8,
     QK_K,
     micro_kernel,
-    padded_groups,
     quantize_activation_rows,
+    tile_position,
 )
 
 T = GGMLQuantizationType
@@ -48,7 +47,8 @@ TILE_ROWS = 64
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Unpackers: one row of blocks -> u[cols], scales[cols // 16], mins[cols // 16]. Layouts as in ggml-common.h.
+# Unpackers: one row of blocks -> u[c] (c >= cols, tile_position order), scales[cols // 16], mins[cols // 16].
+# Layouts as in ggml-common.h.
 
 
 @numba.njit(inline="always")
@@ -60,7 +60,7 @@ def _byte(row: np.ndarray, i: int) -> int:
 @numba.njit(inline="always")
 def _unpack_legacy(row, u, scales, mins, block_bytes: int, qs_at: int, qh_at: int, m_at: int, zero: int):
     """Q4_0 .. Q5_1: d at 0, m at m_at (or 0: min = -zero d), fifth bits at qh_at (or 0), nibbles at qs_at."""
-    for b in range(u.shape[0] // 32):
+    for b in range(scales.shape[0] // 2):  # u is padded beyond the row
         o = b * block_bytes
         d = read_f16(row, o)
         m = read_f16(row, o + m_at) if m_at else -np.float32(zero) * d
@@ -69,126 +69,120 @@ def _unpack_legacy(row, u, scales, mins, block_bytes: int, qs_at: int, qh_at: in
             byte = np.uint32(row[o + qs_at + j])
             fifth_low = ((qh >> np.uint32(j)) & np.uint32(1)) << np.uint32(4)
             fifth_high = ((qh >> np.uint32(j + 16)) & np.uint32(1)) << np.uint32(4)
-            u[32 * b + j] = np.uint8((byte & np.uint32(15)) | fifth_low)
-            u[32 * b + j + 16] = np.uint8((byte >> np.uint32(4)) | fifth_high)
-        scales[b] = d
+            u[tile_position(32 * b + j)] = np.uint8((byte & np.uint32(15)) | fifth_low)
+            u[tile_position(32 * b + j + 16)] = np.uint8((byte >> np.uint32(4)) | fifth_high)
+        scales[2 * b] = scales[2 * b + 1] = d
         mins[2 * b] = mins[2 * b + 1] = m
 
 
 @numba.njit(inline="always")
 def _unpack_q8_0(row, u, scales, mins):
-    for b in range(u.shape[0] // 32):
+    for b in range(scales.shape[0] // 2):  # u is padded beyond the row
         o = b * 34
         d = read_f16(row, o)
         for k in range(32):
-            u[32 * b + k] = row[o + 2 + k] ^ np.uint8(0x80)  # int8 q + 128
-        scales[b] = d
+            u[tile_position(32 * b + k)] = row[o + 2 + k] ^ np.uint8(0x80)  # int8 q + 128
+        scales[2 * b] = scales[2 * b + 1] = d
         mins[2 * b] = mins[2 * b + 1] = np.float32(-128) * d
 
 
 @numba.njit(inline="always")
-def _sub_block(sub_scales, mins, b: int, s: int, scale: int, minimum: np.float32) -> None:
-    """Sub-block s (16 weights) of super-block b: its integer scale to each of its 8 pairs of weights."""
-    sub_scales[128 * b + 8 * s : 128 * b + 8 * s + 8] = scale
-    mins[16 * b + s] = minimum
-
-
-@numba.njit(inline="always")
-def _unpack_q2_k(row, u, sub_scales, scales, mins):
-    for b in range(u.shape[0] // 256):
+def _unpack_q2_k(row, u, scales, mins):
+    for b in range(scales.shape[0] // 16):  # u is padded beyond the row
         o = b * 84
         d, dmin = read_f16(row, o + 80), read_f16(row, o + 82)
-        scales[b] = d
         for s in range(16):
-            _sub_block(
-                sub_scales, mins, b, s, _byte(row, o + s) & 15, -(dmin * np.float32(_byte(row, o + s) >> 4))
-            )
+            scales[16 * b + s] = d * np.float32(_byte(row, o + s) & 15)
+            mins[16 * b + s] = -(dmin * np.float32(_byte(row, o + s) >> 4))
         for n in range(2):  # weight 128 n + 32 j + l: bits 2j, 2j + 1 of qs[32 n + l]
             for j in range(4):
                 for ell in range(32):
-                    u[256 * b + 128 * n + 32 * j + ell] = (_byte(row, o + 16 + 32 * n + ell) >> (2 * j)) & 3
+                    u[tile_position(256 * b + 128 * n + 32 * j + ell)] = (
+                        _byte(row, o + 16 + 32 * n + ell) >> (2 * j)
+                    ) & 3
 
 
 @numba.njit(inline="always")
-def _scale_q3_k(row, o: int, s: int) -> int:
+def _scale_q3_k(row, o: int, s: int) -> np.float32:
     low = (_byte(row, o + s) & 15) if s < 8 else (_byte(row, o + s - 8) >> 4)
     high = (_byte(row, o + 8 + s % 4) >> (2 * (s // 4))) & 3
-    return (low | (high << 4)) - 32
+    return np.float32(np.int32(low | (high << 4)) - 32)
 
 
 @numba.njit(inline="always")
-def _unpack_q3_k(row, u, sub_scales, scales, mins):
-    for b in range(u.shape[0] // 256):
+def _unpack_q3_k(row, u, scales, mins):
+    for b in range(scales.shape[0] // 16):  # u is padded beyond the row
         o = b * 110
         d = read_f16(row, o + 108)
-        scales[b] = d
         for s in range(16):
-            scale = _scale_q3_k(row, o + 96, s)
-            _sub_block(sub_scales, mins, b, s, scale, np.float32(-4) * (d * np.float32(scale)))
+            scales[16 * b + s] = d * _scale_q3_k(row, o + 96, s)
+            mins[16 * b + s] = np.float32(-4) * scales[16 * b + s]
         for n in range(2):  # weight 128 n + 32 j + l: bits 2j of qs[32 n + l] - 4, plus 4 if hmask bit 4n + j
             for j in range(4):
                 for ell in range(32):
                     low = (_byte(row, o + 32 + 32 * n + ell) >> (2 * j)) & 3
                     high = (_byte(row, o + ell) >> (4 * n + j)) & 1
-                    u[256 * b + 128 * n + 32 * j + ell] = low | (high << 2)
+                    u[tile_position(256 * b + 128 * n + 32 * j + ell)] = low | (high << 2)
 
 
 @numba.njit(inline="always")
-def _unpack_k4(row, u, sub_scales, scales, mins, block_bytes: int, qh_at: int, qs_at: int):
+def _unpack_k4(row, u, scales, mins, block_bytes: int, qh_at: int, qs_at: int):
     """Q4_K (qh_at 0) and Q5_K: sub-block j (32 weights) has nibble j % 2 of qs[32 (j // 2) + l] and, for
     Q5_K, bit j of qh[l] above it; its 6-bit scale and min are packed in the 12 bytes at 4 (ggml
     get_scale_min_k4)."""
-    for b in range(u.shape[0] // 256):
+    for b in range(scales.shape[0] // 16):  # u is padded beyond the row
         o = b * block_bytes
         d, dmin = read_f16(row, o), read_f16(row, o + 2)
-        scales[b] = d
         for j in range(8):
             if j < 4:
                 sc, m = _byte(row, o + 4 + j) & 63, _byte(row, o + 8 + j) & 63
             else:
                 sc = (_byte(row, o + 8 + j) & 15) | ((_byte(row, o + j) >> 6) << 4)
                 m = (_byte(row, o + 8 + j) >> 4) | ((_byte(row, o + 4 + j) >> 6) << 4)
-            for s in (2 * j, 2 * j + 1):
-                _sub_block(sub_scales, mins, b, s, sc, -(dmin * np.float32(m)))
+            scales[16 * b + 2 * j] = scales[16 * b + 2 * j + 1] = d * np.float32(sc)
+            mins[16 * b + 2 * j] = mins[16 * b + 2 * j + 1] = -(dmin * np.float32(m))
             for ell in range(32):
                 q = (_byte(row, o + qs_at + 32 * (j // 2) + ell) >> (4 * (j % 2))) & 15
                 if qh_at:
                     q |= ((_byte(row, o + qh_at + ell) >> j) & 1) << 4
-                u[256 * b + 32 * j + ell] = q
+                u[tile_position(256 * b + 32 * j + ell)] = q
 
 
 @numba.njit(inline="always")
-def _unpack_q6_k(row, u, sub_scales, scales, mins):
-    for b in range(u.shape[0] // 256):
+def _unpack_q6_k(row, u, scales, mins):
+    for b in range(scales.shape[0] // 16):  # u is padded beyond the row
         o = b * 210
         d = read_f16(row, o + 208)
-        scales[b] = d
         for s in range(16):
-            scale = np.int64(np.int8(row[o + 192 + s]))
-            _sub_block(sub_scales, mins, b, s, scale, np.float32(-32) * (d * np.float32(scale)))
+            scales[16 * b + s] = d * np.float32(np.int8(_byte(row, o + 192 + s)))
+            mins[16 * b + s] = np.float32(-32) * scales[16 * b + s]
         # weight 128 n + 32 j + l: nibble j // 2 of ql[64 n + 32 (j % 2) + l], bits 2j of qh[32 n + l] above
         for n in range(2):
             for j in range(4):
                 for ell in range(32):
                     low = (_byte(row, o + 64 * n + 32 * (j % 2) + ell) >> (4 * (j // 2))) & 15
                     high = (_byte(row, o + 128 + 32 * n + ell) >> (2 * j)) & 3
-                    u[256 * b + 128 * n + 32 * j + ell] = low | (high << 4)
+                    u[tile_position(256 * b + 128 * n + 32 * j + ell)] = low | (high << 4)
 
 
 @numba.njit(inline="always")
 def weights_per_scale(kind: int) -> int:
-    """How many weights of a block type share one f32 scale, and so how the activations are quantized."""
+    """How many weights of a block type share one f32 scale: ggml quantizes the activations as many at once
+    (Q8_0 per 32, Q8_K per 256)."""
     return QK_K if kind >= Q2_K else QK8
 
 
 @numba.njit(cache=True)
-def _unpack_rows(kind: int, blocks, r0: int, r1: int, cols: int, u, sub_scales, scales, mins) -> None:
-    """Rows r0:r1 of `blocks` (of block type `kind`, `cols` weights a row) into u[:r1 - r0], sub_scales
-    (K-quants), scales, mins."""
-    block = weights_per_scale(kind)
+def _unpack_rows(kind: int, blocks, r0: int, r1: int, cols: int, u, scales, mins) -> None:
+    """Rows r0:r1 of `blocks` (of block type `kind`, `cols` weights a row) into u[:r1 - r0] (in tile_position
+    order), scales, mins."""
     for i in range(r1 - r0):
-        row, u_row, scales_row, mins_row = blocks[r0 + i], u[i, :cols], scales[i, : cols // block], mins[i]
-        sub_row = sub_scales[i, : cols // 2]
+        row, u_row, scales_row, mins_row = (
+            blocks[r0 + i],
+            u[i],
+            scales[i, : cols // 16],
+            mins[i, : cols // 16],
+        )
         if kind == Q4_0:
             _unpack_legacy(row, u_row, scales_row, mins_row, 18, 2, 0, 0, 8)
         elif kind == Q4_1:
@@ -200,15 +194,15 @@ def _unpack_rows(kind: int, blocks, r0: int, r1: int, cols: int, u, sub_scales, 
         elif kind == Q8_0:
             _unpack_q8_0(row, u_row, scales_row, mins_row)
         elif kind == Q2_K:
-            _unpack_q2_k(row, u_row, sub_row, scales_row, mins_row)
+            _unpack_q2_k(row, u_row, scales_row, mins_row)
         elif kind == Q3_K:
-            _unpack_q3_k(row, u_row, sub_row, scales_row, mins_row)
+            _unpack_q3_k(row, u_row, scales_row, mins_row)
         elif kind == Q4_K:
-            _unpack_k4(row, u_row, sub_row, scales_row, mins_row, 144, 0, 16)
+            _unpack_k4(row, u_row, scales_row, mins_row, 144, 0, 16)
         elif kind == Q5_K:
-            _unpack_k4(row, u_row, sub_row, scales_row, mins_row, 176, 16, 48)
+            _unpack_k4(row, u_row, scales_row, mins_row, 176, 16, 48)
         else:
-            _unpack_q6_k(row, u_row, sub_row, scales_row, mins_row)
+            _unpack_q6_k(row, u_row, scales_row, mins_row)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -218,21 +212,16 @@ def _unpack_rows(kind: int, blocks, r0: int, r1: int, cols: int, u, sub_scales, 
 @numba.njit(cache=True)
 def _tile_times_tokens(kind: int, blocks, r0: int, r1: int, xq, xd, sums, x_shape, y) -> None:
     """y[:n, r0:r1] = X W[r0:r1]^T for one tile of rows; xq, xd, sums hold X padded with zeros to whole
-    micro-steps of tokens and columns, and so is the tile."""
+    micro-steps of tokens and super-blocks of columns, and so is the tile."""
     n, cols = x_shape
-    block = weights_per_scale(kind)
     u = np.zeros((TILE_ROWS, xq.shape[1]), np.uint8)
-    sub_scales = np.zeros((TILE_ROWS, xq.shape[1] // 2 if block == QK_K else 0), np.int16)
-    scales = np.zeros((TILE_ROWS, xq.shape[1] // block), np.float32)
-    mins = np.zeros((TILE_ROWS, padded_groups(xq.shape[1])), np.float32)
-    _unpack_rows(kind, blocks, r0, r1, cols, u, sub_scales, scales, mins)
+    scales = np.zeros((TILE_ROWS, xq.shape[1] // 16), np.float32)
+    mins = np.zeros((TILE_ROWS, xq.shape[1] // 16), np.float32)
+    _unpack_rows(kind, blocks, r0, r1, cols, u, scales, mins)
     out = np.empty((MICRO_TOKENS, MICRO_ROWS), np.float32)
     for t in range(0, xq.shape[0], MICRO_TOKENS):
         for r in range(0, r1 - r0, MICRO_ROWS):
-            if block == QK_K:
-                micro_kernel(u, sub_scales, scales, mins, r, xq, xd, sums, t, out, QK_K)
-            else:
-                micro_kernel(u, sub_scales, scales, mins, r, xq, xd, sums, t, out, QK8)
+            micro_kernel(u, scales, mins, r, xq, xd, sums, t, out)
             for j in range(min(MICRO_TOKENS, n - t)):
                 for i in range(min(MICRO_ROWS, r1 - r0 - r)):
                     y[t + j, r0 + r + i] = out[j, i]
@@ -242,8 +231,7 @@ def _tile_times_tokens(kind: int, blocks, r0: int, r1: int, xq, xd, sums, x_shap
 def int8_matmul(kind: int, blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     """y f32[n, rows] = x f32[n, cols] W^T, W u8[rows, row_bytes] of block type `kind`, with x quantized to
     int8 as ggml does for that type (per 32, or per 256 for the K-quants)."""
-    block = weights_per_scale(kind)
-    xq, xd, sums = quantize_activation_rows(x, MICRO_TOKENS, max(MICRO_STEP, block), block)
+    xq, xd, sums = quantize_activation_rows(x, MICRO_TOKENS, weights_per_scale(int(kind)))
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, TILE_ROWS)):
         r0 = tile * TILE_ROWS

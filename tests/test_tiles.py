@@ -65,20 +65,18 @@ def test_activations_per_256_round_as_ggml_q8_k():
     x[1, 256:] = 0.0
     x[2] = np.round(rng.uniform(-126, 126, 512) * 2) / 2
     x[2, [0, 256]] = -127  # iscale 1: the halves are ties
-    q, d, sums = simd.quantize_activation_rows(x, 4, 256, 256)
-    assert q.shape == (4, 512) and d.shape == (4, 2) and not q[3].any()
-    assert (
-        d[0, 0] < 0
-        and q[0, 3] == -127
-        and np.array_equal(q[2], np.rint(x[2]))
-        and d[1, 1] == 0
-        and not q[1, 256:].any()
-    )
+    tiled, xd, sums = simd.quantize_activation_rows(x, 4, 256)
+    q = tiled[:, [simd.tile_position(k) for k in range(512)]]
+    d = xd[:, ::16]
+    assert q.shape == (4, 512) and xd.shape == (4, 32) and not q[3].any()
+    assert np.array_equal(xd, np.repeat(d, 16, axis=1))
+    assert d[0, 0] < 0 and q[0, 3] == -127 and np.array_equal(q[2], np.rint(x[2]))
+    assert d[1, 1] == 0 and not q[1, 256:].any()
     np.testing.assert_array_equal(
         np.repeat(d[:3], 256, axis=1).astype(np.float64) * q[:3], rounded_per_256(x)
     )
     integer_sums = q[:3].reshape(3, 32, 16).sum(-1, dtype=np.int32).astype(np.float32)
-    np.testing.assert_array_equal(sums[:3, :32], np.repeat(d[:3], 16, axis=1) * integer_sums)
+    np.testing.assert_array_equal(sums[:3], xd[:3] * integer_sums)
 
 
 def test_float_types_have_no_int8_matmul():
