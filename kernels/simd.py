@@ -691,17 +691,24 @@ def micro_kernel(typingctx, u, scales, mins, r, xq, xd, sums, t, out):
                     builder.store(
                         _call(builder, "llvm.fma.v16f32", V16F32, total, scale, acc), accumulators[i][j]
                     )
-        reduce_type = ir.FunctionType(F32, [F32, V16F32])
-        reduce = cgutils.get_or_insert_function(builder.module, reduce_type, "llvm.vector.reduce.fadd.v16f32")
-        for i in range(MICRO_ROWS):
-            for j in range(MICRO_TOKENS):
-                total = builder.call(
-                    reduce, [ir.Constant(F32, 0.0), builder.load(accumulators[i][j])], fastmath=("reassoc",)
+        # the 16 cells' lanes summed as one tree of 15 shuffle-add pairs, leaving cell 4j + i in lane 4j + i
+        cells = [builder.load(accumulators[i][j]) for j in range(MICRO_TOKENS) for i in range(MICRO_ROWS)]
+        partials = 16
+        while len(cells) > 1:
+            half = partials // 2
+            firsts = [k for k in range(32) if k % partials < half]
+            seconds = [k + half for k in firsts]
+            cells = [
+                builder.fadd(
+                    builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(I32, 16), firsts)),
+                    builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(I32, 16), seconds)),
                 )
-                ty, array = arrays["out"]
-                builder.store(
-                    total, cgutils.get_item_pointer(context, builder, ty, array, [constant(j), constant(i)])
-                )
+                for a, b in zip(cells[::2], cells[1::2], strict=True)
+            ]
+            partials = half
+        ty, array = arrays["out"]
+        first = cgutils.get_item_pointer(context, builder, ty, array, [constant(0), constant(0)])
+        builder.store(cells[0], builder.bitcast(first, V16F32.as_pointer()), align=4)
         return context.get_dummy_value()
 
     return types.none(u, scales, mins, r, xq, xd, sums, t, out), codegen
