@@ -612,6 +612,30 @@ def tile_position(k: int) -> int:
     return k - o + MICRO_STEP * (o % GROUP // 4) + 4 * (o // GROUP) + o % 4
 
 
+@intrinsic
+def interleave(typingctx, natural, u):
+    """u[tile_position(k)] = natural[k] for k < len(u), a multiple of SUPER_BLOCK (1-D contiguous byte
+    arrays): per 256 bytes one load, one shuffle of 64 words of 4 bytes and one store."""
+    if not (_is_byte_array(natural) and _is_byte_array(u)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        (natural_type, u_type), (natural_, u_) = signature.args, args
+        length = cgutils.unpack_tuple(builder, context.make_array(u_type)(context, builder, u_).shape, 1)[0]
+        words = ir.VectorType(I32, SUPER_BLOCK // 4)
+        # word 16 k + i of the tile is word 4 i + k of the row (i < 16 lanes, k < 4 steps)
+        lanes = SUPER_BLOCK // MICRO_STEP
+        order = ir.Constant(ir.VectorType(I32, words.count), [lanes * (w % 16) + w // 16 for w in range(64)])
+        with cgutils.for_range(builder, builder.udiv(length, ir.Constant(length.type, SUPER_BLOCK))) as loop:
+            at = builder.mul(loop.index, ir.Constant(length.type, SUPER_BLOCK))
+            row = _load(builder, _pointer(context, builder, natural_type, natural_, at), words)
+            target = builder.bitcast(_pointer(context, builder, u_type, u_, at), words.as_pointer())
+            builder.store(builder.shuffle_vector(row, row, order), target, align=1)
+        return context.get_dummy_value()
+
+    return types.none(natural, u), codegen
+
+
 def _dot_u8_s8_64(builder, acc: ir.Value, unsigned: ir.Value, signed: ir.Value) -> ir.Value:
     """acc <16 x i32> plus, in lane i, the products of bytes 4i .. 4i + 3 of <64 x i8> u8 and <64 x i8> s8."""
     if WIDE_DOT:

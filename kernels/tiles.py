@@ -27,14 +27,12 @@ from numba import prange
 
 from .common import n_tiles, read_f16, read_u32
 from .simd import (
-    GROUP,
     INT8_DOT,
     MICRO_ROWS,
-    MICRO_STEP,
     MICRO_TOKENS,
     QK8,
     QK_K,
-    SUPER_BLOCK,
+    interleave,
     micro_kernel,
     quantize_activation_rows,
 )
@@ -52,7 +50,7 @@ TILE_ROWS = 64
 # Unpackers: one row of blocks -> u[cols] in natural order, scales[cols // 16], mins[cols // 16]; layouts as
 # in ggml-common.h. The weights go out 16 or 32 at a time from runs of bytes with fixed shifts, loops LLVM
 # vectorizes (per weight the scalar code took 1.3-3 ns, as much as 512 tokens' products at 768 columns);
-# _interleave then moves them to tile_position order, 4 bytes at a time.
+# simd.interleave then moves them to tile_position order.
 
 
 @numba.njit(inline="always")
@@ -69,10 +67,13 @@ def _fields(u, at: int, row, source: int, shift: int, mask: int, count: int) -> 
 
 
 @numba.njit(inline="always")
-def _high_fields(u, at: int, row, source: int, shift: int, mask: int, up: int, count: int) -> None:
-    """u[at + l] |= ((row[source + l] >> shift) & mask) << up for l < count."""
+def _two_fields(u, at: int, row, low: tuple, high: tuple, up: int, count: int) -> None:
+    """u[at + l] = low field | high field << up, each field (source, shift, mask) taken as by _fields."""
+    (low_at, low_shift, low_mask), (high_at, high_shift, high_mask) = low, high
     for ell in range(count):
-        u[at + ell] |= ((row[source + ell] >> np.uint8(shift)) & np.uint8(mask)) << np.uint8(up)
+        low_bits = (row[low_at + ell] >> np.uint8(low_shift)) & np.uint8(low_mask)
+        high_bits = (row[high_at + ell] >> np.uint8(high_shift)) & np.uint8(high_mask)
+        u[at + ell] = low_bits | (high_bits << np.uint8(up))
 
 
 @numba.njit(inline="always")
@@ -134,8 +135,7 @@ def _unpack_q3_k(row, u, scales, mins):
         for n in range(2):  # weight 128 n + 32 j + l: bits 2j of qs[32 n + l] - 4, plus 4 if hmask bit 4n + j
             for j in range(4):
                 at = 256 * b + 128 * n + 32 * j
-                _fields(u, at, row, o + 32 + 32 * n, 2 * j, 3, 32)
-                _high_fields(u, at, row, o, 4 * n + j, 1, 2, 32)
+                _two_fields(u, at, row, (o + 32 + 32 * n, 2 * j, 3), (o, 4 * n + j, 1), 2, 32)
 
 
 @numba.njit(inline="always")
@@ -154,9 +154,11 @@ def _unpack_k4(row, u, scales, mins, block_bytes: int, qh_at: int, qs_at: int):
                 m = (_byte(row, o + 8 + j) >> 4) | ((_byte(row, o + 4 + j) >> 6) << 4)
             scales[16 * b + 2 * j] = scales[16 * b + 2 * j + 1] = d * np.float32(sc)
             mins[16 * b + 2 * j] = mins[16 * b + 2 * j + 1] = -(dmin * np.float32(m))
-            _fields(u, 256 * b + 32 * j, row, o + qs_at + 32 * (j // 2), 4 * (j % 2), 15, 32)
             if qh_at:
-                _high_fields(u, 256 * b + 32 * j, row, o + qh_at, j, 1, 4, 32)
+                nibbles = (o + qs_at + 32 * (j // 2), 4 * (j % 2), 15)
+                _two_fields(u, 256 * b + 32 * j, row, nibbles, (o + qh_at, j, 1), 4, 32)
+            else:
+                _fields(u, 256 * b + 32 * j, row, o + qs_at + 32 * (j // 2), 4 * (j % 2), 15, 32)
 
 
 @numba.njit(inline="always")
@@ -171,18 +173,8 @@ def _unpack_q6_k(row, u, scales, mins):
         for n in range(2):
             for j in range(4):
                 at = 256 * b + 128 * n + 32 * j
-                _fields(u, at, row, o + 64 * n + 32 * (j % 2), 4 * (j // 2), 15, 32)
-                _high_fields(u, at, row, o + 128 + 32 * n, 2 * j, 3, 4, 32)
-
-
-@numba.njit(inline="always")
-def _interleave(natural: np.ndarray, u: np.ndarray) -> None:
-    """u[tile_position(k)] = natural[k], k < len(u): runs of 4 bytes move together, as u32 words."""
-    source, target = natural.view(np.uint32), u.view(np.uint32)
-    for at in range(0, target.shape[0], SUPER_BLOCK // 4):
-        for i in range(GROUP):
-            for k in range(GROUP // 4):
-                target[at + (MICRO_STEP // 4) * k + i] = source[at + (GROUP // 4) * i + k]
+                nibbles = (o + 64 * n + 32 * (j % 2), 4 * (j // 2), 15)
+                _two_fields(u, at, row, nibbles, (o + 128 + 32 * n, 2 * j, 3), 4, 32)
 
 
 @numba.njit(inline="always")
@@ -224,7 +216,7 @@ def _unpack_rows(kind: int, blocks, r0: int, r1: int, cols: int, u, scales, mins
             _unpack_k4(row, u_row, scales_row, mins_row, 176, 16, 48)
         else:
             _unpack_q6_k(row, u_row, scales_row, mins_row)
-        _interleave(natural, u[i])
+        interleave(natural, u[i])
 
 
 # ---------------------------------------------------------------------------------------------------------
