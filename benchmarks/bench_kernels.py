@@ -5,9 +5,9 @@
 Per type and shape: dequantization throughput (weights/s, median of --runs) against gguf-py on the same
 blocks and against a numpy copy of as many f32 values (how much of the memory bandwidth it reaches), then
 matvec in GB/s of weight bytes read. --matmul adds the fused matmul against "dequantize everything, then
-numpy matmul". --int8 times instead the batched int8 product (kernels.tiles) against what gpt2cli.model does
-otherwise for long batches, dequantizing a tile of rows at a time for numpy's BLAS, the two interleaved run by
-run so that a busy machine slows both alike:
+numpy matmul". --int8 times instead the batched int8 product (kernels.tiles) against the f32 path that
+gpt2cli.model takes otherwise (the fused kernels for short batches, else a tile of rows at a time dequantized
+for numpy's BLAS), the two interleaved run by run so that a busy machine slows both alike:
 
     python benchmarks/bench_kernels.py --int8 --threads 1 --clock cpu --types Q4_K Q6_K \\
         --shapes 2304x768 3072x768 768x3072 --tokens 64 128 256 512
@@ -28,7 +28,7 @@ from gguf import GGMLQuantizationType, quants
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gpt2cli.kernels import KERNELS, BlockKernels  # noqa: E402
-from gpt2cli.model import SCRATCH_BYTES  # noqa: E402
+from gpt2cli.model import BLAS_MIN_TOKENS, SCRATCH_BYTES  # noqa: E402
 
 # Wall time by default; --clock cpu takes the process's CPU time instead, which with --threads 1 measures the
 # kernels' own speed even while other processes share the cores (wall times then jump by scheduler ticks).
@@ -126,7 +126,9 @@ def interleaved_medians(fns: list[Callable[[], object]], runs: int) -> list[floa
 
 
 def bench_int8(kernels: BlockKernels, shape: tuple[int, int], tokens: list[int], runs: int) -> list[str]:
-    """Per batch size: int8 ms / dequantize + BLAS ms (BLAS time over int8 time: > 1 where int8 wins)."""
+    """Per batch size: int8 ms / f32 ms (f32 time over int8 time: > 1 where int8 wins), the f32 path being
+    the one gpt2cli.model takes without int8: the fused kernels below BLAS_MIN_TOKENS, else a tile of rows at
+    a time dequantized for numpy's BLAS."""
     rows, cols = shape
     blocks = stored_blocks(kernels, rows, cols)
     scratch = np.empty(SCRATCH_BYTES // 4, dtype=np.float32)
@@ -143,10 +145,17 @@ def bench_int8(kernels: BlockKernels, shape: tuple[int, int], tokens: list[int],
                 kernels.dequantize(blocks[r0:r1], tile)
                 np.matmul(x, tile.T, out=y[:, r0:r1])
 
-        int8, blas = interleaved_medians(
-            [lambda x=x, y=y: kernels.int8_matmul(blocks, x, y), dequantize_then_blas], runs
+        def fused(x: np.ndarray = x, y: np.ndarray = y) -> None:
+            kernels.matmul(blocks, x, y)
+
+        int8, f32 = interleaved_medians(
+            [
+                lambda x=x, y=y: kernels.int8_matmul(blocks, x, y),
+                fused if n < BLAS_MIN_TOKENS else dequantize_then_blas,
+            ],
+            runs,
         )
-        cells.append(f"{int8 * 1e3:.1f} / {blas * 1e3:.1f} ({blas / int8:.2f}x)")
+        cells.append(f"{int8 * 1e3:.1f} / {f32 * 1e3:.1f} ({f32 / int8:.2f}x)")
     return cells
 
 
@@ -179,15 +188,13 @@ def main() -> None:
     selected = [KERNELS[GGMLQuantizationType[name]] for name in names]
     print(f"numba threads: {numba.get_num_threads()}, {args.clock} clock")
     if args.int8:
-        print("\nint8_matmul ms / dequantize + BLAS ms (BLAS over int8: > 1 where int8 wins)\n")
+        print(f"\nint8_matmul ms / f32 ms (fused below {BLAS_MIN_TOKENS} tokens, else dequantize + BLAS;")
+        print("> 1x where int8 wins)\n")
         header = ["type, shape"] + [f"n={n}" for n in args.tokens]
-        table = [
-            bench_int8(k, shape, args.tokens, args.runs)
-            for k in selected
-            if k.int8_matmul is not None
-            for shape in args.shapes
-        ]
-        print(markdown_table(header, table))
+        print(markdown_table(header, []))
+        for k in selected:
+            for shape in args.shapes if k.int8_matmul is not None else []:
+                print(markdown_table(header, [bench_int8(k, shape, args.tokens, args.runs)]).splitlines()[-1])
         return
     print("dequantize: weights/s (speed-up over gguf-py, fraction of a numpy copy of as many f32)\n")
 

@@ -1,8 +1,8 @@
 """The GPT-2 forward pass on the CPU: prefill and decoding of one or more sequences, each with its KV cache.
 
 A single token, and each token of a batch of up to MATVEC_MAX_TOKENS, multiplies straight from the stored
-blocks (`matvec`, int8 activations unless exact). A batch of INT8_MIN_TOKENS to INT8_MAX_TOKENS on quantized
-weights quantizes its activations to int8 as ggml does and takes integer dot products (`int8_matmul`,
+blocks (`matvec`, int8 activations unless exact). A batch of INT8_MIN_TOKENS or more on quantized weights
+quantizes its activations to int8 as ggml does and takes integer dot products (`int8_matmul`,
 kernels.tiles). Other batches, float weights and exact mode compute in f32: short batches with the fused
 block kernels (`matmul`), long ones by dequantizing a tile of rows at a time into scratch for numpy's BLAS,
 whichever was measured faster for that batch size. Several sequences run as one batch, with attention per
@@ -25,12 +25,12 @@ BLAS_MIN_TOKENS = 64
 # Up to this many tokens (a few sequences decoding together) take one int8 matvec each: a whole distilgpt2
 # step of 2 / 5 / 8 tokens took 0.3x / 0.8x / 1.1-1.3x the time of the fused f32 kernels (Q4_K_M, Q8_0).
 MATVEC_MAX_TOKENS = 6
-# Batches of INT8_MIN_TOKENS to INT8_MAX_TOKENS - 1 on quantized weights use int8 activations. Measured per
-# core (CPU time, a 3072 x 768 matrix) against the better f32 path: 0.75x at 8 tokens (the unpacking is scalar
-# code), 1.0x at 32, 1.05-1.2x at 64-128 and 0.75-0.8x at 512, where BLAS's f32 FMAs outrun the f32 scaling
-# that every 64-weight integer dot product of a tile needs.
-INT8_MIN_TOKENS = 64
-INT8_MAX_TOKENS = 256
+# Batches of INT8_MIN_TOKENS or more on quantized weights use int8 activations. Measured per core (CPU time,
+# benchmarks/bench_kernels.py --int8, the matrices of distilgpt2 and gpt2) against the f32 path: 0.6-0.9x the
+# fused kernels at 8 tokens (unpacking a tile costs as much as multiplying it), 0.8-1.3x at 16, 1.0-1.3x at
+# 32; against dequantize + BLAS 1.2-2.1x at 64, 1.1-1.6x at 128, 1.0-1.5x at 256 and 0.9-1.3x at 512 (the
+# 768-row attention output 0.9-1.1x, the 768x768 matrices of all the rows the slowest).
+INT8_MIN_TOKENS = 32
 # Scratch for one dequantized tile of a weight matrix: bounds the extra memory of a BLAS prefill.
 SCRATCH_BYTES = 16 << 20
 
@@ -91,7 +91,7 @@ class GPT2Model:
 
     def int8_batches(self, n: int) -> bool:
         """Whether a batch of n > 1 tokens multiplies quantized weights with int8 activations."""
-        return not self.exact and INT8_MIN_TOKENS <= n < INT8_MAX_TOKENS
+        return not self.exact and n >= INT8_MIN_TOKENS
 
     def batch_compute(self, n: int) -> str:
         """What batches of n > 1 tokens compute with, for reports."""
@@ -104,7 +104,7 @@ class GPT2Model:
             return "f32 (float weights)"
         if self.int8_batches(n):
             return "int8 activations on quantized weights (llama.cpp-style)"
-        return f"f32 (int8 only for batches of {INT8_MIN_TOKENS}-{INT8_MAX_TOKENS - 1} tokens)"
+        return f"f32 (int8 only for batches of {INT8_MIN_TOKENS} tokens or more)"
 
     def new_cache(self, max_len: int | None = None) -> KVCache:
         return KVCache(self.config, max_len)
