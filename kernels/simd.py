@@ -623,9 +623,10 @@ def interleave(typingctx, natural, u):
         (natural_type, u_type), (natural_, u_) = signature.args, args
         length = cgutils.unpack_tuple(builder, context.make_array(u_type)(context, builder, u_).shape, 1)[0]
         words = ir.VectorType(I32, SUPER_BLOCK // 4)
-        # word 16 k + i of the tile is word 4 i + k of the row (i < 16 lanes, k < 4 steps)
-        lanes = SUPER_BLOCK // MICRO_STEP
-        order = ir.Constant(ir.VectorType(I32, words.count), [lanes * (w % 16) + w // 16 for w in range(64)])
+        sources = [0] * words.count  # the row's word that each word of the tile takes
+        for word in range(words.count):
+            sources[tile_position(4 * word) // 4] = word
+        order = ir.Constant(ir.VectorType(I32, words.count), sources)
         with cgutils.for_range(builder, builder.udiv(length, ir.Constant(length.type, SUPER_BLOCK))) as loop:
             at = builder.mul(loop.index, ir.Constant(length.type, SUPER_BLOCK))
             row = _load(builder, _pointer(context, builder, natural_type, natural_, at), words)
@@ -798,20 +799,20 @@ def quantize_activation_rows(
     q = np.zeros((m, c), np.int8)
     xd = np.zeros((m, c // GROUP), np.float32)
     sums = np.zeros((m, c // GROUP), np.float32)
-    row_q = np.empty(cols, np.int8)
-    row_d = np.empty(cols // block, np.float32)
+    natural = np.zeros(c, np.int8)
+    d = np.empty(cols // block, np.float32)
     for i in range(n):
         if block == QK_K:
-            _quantize_per_256_into(x[i], row_q, row_d)
+            _quantize_per_256_into(x[i], natural[:cols], d)
         else:
-            _quantize_into(x[i], row_q, row_d)
+            _quantize_into(x[i], natural[:cols], d)
         for g in range(cols // GROUP):
             total = np.int32(0)
             for k in range(GROUP * g, GROUP * (g + 1)):
-                total += np.int32(row_q[k])
-                q[i, tile_position(k)] = row_q[k]
-            xd[i, g] = row_d[GROUP * g // block]
+                total += np.int32(natural[k])
+            xd[i, g] = d[GROUP * g // block]
             sums[i, g] = xd[i, g] * np.float32(total)
+        interleave(natural, q[i])
     return q, xd, sums
 
 
