@@ -656,10 +656,11 @@ def _dot_u8_s8_64(builder, acc: ir.Value, unsigned: ir.Value, signed: ir.Value) 
 
 @intrinsic
 def micro_kernel(typingctx, u, scales, mins, r, xq, xd, sums, t, out):
-    """out[j, i] = sum_k w[r + i, k] x[t + j, k] for i < MICRO_ROWS, j < MICRO_TOKENS: the 16 sums of 4 weight
-    rows of the tile (u in tile_position order, cols a multiple of SUPER_BLOCK; scales, mins f32[., cols //
-    16]) and 4 quantized tokens (xq, xd, sums, as quantize_activation_rows makes them), kept in vector
-    registers over the whole row; each weight load feeds 4 tokens and each activation load 4 rows."""
+    """out[t + j, r + i] = sum_k w[r + i, k] x[t + j, k] for i < MICRO_ROWS, j < MICRO_TOKENS (out f32, C):
+    the 16 sums of 4 weight rows of the tile (u in tile_position order, cols a multiple of SUPER_BLOCK;
+    scales, mins f32[., cols // 16]) and 4 quantized tokens (xq, xd, sums, as quantize_activation_rows makes
+    them), kept in vector registers over the whole row; each weight load feeds 4 tokens and each activation
+    load 4 rows."""
     if not (_is_byte_array(u) and _is_byte_array(xq) and isinstance(out, types.Array)):
         return None
 
@@ -732,8 +733,13 @@ def micro_kernel(typingctx, u, scales, mins, r, xq, xd, sums, t, out):
             ]
             partials = half
         ty, array = arrays["out"]
-        first = cgutils.get_item_pointer(context, builder, ty, array, [constant(0), constant(0)])
-        builder.store(cells[0], builder.bitcast(first, V16F32.as_pointer()), align=4)
+        four = ir.VectorType(F32, MICRO_ROWS)
+        for j, token in enumerate(tokens):
+            sums_of_token = builder.shuffle_vector(
+                cells[0], cells[0], ir.Constant(ir.VectorType(I32, MICRO_ROWS), list(range(4 * j, 4 * j + 4)))
+            )
+            first = cgutils.get_item_pointer(context, builder, ty, array, [token, r_])
+            builder.store(sums_of_token, builder.bitcast(first, four.as_pointer()), align=4)
         return context.get_dummy_value()
 
     return types.none(u, scales, mins, r, xq, xd, sums, t, out), codegen

@@ -232,13 +232,11 @@ def _tile_times_tokens(kind: int, blocks, r0: int, r1: int, xq, xd, sums, x_shap
     scales = np.zeros((TILE_ROWS, xq.shape[1] // 16), np.float32)
     mins = np.zeros((TILE_ROWS, xq.shape[1] // 16), np.float32)
     _unpack_rows(kind, blocks, r0, r1, cols, u, scales, mins)
-    out = np.empty((MICRO_TOKENS, MICRO_ROWS), np.float32)
+    out = np.empty((xq.shape[0], TILE_ROWS), np.float32)
     for t in range(0, xq.shape[0], MICRO_TOKENS):
         for r in range(0, r1 - r0, MICRO_ROWS):
             micro_kernel(u, scales, mins, r, xq, xd, sums, t, out)
-            for j in range(min(MICRO_TOKENS, n - t)):
-                for i in range(min(MICRO_ROWS, r1 - r0 - r)):
-                    y[t + j, r0 + r + i] = out[j, i]
+    y[:, r0:r1] = out[:n, : r1 - r0]
 
 
 @numba.njit(cache=True, parallel=True)
