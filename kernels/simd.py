@@ -16,7 +16,8 @@ AVX-VNNI, or AVX2's pmaddubsw + pmaddwd), or is None when it has none of them: t
 register their f32 matvec kernels instead.
 
 Activations are quantized like ggml's Q8_0, per 32 values: d = max|x| / 127, q = rint(x / d), so that
-|x - d q| <= d / 2 (up to f32 rounding).
+|x - d q| <= d / 2 (up to f32 rounding); the batched product (micro_kernel) quantizes them for the K-quants as
+ggml's Q8_K does, per 256 values, bit for bit (quantize_activation_rows).
 """
 
 from __future__ import annotations
@@ -590,10 +591,11 @@ def prefetch_ahead(rows: np.ndarray, r: int) -> None:
 # accumulate in lane i the exact integer dot product of group i, which one conversion and one FMA then scale
 # by scale_r[i] xd_t[i]; the min terms (min_r[i] times sums_t[i], the sums of the quantized activations) take
 # one more FMA. Per 256 weights and (row, token) cell: 4 vpdpbusd + 1 vcvtdq2ps, which share port 0 on
-# Intel cores, and 3 f32 operations, which go to port 5. Measured first, the scheme of ggml's AVX2 kernels
-# (vpmaddubsw + vpdpwssd against integer sub-block scales, one f32 scaling per 256) ran no faster: every
-# 512-bit integer multiply issues on port 0 alone, and that needed 2 of them per 64 weights, as did the
-# earlier vpdpbusd + conversion per 64.
+# Intel cores, and 3 f32 operations, which go to port 5: ~100-115 G multiply-adds/s on one core here, the
+# tile in cache. Measured first, the scheme of ggml's AVX2 kernels (vpmaddubsw + vpdpwssd against integer
+# sub-block scales, one f32 scaling per 256) ran no faster: every 512-bit integer multiply issues on port 0
+# alone, and it needs 2 of them per 64 weights, as did the earlier vpdpbusd + conversion per 64 (and LLVM
+# splits the vpdpwssd intrinsic into vpmaddwd + vpaddd, 3).
 
 MICRO_ROWS = 4
 MICRO_TOKENS = 4

@@ -4,15 +4,21 @@ micro-kernel.
 A tile of weight rows of any type is unpacked into one common form: unsigned small integers u u8[rows, cols]
 and, per 16 weights, a scale and a min, so that w = scale u + min. The signed types' offsets become mins
 (Q4_0: u = q, min = -8 d; Q8_0: u = q + 128, min = -128 d), so every type is the same product. The activations
-are quantized to int8 per 32 as for matvec (ggml's Q8_0), and kernels.simd.micro_kernel multiplies 4 rows by
-4 tokens at a time with integer dot products (vpdpbusd / pmaddubsw); the mins multiply the sums of the
-quantized activations per 16, as ggml's do, so the error is sum_k w_k (x_q - x)_k.
+are quantized to int8 as ggml quantizes them for the type (Q8_0 per 32 for the legacy types, Q8_K per 256
+for the K-quants, bit for bit), and kernels.simd.micro_kernel multiplies 4 rows by 4 tokens at a time; the
+mins multiply the sums of the quantized activations per 16, as ggml's do, so the error is
+sum_k w_k (x_q - x)_k.
 
-Each integer dot product (64 weights, one 512-bit vpdpbusd) needs a conversion, a scale product and an FMA in
-f32, so a tile runs at about the speed of an f32 GEMM: measured per core 1.05-1.2x the f32 paths at 64-128
-tokens, 0.75-0.8x dequantize + BLAS at 512 (gpt2cli.model picks by batch size). Unpacking is scalar code,
-which costs most at a few tokens. pmaddubsw (AVX2 without VNNI) saturates on the 8-bit weights of Q8_0, which
-there keeps its f32 path.
+Both u and the quantized activations are stored with each 256 values interleaved (simd.tile_position), so
+that 4 vpdpbusd leave in each 32-bit lane the exact integer dot product of one group of 16 weights, which one
+conversion and one FMA scale: per 256 weights and (row, token), 5 operations on the integer port where the
+earlier layout took 8 (an f32 scaling per 64 weights). Measured per core (CPU time, bench_kernels.py --int8,
+the matrices of distilgpt2 and gpt2): the micro-kernel alone runs at ~100-115 G multiply-adds/s; a whole
+product at 1.0-1.4x dequantize + BLAS at 512 tokens, 1.1-1.6x at 128, 1.2-2.1x at 64, and 1.0-1.3x the fused
+f32 kernels at 32 (gpt2cli.model picks by batch size). Unpacking writes runs of 16-32 weights with fixed
+shifts (vectorized, 0.3-0.7 ns a weight), then interleaves them with one shuffle per 256 bytes; it is what
+makes short batches lose. pmaddubsw (AVX2 without VNNI) saturates on the 8-bit weights of Q8_0, which there
+keeps its f32 path.
 """
 
 from __future__ import annotations
