@@ -26,10 +26,10 @@ BLAS_MIN_TOKENS = 64
 # step of 2 / 5 / 8 tokens took 0.3x / 0.8x / 1.1-1.3x the time of the fused f32 kernels (Q4_K_M, Q8_0).
 MATVEC_MAX_TOKENS = 6
 # Batches of INT8_MIN_TOKENS or more on quantized weights use int8 activations. Measured per core (CPU time,
-# benchmarks/bench_kernels.py --int8, the matrices of distilgpt2 and gpt2) against the f32 path: 0.6-0.9x the
-# fused kernels at 8 tokens (unpacking a tile costs as much as multiplying it), 0.8-1.3x at 16, 1.0-1.3x at
-# 32; against dequantize + BLAS 1.2-2.1x at 64, 1.1-1.6x at 128, 1.0-1.5x at 256 and 0.9-1.3x at 512 (the
-# 768-row attention output 0.9-1.1x, the 768x768 matrices of all the rows the slowest).
+# benchmarks/bench_kernels.py --int8, the matrices of distilgpt2 and gpt2, 7 types) against the f32 path:
+# 0.6-0.9x the fused kernels at 8 tokens (unpacking a tile costs as much as multiplying it), 0.8-1.3x at 16,
+# 1.0-1.3x at 32; against dequantize + BLAS 1.2-2.1x at 64, 1.0-1.6x at 128 and 256, 0.9-1.3x at 512 (below
+# 1 only for the 768x768 attention output and the 50257-row head of some types).
 INT8_MIN_TOKENS = 32
 # Scratch for one dequantized tile of a weight matrix: bounds the extra memory of a BLAS prefill.
 SCRATCH_BYTES = 16 << 20
