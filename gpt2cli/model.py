@@ -3,8 +3,8 @@
 A single token multiplies straight from the stored blocks (`matvec`, int8 activations unless exact); a batch
 of 2 to MATVECS_MAX_TOKENS on quantized weights (several sequences decoding together) takes the int8 matvec
 of all its tokens at once (`matvecs`, each row of blocks read once), and one of up to MATVEC_MAX_TOKENS on
-float weights one matvec per token. A batch of INT8_MIN_TOKENS to INT8_MAX_TOKENS on quantized
-weights quantizes its activations to int8 as ggml does and takes integer dot products (`int8_matmul`,
+float weights one matvec per token. A batch of INT8_MIN_TOKENS or more on quantized weights quantizes its
+activations to int8 as ggml does and takes integer dot products (`int8_matmul`,
 kernels.tiles). Other batches, float weights and exact mode compute in f32: short batches with the fused
 block kernels (`matmul`), long ones by dequantizing a tile of rows at a time into scratch for numpy's BLAS,
 whichever was measured faster for that batch size. Several sequences run as one batch, with attention per
@@ -33,12 +33,12 @@ MATVEC_MAX_TOKENS = 6
 # (one thread) than one int8 matvec per token (2-6) or the fused f32 kernels (8, 16); generate's batches
 # (SEQUENCES_PER_BATCH) are at most 16.
 MATVECS_MAX_TOKENS = 16
-# Batches of INT8_MIN_TOKENS to INT8_MAX_TOKENS - 1 on quantized weights use int8 activations. Measured per
-# core (CPU time, a 3072 x 768 matrix) against the better f32 path: 0.75x at 8 tokens (the unpacking is scalar
-# code), 1.0x at 32, 1.05-1.2x at 64-128 and 0.75-0.8x at 512, where BLAS's f32 FMAs outrun the f32 scaling
-# that every 64-weight integer dot product of a tile needs.
-INT8_MIN_TOKENS = 64
-INT8_MAX_TOKENS = 256
+# Batches of INT8_MIN_TOKENS or more on quantized weights use int8 activations. Measured per core (CPU time,
+# benchmarks/bench_kernels.py --int8, the matrices of distilgpt2 and gpt2, 7 types) against the f32 path:
+# 0.6-0.9x the fused kernels at 8 tokens (unpacking a tile costs as much as multiplying it), 0.8-1.3x at 16,
+# 1.0-1.3x at 32; against dequantize + BLAS 1.2-2.1x at 64, 1.0-1.6x at 128 and 256, 0.9-1.3x at 512 (below
+# 1 only for the 768x768 attention output and the 50257-row head of some types).
+INT8_MIN_TOKENS = 32
 # Scratch for one dequantized tile of a weight matrix: bounds the extra memory of a BLAS prefill.
 SCRATCH_BYTES = 16 << 20
 
@@ -93,7 +93,7 @@ class GPT2Model:
 
     def int8_batches(self, n: int) -> bool:
         """Whether a batch of n > 1 tokens multiplies quantized weights with int8 activations."""
-        return not self.exact and (n <= MATVECS_MAX_TOKENS or INT8_MIN_TOKENS <= n < INT8_MAX_TOKENS)
+        return not self.exact and (n <= MATVECS_MAX_TOKENS or n >= INT8_MIN_TOKENS)
 
     def batch_compute(self, n: int) -> str:
         """What batches of n > 1 tokens compute with, for reports."""
@@ -106,7 +106,7 @@ class GPT2Model:
             return "f32 (float weights)"
         if self.int8_batches(n):
             return "int8 activations on quantized weights (llama.cpp-style)"
-        int8_sizes = f"2-{MATVECS_MAX_TOKENS} and {INT8_MIN_TOKENS}-{INT8_MAX_TOKENS - 1}"
+        int8_sizes = f"2-{MATVECS_MAX_TOKENS} and {INT8_MIN_TOKENS} or more"
         return f"f32 (int8 only for batches of {int8_sizes} tokens)"
 
     def new_cache(self, max_len: int | None = None) -> KVCache:

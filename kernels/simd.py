@@ -19,7 +19,8 @@ AVX-VNNI, or AVX2's pmaddubsw + pmaddwd), or is None when it has none of them: t
 register their f32 matvec kernels instead.
 
 Activations are quantized like ggml's Q8_0, per 32 values: d = max|x| / 127, q = rint(x / d), so that
-|x - d q| <= d / 2 (up to f32 rounding).
+|x - d q| <= d / 2 (up to f32 rounding); the batched product (micro_kernel) quantizes them for the K-quants as
+ggml's Q8_K does, per 256 values, bit for bit (quantize_activation_rows).
 """
 
 from __future__ import annotations
@@ -575,28 +576,66 @@ def prefetch_ahead(rows: np.ndarray, r: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The batched product's micro-kernel (kernels.tiles): one common tile form for every block type, unsigned
-# weights u u8[rows, cols] with a scale and a min per 16 weights, w = scale u + min, times activations
-# quantized per 32. Per 64 weights (MICRO_STEP), row r and token t, in 16 lanes of 4 weights:
-# acc += f32(dot_lanes(u_r, xq_t)) * (scale_r xd_t), the scales and activation scales spread to their lanes;
-# then acc += min_r sums_t per 16 weights, sums_t the sums of the quantized activations. The f32 work per
-# integer dot product is what bounds the speed, so the wider the dot product the better (one 512-bit vpdpbusd
-# where there is AVX-512 VNNI, else two 256-bit ones), and the min terms are a separate, 16x shorter loop.
+# The batched product's micro-kernel (kernels.tiles): one tile form for every block type, unsigned weights
+# u u8[rows, cols] with a scale and a min per 16 weights, w = scale u + min, times activations x = xd xq (xd
+# per 32 or 256 as ggml quantizes them for the type, kept per 16). Each 256 weights are stored interleaved
+# (tile_position): lane i (4 bytes) of the 4 64-byte steps holds weights 16i .. 16i + 15, so that 4 vpdpbusd
+# accumulate in lane i the exact integer dot product of group i, which one conversion and one FMA then scale
+# by scale_r[i] xd_t[i]; the min terms (min_r[i] times sums_t[i], the sums of the quantized activations) take
+# one more FMA. Per 256 weights and (row, token) cell: 4 vpdpbusd + 1 vcvtdq2ps, which share port 0 on
+# Intel cores, and 3 f32 operations, which go to port 5: ~100-115 G multiply-adds/s on one core here, the
+# tile in cache. Measured first, the scheme of ggml's AVX2 kernels (vpmaddubsw + vpdpwssd against integer
+# sub-block scales, one f32 scaling per 256) ran no faster: every 512-bit integer multiply issues on port 0
+# alone, and it needs 2 of them per 64 weights, as did the earlier vpdpbusd + conversion per 64 (and LLVM
+# splits the vpdpwssd intrinsic into vpmaddwd + vpaddd, 3).
 
 MICRO_ROWS = 4
 MICRO_TOKENS = 4
 MICRO_STEP = 64
+GROUP = 16  # weights per scale and min
+SUPER_BLOCK = 256  # weights per interleaved run: 16 lanes of 16
 V64I8 = ir.VectorType(I8, 64)
 V16I32 = ir.VectorType(I32, 16)
 V16F32 = ir.VectorType(F32, 16)
 
 
-def _dot_u8_s8_64(builder, unsigned: ir.Value, signed: ir.Value) -> ir.Value:
-    """<64 x i8> u8, <64 x i8> s8 -> <16 x i32>: lane i sums the products of bytes 4i .. 4i + 3."""
+@numba.njit(inline="always")
+def tile_position(k: int) -> int:
+    """Where weight (or activation) k of a row sits in the tile's interleaved order."""
+    o = k % SUPER_BLOCK
+    return k - o + MICRO_STEP * (o % GROUP // 4) + 4 * (o // GROUP) + o % 4
+
+
+@intrinsic
+def interleave(typingctx, natural, u):
+    """u[tile_position(k)] = natural[k] for k < len(u), a multiple of SUPER_BLOCK (1-D contiguous byte
+    arrays): per 256 bytes one load, one shuffle of 64 words of 4 bytes and one store."""
+    if not (_is_byte_array(natural) and _is_byte_array(u)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        (natural_type, u_type), (natural_, u_) = signature.args, args
+        length = cgutils.unpack_tuple(builder, context.make_array(u_type)(context, builder, u_).shape, 1)[0]
+        words = ir.VectorType(I32, SUPER_BLOCK // 4)
+        sources = [0] * words.count  # the row's word that each word of the tile takes
+        for word in range(words.count):
+            sources[tile_position(4 * word) // 4] = word
+        order = ir.Constant(ir.VectorType(I32, words.count), sources)
+        with cgutils.for_range(builder, builder.udiv(length, ir.Constant(length.type, SUPER_BLOCK))) as loop:
+            at = builder.mul(loop.index, ir.Constant(length.type, SUPER_BLOCK))
+            row = _load(builder, _pointer(context, builder, natural_type, natural_, at), words)
+            target = builder.bitcast(_pointer(context, builder, u_type, u_, at), words.as_pointer())
+            builder.store(builder.shuffle_vector(row, row, order), target, align=1)
+        return context.get_dummy_value()
+
+    return types.none(natural, u), codegen
+
+
+def _dot_u8_s8_64(builder, acc: ir.Value, unsigned: ir.Value, signed: ir.Value) -> ir.Value:
+    """acc <16 x i32> plus, in lane i, the products of bytes 4i .. 4i + 3 of <64 x i8> u8 and <64 x i8> s8."""
     if WIDE_DOT:
-        zero = ir.Constant(V16I32, None)
         a, b = builder.bitcast(unsigned, V16I32), builder.bitcast(signed, V16I32)
-        return _call(builder, "llvm.x86.avx512.vpdpbusd.512", V16I32, zero, a, b)
+        return _call(builder, "llvm.x86.avx512.vpdpbusd.512", V16I32, acc, a, b)
 
     def half(v: ir.Value, h: int) -> ir.Value:
         return builder.shuffle_vector(
@@ -605,15 +644,17 @@ def _dot_u8_s8_64(builder, unsigned: ir.Value, signed: ir.Value) -> ir.Value:
 
     low = _dot_u8_s8(builder, half(unsigned, 0), half(signed, 0))
     high = _dot_u8_s8(builder, half(unsigned, 1), half(signed, 1))
-    return builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(I32, 16), list(range(16))))
+    both = builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(I32, 16), list(range(16))))
+    return builder.add(acc, both)
 
 
 @intrinsic
 def micro_kernel(typingctx, u, scales, mins, r, xq, xd, sums, t, out):
-    """out[j, i] = sum_k w[r + i, k] x[t + j, k] for i < MICRO_ROWS, j < MICRO_TOKENS: the 16 sums of 4 weight
-    rows of the tile (u, scales, mins; cols a multiple of MICRO_STEP, mins a multiple of 16 wide) and 4
-    quantized tokens (xq, xd, sums, as quantize_activation_rows makes them), kept in vector registers over the
-    whole row; each weight load feeds 4 tokens and each activation load 4 rows."""
+    """out[t + j, r + i] = sum_k w[r + i, k] x[t + j, k] for i < MICRO_ROWS, j < MICRO_TOKENS (out f32, C):
+    the 16 sums of 4 weight rows of the tile (u in tile_position order, cols a multiple of SUPER_BLOCK;
+    scales, mins f32[., cols // 16]) and 4 quantized tokens (xq, xd, sums, as quantize_activation_rows makes
+    them), kept in vector registers over the whole row; each weight load feeds 4 tokens and each activation
+    load 4 rows."""
     if not (_is_byte_array(u) and _is_byte_array(xq) and isinstance(out, types.Array)):
         return None
 
@@ -639,63 +680,60 @@ def micro_kernel(typingctx, u, scales, mins, r, xq, xd, sums, t, out):
             element = cgutils.get_item_pointer(context, builder, ty, array, [row, column])
             return builder.load(builder.bitcast(element, value_type.as_pointer()), align=align)
 
-        def spread(values: ir.Value, lanes: int) -> ir.Value:
-            """Each of the n values of a vector to 16 / n consecutive lanes."""
-            n = values.type.count
-            indices = [lane // (16 // n) for lane in range(16)]
-            return builder.shuffle_vector(values, values, ir.Constant(ir.VectorType(I32, 16), indices))
-
+        rows = [builder.add(r_, constant(i)) for i in range(MICRO_ROWS)]
+        tokens = [builder.add(t_, constant(j)) for j in range(MICRO_TOKENS)]
         cols = cgutils.unpack_tuple(builder, arrays["u"][1].shape, 2)[1]
-        steps = builder.udiv(cols, constant(MICRO_STEP))
         accumulators = [
             [cgutils.alloca_once_value(builder, ir.Constant(V16F32, None)) for _ in range(MICRO_TOKENS)]
             for _ in range(MICRO_ROWS)
         ]
-        with cgutils.for_range(builder, steps) as loop:
-            k = loop.index
-            weights, row_scales = [], []
-            for i in range(MICRO_ROWS):
-                row = builder.add(r_, constant(i))
-                weights.append(load("u", row, builder.mul(k, constant(64)), V64I8, 1))
-                four = ir.VectorType(F32, 4)
-                row_scales.append(spread(load("scales", row, builder.mul(k, constant(4)), four, 4), 16))
-            xs, x_scales = [], []
-            for j in range(MICRO_TOKENS):
-                token = builder.add(t_, constant(j))
-                xs.append(load("xq", token, builder.mul(k, constant(64)), V64I8, 1))
-                two = ir.VectorType(F32, 2)
-                x_scales.append(spread(load("xd", token, builder.mul(k, constant(2)), two, 4), 16))
-            for i in range(MICRO_ROWS):
-                for j in range(MICRO_TOKENS):
-                    scale = builder.fmul(row_scales[i], x_scales[j])
-                    lanes = builder.sitofp(_dot_u8_s8_64(builder, weights[i], xs[j]), V16F32)
-                    acc = _call(
-                        builder, "llvm.fma.v16f32", V16F32, lanes, scale, builder.load(accumulators[i][j])
-                    )
-                    builder.store(acc, accumulators[i][j])
-        min_groups = cgutils.unpack_tuple(builder, arrays["mins"][1].shape, 2)[1]
-        with cgutils.for_range(builder, builder.udiv(min_groups, constant(16))) as loop:
-            k = builder.mul(loop.index, constant(16))
-            row_mins = [load("mins", builder.add(r_, constant(i)), k, V16F32, 4) for i in range(MICRO_ROWS)]
-            x_sums = [load("sums", builder.add(t_, constant(j)), k, V16F32, 4) for j in range(MICRO_TOKENS)]
+        with cgutils.for_range(builder, builder.udiv(cols, constant(SUPER_BLOCK))) as loop:
+            lanes = [[ir.Constant(V16I32, None)] * MICRO_TOKENS for _ in range(MICRO_ROWS)]
+            for step in range(SUPER_BLOCK // MICRO_STEP):
+                at = builder.add(builder.mul(loop.index, constant(SUPER_BLOCK)), constant(MICRO_STEP * step))
+                weights = [load("u", row, at, V64I8, 1) for row in rows]
+                xs = [load("xq", token, at, V64I8, 1) for token in tokens]
+                lanes = [
+                    [_dot_u8_s8_64(builder, lanes[i][j], w, x) for j, x in enumerate(xs)]
+                    for i, w in enumerate(weights)
+                ]
+            group = builder.mul(loop.index, constant(SUPER_BLOCK // GROUP))
+            row_scales = [load("scales", row, group, V16F32, 4) for row in rows]
+            row_mins = [load("mins", row, group, V16F32, 4) for row in rows]
+            x_scales = [load("xd", token, group, V16F32, 4) for token in tokens]
+            x_sums = [load("sums", token, group, V16F32, 4) for token in tokens]
             for i in range(MICRO_ROWS):
                 for j in range(MICRO_TOKENS):
                     acc = builder.load(accumulators[i][j])
+                    acc = _call(builder, "llvm.fma.v16f32", V16F32, row_mins[i], x_sums[j], acc)
+                    scale = builder.fmul(row_scales[i], x_scales[j])
+                    total = builder.sitofp(lanes[i][j], V16F32)
                     builder.store(
-                        _call(builder, "llvm.fma.v16f32", V16F32, row_mins[i], x_sums[j], acc),
-                        accumulators[i][j],
+                        _call(builder, "llvm.fma.v16f32", V16F32, total, scale, acc), accumulators[i][j]
                     )
-        reduce_type = ir.FunctionType(F32, [F32, V16F32])
-        reduce = cgutils.get_or_insert_function(builder.module, reduce_type, "llvm.vector.reduce.fadd.v16f32")
-        for i in range(MICRO_ROWS):
-            for j in range(MICRO_TOKENS):
-                total = builder.call(
-                    reduce, [ir.Constant(F32, 0.0), builder.load(accumulators[i][j])], fastmath=("reassoc",)
+        # the 16 cells' lanes summed as one tree of 15 shuffle-add pairs, leaving cell 4j + i in lane 4j + i
+        cells = [builder.load(accumulators[i][j]) for j in range(MICRO_TOKENS) for i in range(MICRO_ROWS)]
+        partials = 16
+        while len(cells) > 1:
+            half = partials // 2
+            firsts = [k for k in range(32) if k % partials < half]
+            seconds = [k + half for k in firsts]
+            cells = [
+                builder.fadd(
+                    builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(I32, 16), firsts)),
+                    builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(I32, 16), seconds)),
                 )
-                ty, array = arrays["out"]
-                builder.store(
-                    total, cgutils.get_item_pointer(context, builder, ty, array, [constant(j), constant(i)])
-                )
+                for a, b in zip(cells[::2], cells[1::2], strict=True)
+            ]
+            partials = half
+        ty, array = arrays["out"]
+        four = ir.VectorType(F32, MICRO_ROWS)
+        for j, token in enumerate(tokens):
+            sums_of_token = builder.shuffle_vector(
+                cells[0], cells[0], ir.Constant(ir.VectorType(I32, MICRO_ROWS), list(range(4 * j, 4 * j + 4)))
+            )
+            first = cgutils.get_item_pointer(context, builder, ty, array, [token, r_])
+            builder.store(sums_of_token, builder.bitcast(first, four.as_pointer()), align=4)
         return context.get_dummy_value()
 
     return types.none(u, scales, mins, r, xq, xd, sums, t, out), codegen
@@ -727,33 +765,55 @@ def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, d
 
 
-@numba.njit(cache=True, fastmath=True)
+@numba.njit(inline="always")
+def _quantize_per_256_into(x: np.ndarray, q: np.ndarray, d: np.ndarray) -> None:
+    """As ggml's quantize_row_q8_K_ref, bit for bit: the value of largest |x| (the first one) maps to -127,
+    q = min(127, rint(x (-127 / max))) and d = 1 / (-127 / max), all in f32."""
+    for b in range(d.shape[0]):
+        amax, signed_max = np.float32(0), np.float32(0)
+        for k in range(QK_K):
+            if abs(x[QK_K * b + k]) > amax:
+                amax, signed_max = abs(x[QK_K * b + k]), x[QK_K * b + k]
+        if amax == 0:
+            q[QK_K * b : QK_K * (b + 1)] = 0
+            d[b] = 0
+            continue
+        inverse = np.float32(-127) / signed_max
+        for k in range(QK_K):
+            q[QK_K * b + k] = np.int8(min(127, np.int32(np.rint(inverse * x[QK_K * b + k]))))
+        d[b] = np.float32(1) / inverse
+
+
+@numba.njit(cache=True)  # no fastmath: -127 / max must round as ggml's does, not become -127 * (1 / max)
 def quantize_activation_rows(
-    x: np.ndarray, rows_multiple: int, cols_multiple: int
+    x: np.ndarray, rows_multiple: int, block: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """x f32[n, cols] -> (q int8[m, c], d f32[m, c // 32], sums f32[m, s]): each row quantized as
-    quantize_activations does, sums[i, g] = d q summed over x[i, 16 g:16 g + 16]; zeros from n up to m and
-    from cols up to c (the next multiples of rows_ / cols_multiple), and up to s, the next multiple of 16."""
+    """x f32[n, cols] -> (q int8[m, c], xd f32[m, c // 16], sums f32[m, c // 16]) for micro_kernel: each row
+    quantized per `block` values as ggml does for the weights' type (32: quantize_activations, Q8_0; 256:
+    Q8_K), q in tile_position order, xd the scale of each 16 values and sums[i, g] = xd q summed over
+    x[i, 16 g:16 g + 16]; zeros from n up to m, the next multiple of rows_multiple, and from cols up to c, the
+    next multiple of SUPER_BLOCK."""
     n, cols = x.shape
     m = (n + rows_multiple - 1) // rows_multiple * rows_multiple
-    c = (cols + cols_multiple - 1) // cols_multiple * cols_multiple
+    c = (cols + SUPER_BLOCK - 1) // SUPER_BLOCK * SUPER_BLOCK
     q = np.zeros((m, c), np.int8)
-    d = np.zeros((m, c // QK8), np.float32)
-    sums = np.zeros((m, padded_groups(c)), np.float32)
+    xd = np.zeros((m, c // GROUP), np.float32)
+    sums = np.zeros((m, c // GROUP), np.float32)
+    natural = np.zeros(c, np.int8)
+    d = np.empty(cols // block, np.float32)
     for i in range(n):
-        _quantize_into(x[i], q[i, :cols], d[i, : cols // QK8])
-        for g in range(cols // 16):
+        if block == QK_K:
+            _quantize_per_256_into(x[i], natural[:cols], d)
+        else:
+            _quantize_into(x[i], natural[:cols], d)
+        for g in range(cols // GROUP):
             total = np.int32(0)
-            for k in range(16):
-                total += np.int32(q[i, 16 * g + k])
-            sums[i, g] = d[i, g // 2] * np.float32(total)
-    return q, d, sums
-
-
-@numba.njit(inline="always")
-def padded_groups(cols: int) -> int:
-    """How many per-16 mins (and activation sums) a row of `cols` weights keeps: a multiple of 16."""
-    return (cols // 16 + 15) // 16 * 16
+            for k in range(GROUP * g, GROUP * (g + 1)):
+                total += np.int32(natural[k])
+            xd[i, g] = d[GROUP * g // block]
+            sums[i, g] = xd[i, g] * np.float32(total)
+        interleave(natural, q[i])
+    return q, xd, sums
 
 
 @numba.njit(cache=True, fastmath=True)

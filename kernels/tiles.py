@@ -4,15 +4,21 @@ micro-kernel.
 A tile of weight rows of any type is unpacked into one common form: unsigned small integers u u8[rows, cols]
 and, per 16 weights, a scale and a min, so that w = scale u + min. The signed types' offsets become mins
 (Q4_0: u = q, min = -8 d; Q8_0: u = q + 128, min = -128 d), so every type is the same product. The activations
-are quantized to int8 per 32 as for matvec (ggml's Q8_0), and kernels.simd.micro_kernel multiplies 4 rows by
-4 tokens at a time with integer dot products (vpdpbusd / pmaddubsw); the mins multiply the sums of the
-quantized activations per 16, as ggml's do, so the error is sum_k w_k (x_q - x)_k.
+are quantized to int8 as ggml quantizes them for the type (Q8_0 per 32 for the legacy types, Q8_K per 256
+for the K-quants, bit for bit), and kernels.simd.micro_kernel multiplies 4 rows by 4 tokens at a time; the
+mins multiply the sums of the quantized activations per 16, as ggml's do, so the error is
+sum_k w_k (x_q - x)_k.
 
-Each integer dot product (64 weights, one 512-bit vpdpbusd) needs a conversion, a scale product and an FMA in
-f32, so a tile runs at about the speed of an f32 GEMM: measured per core 1.05-1.2x the f32 paths at 64-128
-tokens, 0.75-0.8x dequantize + BLAS at 512 (gpt2cli.model picks by batch size). Unpacking is scalar code,
-which costs most at a few tokens. pmaddubsw (AVX2 without VNNI) saturates on the 8-bit weights of Q8_0, which
-there keeps its f32 path.
+Both u and the quantized activations are stored with each 256 values interleaved (simd.tile_position), so
+that 4 vpdpbusd leave in each 32-bit lane the exact integer dot product of one group of 16 weights, which one
+conversion and one FMA scale: per 256 weights and (row, token), 5 operations on the integer port where the
+earlier layout took 8 (an f32 scaling per 64 weights). Measured per core (CPU time, bench_kernels.py --int8,
+the matrices of distilgpt2 and gpt2): the micro-kernel alone runs at ~100-115 G multiply-adds/s; a whole
+product at 1.0-1.4x dequantize + BLAS at 512 tokens, 1.1-1.6x at 128, 1.2-2.1x at 64, and 1.0-1.3x the fused
+f32 kernels at 32 (gpt2cli.model picks by batch size). Unpacking writes runs of 16-32 weights with fixed
+shifts (vectorized, 0.3-0.7 ns a weight), then interleaves them with one shuffle per 256 bytes; it is what
+makes short batches lose. pmaddubsw (AVX2 without VNNI) saturates on the 8-bit weights of Q8_0, which there
+keeps its f32 path.
 """
 
 from __future__ import annotations
@@ -30,10 +36,11 @@ from .common import n_tiles, read_f16, read_u32
 from .simd import (
     INT8_DOT,
     MICRO_ROWS,
-    MICRO_STEP,
     MICRO_TOKENS,
+    QK8,
+    QK_K,
+    interleave,
     micro_kernel,
-    padded_groups,
     quantize_activation_rows,
 )
 
@@ -47,36 +54,55 @@ TILE_ROWS = 64
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Unpackers: one row of blocks -> u[cols], scales[cols // 16], mins[cols // 16]. Layouts as in ggml-common.h.
+# Unpackers: one row of blocks -> u[cols] in natural order, scales[cols // 16], mins[cols // 16]; layouts as
+# in ggml-common.h. The weights go out 16 or 32 at a time from runs of bytes with fixed shifts, loops LLVM
+# vectorizes (per weight the scalar code took 1.3-3 ns, as much as 512 tokens' products at 768 columns);
+# simd.interleave then moves them to tile_position order.
 
 
 @numba.njit(inline="always")
 def _byte(row: np.ndarray, i: int) -> int:
-    # one signed type for all the bit arithmetic: numba promotes mixed uint8 / int64 operands to float
+    # one signed type for the scale arithmetic: numba promotes mixed uint8 / int64 operands to float
     return np.int64(row[i])
+
+
+@numba.njit(inline="always")
+def _fields(u, at: int, row, source: int, shift: int, mask: int, count: int) -> None:
+    """u[at + l] = (row[source + l] >> shift) & mask for l < count."""
+    for ell in range(count):
+        u[at + ell] = (row[source + ell] >> np.uint8(shift)) & np.uint8(mask)
+
+
+@numba.njit(inline="always")
+def _two_fields(u, at: int, row, low: tuple, high: tuple, up: int, count: int) -> None:
+    """u[at + l] = low field | high field << up, each field (source, shift, mask) taken as by _fields."""
+    (low_at, low_shift, low_mask), (high_at, high_shift, high_mask) = low, high
+    for ell in range(count):
+        low_bits = (row[low_at + ell] >> np.uint8(low_shift)) & np.uint8(low_mask)
+        high_bits = (row[high_at + ell] >> np.uint8(high_shift)) & np.uint8(high_mask)
+        u[at + ell] = low_bits | (high_bits << np.uint8(up))
 
 
 @numba.njit(inline="always")
 def _unpack_legacy(row, u, scales, mins, block_bytes: int, qs_at: int, qh_at: int, m_at: int, zero: int):
     """Q4_0 .. Q5_1: d at 0, m at m_at (or 0: min = -zero d), fifth bits at qh_at (or 0), nibbles at qs_at."""
-    for b in range(u.shape[0] // 32):
+    for b in range(scales.shape[0] // 2):
         o = b * block_bytes
-        d = read_f16(row, o)
+        d = read_f16(row, o)  # every legacy block starts with d
         m = read_f16(row, o + m_at) if m_at else -np.float32(zero) * d
-        qh = read_u32(row, o + qh_at) if qh_at else np.uint32(0)
-        for j in range(16):
-            byte = np.uint32(row[o + qs_at + j])
-            fifth_low = ((qh >> np.uint32(j)) & np.uint32(1)) << np.uint32(4)
-            fifth_high = ((qh >> np.uint32(j + 16)) & np.uint32(1)) << np.uint32(4)
-            u[32 * b + j] = np.uint8((byte & np.uint32(15)) | fifth_low)
-            u[32 * b + j + 16] = np.uint8((byte >> np.uint32(4)) | fifth_high)
+        _fields(u, 32 * b, row, o + qs_at, 0, 15, 16)
+        _fields(u, 32 * b + 16, row, o + qs_at, 4, 15, 16)
+        if qh_at:
+            qh = read_u32(row, o + qh_at)
+            for j in range(32):
+                u[32 * b + j] |= np.uint8(((qh >> np.uint32(j)) & np.uint32(1)) << np.uint32(4))
         scales[2 * b] = scales[2 * b + 1] = d
         mins[2 * b] = mins[2 * b + 1] = m
 
 
 @numba.njit(inline="always")
 def _unpack_q8_0(row, u, scales, mins):
-    for b in range(u.shape[0] // 32):
+    for b in range(scales.shape[0] // 2):
         o = b * layout.Q8_0.bytes
         d = read_f16(row, o + layout.Q8_0.d)
         for k in range(32):
@@ -87,7 +113,7 @@ def _unpack_q8_0(row, u, scales, mins):
 
 @numba.njit(inline="always")
 def _unpack_q2_k(row, u, scales, mins):
-    for b in range(u.shape[0] // 256):
+    for b in range(scales.shape[0] // 16):
         o = b * layout.Q2_K.bytes
         d, dmin = read_f16(row, o + layout.Q2_K.d), read_f16(row, o + layout.Q2_K.dmin)
         for s in range(16):
@@ -95,10 +121,7 @@ def _unpack_q2_k(row, u, scales, mins):
             mins[16 * b + s] = -(dmin * np.float32(_byte(row, o + layout.Q2_K.scales + s) >> 4))
         for n in range(2):  # weight 128 n + 32 j + l: bits 2j, 2j + 1 of qs[32 n + l]
             for j in range(4):
-                for ell in range(32):
-                    u[256 * b + 128 * n + 32 * j + ell] = (
-                        _byte(row, o + layout.Q2_K.qs + 32 * n + ell) >> (2 * j)
-                    ) & 3
+                _fields(u, 256 * b + 128 * n + 32 * j, row, o + layout.Q2_K.qs + 32 * n, 2 * j, 3, 32)
 
 
 @numba.njit(inline="always")
@@ -110,7 +133,7 @@ def _scale_q3_k(row, o: int, s: int) -> np.float32:
 
 @numba.njit(inline="always")
 def _unpack_q3_k(row, u, scales, mins):
-    for b in range(u.shape[0] // 256):
+    for b in range(scales.shape[0] // 16):
         o = b * layout.Q3_K.bytes
         d = read_f16(row, o + layout.Q3_K.d)
         for s in range(16):
@@ -118,10 +141,9 @@ def _unpack_q3_k(row, u, scales, mins):
             mins[16 * b + s] = np.float32(-4) * scales[16 * b + s]
         for n in range(2):  # weight 128 n + 32 j + l: bits 2j of qs[32 n + l] - 4, plus 4 if hmask bit 4n + j
             for j in range(4):
-                for ell in range(32):
-                    low = (_byte(row, o + layout.Q3_K.qs + 32 * n + ell) >> (2 * j)) & 3
-                    high = (_byte(row, o + layout.Q3_K.hmask + ell) >> (4 * n + j)) & 1
-                    u[256 * b + 128 * n + 32 * j + ell] = low | (high << 2)
+                at = 256 * b + 128 * n + 32 * j
+                low = (o + layout.Q3_K.qs + 32 * n, 2 * j, 3)
+                _two_fields(u, at, row, low, (o + layout.Q3_K.hmask, 4 * n + j, 1), 2, 32)
 
 
 @numba.njit(inline="always")
@@ -129,7 +151,7 @@ def _unpack_k4(row, u, scales, mins, block_bytes: int, qh_at: int, qs_at: int):
     """Q4_K (qh_at 0) and Q5_K: sub-block j (32 weights) has nibble j % 2 of qs[32 (j // 2) + l] and, for
     Q5_K, bit j of qh[l] above it; its 6-bit scale and min are packed in the 12 bytes at 4 (ggml
     get_scale_min_k4)."""
-    for b in range(u.shape[0] // 256):
+    for b in range(scales.shape[0] // 16):
         o = b * block_bytes
         d, dmin = read_f16(row, o + layout.Q4_K.d), read_f16(row, o + layout.Q4_K.dmin)
         packed = o + layout.Q4_K.scales  # Q5_K's d, dmin and scales lie where Q4_K's do
@@ -141,16 +163,16 @@ def _unpack_k4(row, u, scales, mins, block_bytes: int, qh_at: int, qs_at: int):
                 m = (_byte(row, packed + 4 + j) >> 4) | ((_byte(row, packed + j) >> 6) << 4)
             scales[16 * b + 2 * j] = scales[16 * b + 2 * j + 1] = d * np.float32(sc)
             mins[16 * b + 2 * j] = mins[16 * b + 2 * j + 1] = -(dmin * np.float32(m))
-            for ell in range(32):
-                q = (_byte(row, o + qs_at + 32 * (j // 2) + ell) >> (4 * (j % 2))) & 15
-                if qh_at:
-                    q |= ((_byte(row, o + qh_at + ell) >> j) & 1) << 4
-                u[256 * b + 32 * j + ell] = q
+            if qh_at:
+                nibbles = (o + qs_at + 32 * (j // 2), 4 * (j % 2), 15)
+                _two_fields(u, 256 * b + 32 * j, row, nibbles, (o + qh_at, j, 1), 4, 32)
+            else:
+                _fields(u, 256 * b + 32 * j, row, o + qs_at + 32 * (j // 2), 4 * (j % 2), 15, 32)
 
 
 @numba.njit(inline="always")
 def _unpack_q6_k(row, u, scales, mins):
-    for b in range(u.shape[0] // 256):
+    for b in range(scales.shape[0] // 16):
         o = b * layout.Q6_K.bytes
         d = read_f16(row, o + layout.Q6_K.d)
         for s in range(16):
@@ -159,21 +181,27 @@ def _unpack_q6_k(row, u, scales, mins):
         # weight 128 n + 32 j + l: nibble j // 2 of ql[64 n + 32 (j % 2) + l], bits 2j of qh[32 n + l] above
         for n in range(2):
             for j in range(4):
-                for ell in range(32):
-                    low = (
-                        _byte(row, o + layout.Q6_K.ql + 64 * n + 32 * (j % 2) + ell) >> (4 * (j // 2))
-                    ) & 15
-                    high = (_byte(row, o + layout.Q6_K.qh + 32 * n + ell) >> (2 * j)) & 3
-                    u[256 * b + 128 * n + 32 * j + ell] = low | (high << 4)
+                at = 256 * b + 128 * n + 32 * j
+                nibbles = (o + layout.Q6_K.ql + 64 * n + 32 * (j % 2), 4 * (j // 2), 15)
+                _two_fields(u, at, row, nibbles, (o + layout.Q6_K.qh + 32 * n, 2 * j, 3), 4, 32)
+
+
+@numba.njit(inline="always")
+def weights_per_scale(kind: int) -> int:
+    """How many weights of a block type share one f32 scale: ggml quantizes the activations as many at once
+    (Q8_0 per 32, Q8_K per 256)."""
+    return QK_K if kind >= Q2_K else QK8
 
 
 @numba.njit(cache=True)
 def _unpack_rows(kind: int, blocks, r0: int, r1: int, cols: int, u, scales, mins) -> None:
-    """Rows r0:r1 of `blocks` (of block type `kind`, `cols` weights a row) into u[:r1 - r0], scales, mins."""
+    """Rows r0:r1 of `blocks` (of block type `kind`, `cols` weights a row) into u[:r1 - r0] (in tile_position
+    order), scales, mins."""
+    natural = np.zeros(u.shape[1], np.uint8)
     for i in range(r1 - r0):
         row, u_row, scales_row, mins_row = (
             blocks[r0 + i],
-            u[i, :cols],
+            natural,
             scales[i, : cols // 16],
             mins[i, : cols // 16],
         )
@@ -211,6 +239,7 @@ def _unpack_rows(kind: int, blocks, r0: int, r1: int, cols: int, u, scales, mins
             _unpack_k4(row, u_row, scales_row, mins_row, layout.Q5_K.bytes, layout.Q5_K.qh, layout.Q5_K.qs)
         else:
             _unpack_q6_k(row, u_row, scales_row, mins_row)
+        interleave(natural, u[i])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -220,26 +249,24 @@ def _unpack_rows(kind: int, blocks, r0: int, r1: int, cols: int, u, scales, mins
 @numba.njit(cache=True)
 def _tile_times_tokens(kind: int, blocks, r0: int, r1: int, xq, xd, sums, x_shape, y) -> None:
     """y[:n, r0:r1] = X W[r0:r1]^T for one tile of rows; xq, xd, sums hold X padded with zeros to whole
-    micro-steps of tokens and columns, and so is the tile."""
+    micro-steps of tokens and super-blocks of columns, and so is the tile."""
     n, cols = x_shape
     u = np.zeros((TILE_ROWS, xq.shape[1]), np.uint8)
     scales = np.zeros((TILE_ROWS, xq.shape[1] // 16), np.float32)
-    mins = np.zeros((TILE_ROWS, padded_groups(xq.shape[1])), np.float32)
+    mins = np.zeros((TILE_ROWS, xq.shape[1] // 16), np.float32)
     _unpack_rows(kind, blocks, r0, r1, cols, u, scales, mins)
-    out = np.empty((MICRO_TOKENS, MICRO_ROWS), np.float32)
+    out = np.empty((xq.shape[0], TILE_ROWS), np.float32)
     for t in range(0, xq.shape[0], MICRO_TOKENS):
         for r in range(0, r1 - r0, MICRO_ROWS):
             micro_kernel(u, scales, mins, r, xq, xd, sums, t, out)
-            for j in range(min(MICRO_TOKENS, n - t)):
-                for i in range(min(MICRO_ROWS, r1 - r0 - r)):
-                    y[t + j, r0 + r + i] = out[j, i]
+    y[:, r0:r1] = out[:n, : r1 - r0]
 
 
 @numba.njit(cache=True, parallel=True)
 def int8_matmul(kind: int, blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     """y f32[n, rows] = x f32[n, cols] W^T, W u8[rows, row_bytes] of block type `kind`, with x quantized to
-    int8 per 32."""
-    xq, xd, sums = quantize_activation_rows(x, MICRO_TOKENS, MICRO_STEP)
+    int8 as ggml does for that type (per 32, or per 256 for the K-quants)."""
+    xq, xd, sums = quantize_activation_rows(x, MICRO_TOKENS, weights_per_scale(int(kind)))
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, TILE_ROWS)):
         r0 = tile * TILE_ROWS

@@ -447,20 +447,20 @@ def test_cli_json(capsys, tiny, tiny_q8, text_file, text_ids):
     assert got["ppl"] == pytest.approx(want.ppl, rel=1e-9)
     assert got["kl_divergence"]["mean_kld"] > 0 and 0 < got["kl_divergence"]["same_top"] <= 1
     # the windows are 31 tokens
-    assert got["compute"] == "f32 (int8 only for batches of 2-16 and 64-255 tokens)"
+    assert got["compute"] == "f32 (int8 only for batches of 2-16 and 32 or more tokens)"
 
 
-def test_batches_of_64_to_255_tokens_use_int8_activations(tiny_q8):
+def test_batches_of_32_tokens_or_more_use_int8_activations(tiny_q8):
     model = tiny_q8[2]
-    assert model.batch_compute(100) == "int8 activations on quantized weights (llama.cpp-style)"
-    f32 = "f32 (int8 only for batches of 2-16 and 64-255 tokens)"
-    assert model.batch_compute(63) == model.batch_compute(256) == f32
+    int8 = "int8 activations on quantized weights (llama.cpp-style)"
+    assert model.batch_compute(100) == model.batch_compute(512) == int8
+    assert model.batch_compute(31) == "f32 (int8 only for batches of 2-16 and 32 or more tokens)"
 
 
 @pytest.mark.parametrize(
     ("model", "flags", "compute"),
     [
-        ("tiny_q8", [], "f32 (int8 only for batches of 2-16 and 64-255 tokens)"),
+        ("tiny_q8", [], "f32 (int8 only for batches of 2-16 and 32 or more tokens)"),
         ("tiny_q8", ["--exact"], "f32 (exact)"),
         ("tiny", [], "f32 (float weights)"),
     ],
