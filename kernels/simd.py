@@ -784,24 +784,29 @@ def _quantize_per_256_into(x: np.ndarray, q: np.ndarray, d: np.ndarray) -> None:
         d[b] = np.float32(1) / inverse
 
 
-@numba.njit(cache=True)  # no fastmath: -127 / max must round as ggml's does, not become -127 * (1 / max)
-def quantize_activation_rows(
-    x: np.ndarray, rows_multiple: int, block: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """x f32[n, cols] -> (q int8[m, c], xd f32[m, c // 16], sums f32[m, c // 16]) for micro_kernel: each row
-    quantized per `block` values as ggml does for the weights' type (32: quantize_activations, Q8_0; 256:
-    Q8_K), q in tile_position order, xd the scale of each 16 values and sums[i, g] = xd q summed over
-    x[i, 16 g:16 g + 16]; zeros from n up to m, the next multiple of rows_multiple, and from cols up to c, the
-    next multiple of SUPER_BLOCK."""
-    n, cols = x.shape
+@numba.njit(cache=True)
+def activation_buffers(n: int, cols: int, rows_multiple: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Zeroed (q int8[m, c], xd f32[m, c // 16], sums f32[m, c // 16]) for n rows of cols activations: m the
+    next multiple of rows_multiple, c of SUPER_BLOCK (the padding stays zero)."""
     m = (n + rows_multiple - 1) // rows_multiple * rows_multiple
     c = (cols + SUPER_BLOCK - 1) // SUPER_BLOCK * SUPER_BLOCK
-    q = np.zeros((m, c), np.int8)
-    xd = np.zeros((m, c // GROUP), np.float32)
-    sums = np.zeros((m, c // GROUP), np.float32)
-    natural = np.zeros(c, np.int8)
+    groups = c // GROUP
+    return np.zeros((m, c), np.int8), np.zeros((m, groups), np.float32), np.zeros((m, groups), np.float32)
+
+
+@numba.njit(cache=True)  # no fastmath: -127 / max must round as ggml's does, not become -127 * (1 / max)
+def quantize_activation_rows_into(
+    x: np.ndarray, block: int, q: np.ndarray, xd: np.ndarray, sums: np.ndarray, i0: int, i1: int
+) -> None:
+    """Rows i0:i1 of x f32[n, cols] into activation_buffers' arrays for micro_kernel: each row quantized per
+    `block` values as ggml does for the weights' type (32: quantize_activations, Q8_0; 256: Q8_K), q in
+    tile_position order, xd the scale of each 16 values and sums[i, g] = xd q summed over
+    x[i, 16 g:16 g + 16]. A function of its own so that a parallel caller hands out ranges of rows and LLVM
+    still vectorizes it."""
+    cols = x.shape[1]
+    natural = np.zeros(q.shape[1], np.int8)
     d = np.empty(cols // block, np.float32)
-    for i in range(n):
+    for i in range(i0, i1):
         if block == QK_K:
             _quantize_per_256_into(x[i], natural[:cols], d)
         else:
@@ -813,6 +818,16 @@ def quantize_activation_rows(
             xd[i, g] = d[GROUP * g // block]
             sums[i, g] = xd[i, g] * np.float32(total)
         interleave(natural, q[i])
+
+
+@numba.njit(cache=True)
+def quantize_activation_rows(
+    x: np.ndarray, rows_multiple: int, block: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x f32[n, cols] -> activation_buffers(n, cols, rows_multiple) filled by quantize_activation_rows_into:
+    the whole batch on one thread."""
+    q, xd, sums = activation_buffers(x.shape[0], x.shape[1], rows_multiple)
+    quantize_activation_rows_into(x, block, q, xd, sums, 0, x.shape[0])
     return q, xd, sums
 
 
