@@ -6,9 +6,9 @@ of all its tokens at once (`matvecs`, each row of blocks read once), and one of 
 float weights one matvec per token. A batch of INT8_MIN_TOKENS or more on quantized weights quantizes its
 activations to int8 as ggml does and takes integer dot products (`int8_matmul`,
 kernels.tiles). Other batches, float weights and exact mode compute in f32: short batches with the fused
-block kernels (`matmul`), long ones by dequantizing a tile of rows at a time into scratch for numpy's BLAS,
-whichever was measured faster for that batch size. Several sequences run as one batch, with attention per
-sequence against its own cache.
+block kernels (`matmul`), long ones through numpy's BLAS (F32 weights straight from the mapped file, the
+other types a dequantized tile of rows at a time in scratch), whichever was measured faster for that size.
+Several sequences run as one batch, with attention per sequence against its own cache.
 """
 
 from __future__ import annotations
