@@ -90,6 +90,25 @@ def gelu_serial(x: np.ndarray) -> None:
         _gelu_in_place(x[i])
 
 
+@numba.njit(inline="always")
+def _attend(scores: np.ndarray, top: np.float32, values: np.ndarray, out: np.ndarray) -> None:
+    """out[d] = softmax(scores[seen]) @ values[seen, d], top the largest score (the callers find it while
+    they compute the scores); the scores are overwritten by their exponentials."""
+    total = np.float32(0)
+    for j in range(scores.shape[0]):
+        e = exp_nonpositive(scores[j] - top)
+        scores[j] = e
+        total += e
+    acc = np.zeros(out.shape[0], dtype=np.float32)
+    for j in range(scores.shape[0]):
+        p = scores[j]
+        for c in range(out.shape[0]):
+            acc[c] += p * values[j, c]
+    inv = np.float32(1) / total
+    for c in range(out.shape[0]):
+        out[c] = acc[c] * inv
+
+
 @numba.njit(cache=True, parallel=True, fastmath=True)
 def decode_attention(q: np.ndarray, keys, values, positions: np.ndarray, layer: int, out: np.ndarray) -> None:
     """One new query for each of B sequences over that sequence's own cache, in one parallel loop.
@@ -112,19 +131,7 @@ def decode_attention(q: np.ndarray, keys, values, positions: np.ndarray, layer: 
             s *= scale
             scores[j] = s
             top = max(top, s)
-        total = np.float32(0)
-        for j in range(seen):
-            e = exp_nonpositive(scores[j] - top)
-            scores[j] = e
-            total += e
-        acc = np.zeros(d, dtype=np.float32)
-        for j in range(seen):
-            p = scores[j]
-            for c in range(d):
-                acc[c] += p * v[j, c]
-        inv = np.float32(1) / total
-        for c in range(d):
-            out[i, h, c] = acc[c] * inv
+        _attend(scores, top, v, out[i, h])
 
 
 @numba.njit(cache=True, parallel=True, fastmath=True)
@@ -150,19 +157,7 @@ def causal_attention(q: np.ndarray, keys_t: np.ndarray, values: np.ndarray, p0: 
         top = np.float32(-np.inf)
         for j in range(seen):
             top = max(top, scores[j])
-        total = np.float32(0)
-        for j in range(seen):
-            e = exp_nonpositive(scores[j] - top)
-            scores[j] = e
-            total += e
-        acc = np.zeros(d, dtype=np.float32)
-        for j in range(seen):
-            p = scores[j]
-            for c in range(d):
-                acc[c] += p * v[j, c]
-        inv = np.float32(1) / total
-        for c in range(d):
-            out[i, h, c] = acc[c] * inv
+        _attend(scores, top, v, out[i, h])
 
 
 @numba.njit(cache=True, parallel=True, fastmath=True)
