@@ -234,3 +234,15 @@ def test_numeric_arrays_stay_compact(good_gguf):
     # Was: .tolist(), ~9.5x the array's bytes in Python integers.
     types = read_gguf(good_gguf).metadata["tokenizer.ggml.token_type"]
     assert isinstance(types, np.ndarray) and types.dtype == np.int32 and len(types) == 50257
+
+
+@pytest.mark.parametrize("odd", ["a\0b", "", "\0", "é\0ü"])
+def test_string_arrays_read_exactly(tmp_path, good_gguf, odd):
+    # The vocabulary is decoded all at once, split at NULs standing in for the length fields; strings that
+    # hold NULs themselves or are empty must come back as written.
+    raw = gguf_raw.parse(good_gguf)
+    strings = ["x", odd, "Ġthe", odd, "y"]
+    raw.kvs.append(("test.strings", Value(ARRAY, (STRING, strings))))
+    path = tmp_path / "strings.gguf"
+    raw.write(path)
+    assert read_gguf(path).metadata["test.strings"] == strings
