@@ -116,6 +116,7 @@ def first_token_seconds(path: Path, numba_cache: str | None) -> tuple[float, flo
     PYTHONPATH to a checkout) and not the launcher in front of an installed `gpt2` (pyenv's shim alone
     takes ~0.1 s)."""
     env = {**os.environ, "NUMBA_NUM_THREADS": str(THREADS)}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # pip compiles an installed package's bytecode: so do we, once
     if numba_cache:
         env["NUMBA_CACHE_DIR"] = numba_cache
     cmd = [sys.executable, "-m", "gpt2cli", "generate", "Hello", "--model", str(path),
