@@ -39,6 +39,8 @@ MATVECS_MAX_TOKENS = 16
 # 1.0-1.3x at 32; against dequantize + BLAS 1.2-2.1x at 64, 1.0-1.6x at 128 and 256, 0.9-1.3x at 512 (below
 # 1 only for the 768x768 attention output and the 50257-row head of some types).
 INT8_MIN_TOKENS = 32
+# GELU of this many rows (a decode step's) stays on one thread: waking the other costs more than the work.
+GELU_SERIAL_MAX_ROWS = 6
 # Scratch for one dequantized tile of a weight matrix: bounds the extra memory of a BLAS prefill.
 SCRATCH_BYTES = 16 << 20
 
@@ -75,7 +77,7 @@ def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.nd
 
 
 def gelu(x: np.ndarray) -> np.ndarray:  # [n, f] -> [n, f], in place
-    if x.shape[0] <= MATVEC_MAX_TOKENS:
+    if x.shape[0] <= GELU_SERIAL_MAX_ROWS:
         ops.gelu_serial(x)
     else:
         ops.gelu(x)
