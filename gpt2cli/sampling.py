@@ -74,9 +74,28 @@ def softmax64(scores: np.ndarray) -> np.ndarray:
     return z
 
 
+# Scores per group whose maximum top_k_ids takes: a vocabulary of 50257 makes 786 groups.
+TOP_K_GROUP = 64
+
+
 def top_k_ids(scores: np.ndarray, top_k: int) -> np.ndarray:
     """Ids whose score is >= the k-th largest, HF's `scores < topk(scores, k)[-1]` mask inverted: ties at the
-    k-th value are kept, so more than k ids can survive."""
+    k-th value are kept, so more than k ids can survive.
+
+    The ids split into groups (strided: numpy takes the maxima of columns 15x faster than of short rows), the
+    k-th largest of the groups' maxima is k scores that are at least it, so the k-th largest score is too:
+    only the scores from there up need partitioning (about k of 50257; 2x faster than partitioning all).
+    The same ids either way, so the same samples for a seed."""
+    whole = scores.size // TOP_K_GROUP * TOP_K_GROUP
+    maxima = scores[:whole].reshape(TOP_K_GROUP, -1).max(axis=0)
+    if whole < scores.size:
+        maxima = np.append(maxima, scores[whole:].max())
+    if maxima.size >= top_k and not np.isnan(maxima).any():  # np.partition ranks NaN above every score
+        floor = np.partition(maxima, maxima.size - top_k)[maxima.size - top_k]
+        candidates = np.flatnonzero(scores >= floor)
+        candidate_scores = scores[candidates]
+        kth_largest = np.partition(candidate_scores, candidates.size - top_k)[candidates.size - top_k]
+        return candidates[candidate_scores >= kth_largest]
     kth_largest = np.partition(scores, scores.size - top_k)[scores.size - top_k]
     return np.flatnonzero(scores >= kth_largest)
 
@@ -125,16 +144,16 @@ class Sampler:
         scores = np.asarray(logits, dtype=np.float32)
         context = np.asarray(context_ids, dtype=np.int64)
         scores = apply_repetition_penalty(scores, context, config.repetition_penalty)
-        greedy = np.array([scores.argmax()], dtype=np.int64), np.ones(1)
         if config.greedy:
-            return greedy
+            return np.array([scores.argmax()], dtype=np.int64), np.ones(1)
         if config.temperature != 1.0:
+            penalised = scores
             with np.errstate(all="ignore"):
                 scores = scores / np.float32(config.temperature)
             # A temperature so small that a score overflows (or rounds to 0 in f32) is the limit
             # temperature -> 0: greedy.
             if not np.isfinite(scores).all():
-                return greedy
+                return np.array([penalised.argmax()], dtype=np.int64), np.ones(1)
 
         vocab = scores.size
         if 0 < config.top_k < vocab:

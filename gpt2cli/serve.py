@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numba
 import numpy as np
 import uvicorn
 from starlette.applications import Starlette
@@ -371,6 +372,11 @@ class Engine:
         return len(self.waiting) + self.inbox.qsize()
 
     def _run(self) -> None:
+        # The kernels' threads leave a core to the event loop (HTTP, SSE, tokenizing): a parallel kernel
+        # waits for its slowest thread, and one preempted by the loop stalls every step. With both cores
+        # the engine's, 1 client streamed 23 tok/s and 16 clients 137 tok/s; with one, 66 and 184
+        # (benchmarks/bench_serve.py, distilgpt2 Q4_K_M, 2 cores).
+        numba.set_num_threads(max(1, numba.get_num_threads() - 1))
         while not self.stopping:
             self._take(block=not self.running and not self.waiting)
             if self.closing:

@@ -7,11 +7,11 @@ The drivers hand tiles of rows to numba's threads; LLVM vectorizes the inner loo
 function but not always those of a parfor body, so each tile's work is a function of its own.
 
 int8_matvecs_<type>(blocks u8[rows, row_bytes], x f32[n, cols], y f32[n, rows]) for a few tokens (decoding
-several sequences together): each token's activations quantized to int8 per 32 as ggml does, the row's blocks
-read from memory once for all of them (the row stays in L1 while groups of tokens pass over it), each token's
-result the same as int8_matvec_<type> gives it alone. int8_matvec_<type>(blocks, x f32[cols], y f32[rows]) is
-the one-token case, its row loop without the token groups' bookkeeping (a row of 768 weights is only a few
-blocks, so that costs up to 10-20%).
+several sequences together): each token's activations quantized to int8 as ggml does (per 32, or per 256 for
+Q4_K, Q5_K and Q6_K, as its Q8_K), the row's blocks read from memory once for all of them (the row stays in L1
+while groups of tokens pass over it), each token's result the same as int8_matvec_<type> gives it alone.
+int8_matvec_<type>(blocks, x f32[cols], y f32[rows]) is the one-token case, its row loop without the token
+groups' bookkeeping (a row of 768 weights is only a few blocks, so that costs up to 10-20%).
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ from .simd import (
     accumulate_q6_k,
     prefetch_ahead,
     quantize_tokens,
+    quantize_tokens_q8_k,
     store_sums,
     zero_accumulators,
 )
@@ -259,7 +260,7 @@ def _int8_rows_q4_k(
 
 @numba.njit(cache=True, parallel=True)
 def int8_matvecs_q4_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
-    xq, xd, x_sums = quantize_tokens(x, 32)
+    xq, xd, x_sums = quantize_tokens_q8_k(x)
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, INT8_ROW_TILE)):
         r0 = tile * INT8_ROW_TILE
@@ -282,7 +283,7 @@ def _int8_rows_one_token_q4_k(
 
 @numba.njit(cache=True, parallel=True)
 def int8_matvec_q4_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
-    xq, xd, x_sums = quantize_tokens(x.reshape(1, x.shape[0]), 32)
+    xq, xd, x_sums = quantize_tokens_q8_k(x.reshape(1, x.shape[0]))
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, INT8_ROW_TILE)):
         r0 = tile * INT8_ROW_TILE
@@ -335,7 +336,7 @@ def _int8_rows_q5_k(
 
 @numba.njit(cache=True, parallel=True)
 def int8_matvecs_q5_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
-    xq, xd, x_sums = quantize_tokens(x, 32)
+    xq, xd, x_sums = quantize_tokens_q8_k(x)
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, INT8_ROW_TILE)):
         r0 = tile * INT8_ROW_TILE
@@ -358,7 +359,7 @@ def _int8_rows_one_token_q5_k(
 
 @numba.njit(cache=True, parallel=True)
 def int8_matvec_q5_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
-    xq, xd, x_sums = quantize_tokens(x.reshape(1, x.shape[0]), 32)
+    xq, xd, x_sums = quantize_tokens_q8_k(x.reshape(1, x.shape[0]))
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, INT8_ROW_TILE)):
         r0 = tile * INT8_ROW_TILE
@@ -411,7 +412,7 @@ def _int8_rows_q6_k(
 
 @numba.njit(cache=True, parallel=True)
 def int8_matvecs_q6_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
-    xq, xd, x_sums = quantize_tokens(x, 32)
+    xq, xd, x_sums = quantize_tokens_q8_k(x)
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, INT8_ROW_TILE)):
         r0 = tile * INT8_ROW_TILE
@@ -434,7 +435,7 @@ def _int8_rows_one_token_q6_k(
 
 @numba.njit(cache=True, parallel=True)
 def int8_matvec_q6_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
-    xq, xd, x_sums = quantize_tokens(x.reshape(1, x.shape[0]), 32)
+    xq, xd, x_sums = quantize_tokens_q8_k(x.reshape(1, x.shape[0]))
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, INT8_ROW_TILE)):
         r0 = tile * INT8_ROW_TILE

@@ -27,10 +27,17 @@ class Int8Type:
 
     name: str  # lower case: q4_0
     sums_size: int  # values per sum of quantized activations its min terms multiply (32 when it has none)
+    per_256: bool = False  # activations quantized per 256 as ggml's Q8_K (else per 32, as its Q8_0)
 
     @property
     def layout(self) -> str:
         return self.name.upper()
+
+    def quantize(self, x: str) -> str:
+        """The call that quantizes the tokens x f32[n, cols] for accumulate_<name>."""
+        if self.per_256:
+            return f"quantize_tokens_q8_k({x})"
+        return f"quantize_tokens({x}, {self.sums_size})"
 
 
 INT8_TYPES = [
@@ -41,9 +48,9 @@ INT8_TYPES = [
     Int8Type("q8_0", 32),
     Int8Type("q2_k", 16),
     Int8Type("q3_k", 32),
-    Int8Type("q4_k", 32),
-    Int8Type("q5_k", 32),
-    Int8Type("q6_k", 32),
+    Int8Type("q4_k", 16, per_256=True),
+    Int8Type("q5_k", 16, per_256=True),
+    Int8Type("q6_k", 16, per_256=True),
 ]
 LEGACY_TYPES = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0"]
 KQUANT_TYPES = ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]
@@ -79,11 +86,11 @@ from . import BlockKernels, register
 INT8_DOC = """
 
 int8_matvecs_<type>(blocks u8[rows, row_bytes], x f32[n, cols], y f32[n, rows]) for a few tokens (decoding
-several sequences together): each token's activations quantized to int8 per 32 as ggml does, the row's blocks
-read from memory once for all of them (the row stays in L1 while groups of tokens pass over it), each token's
-result the same as int8_matvec_<type> gives it alone. int8_matvec_<type>(blocks, x f32[cols], y f32[rows]) is
-the one-token case, its row loop without the token groups' bookkeeping (a row of 768 weights is only a few
-blocks, so that costs up to 10-20%)."""
+several sequences together): each token's activations quantized to int8 as ggml does (per 32, or per 256 for
+Q4_K, Q5_K and Q6_K, as its Q8_K), the row's blocks read from memory once for all of them (the row stays in L1
+while groups of tokens pass over it), each token's result the same as int8_matvec_<type> gives it alone.
+int8_matvec_<type>(blocks, x f32[cols], y f32[rows]) is the one-token case, its row loop without the token
+groups' bookkeeping (a row of 768 weights is only a few blocks, so that costs up to 10-20%)."""
 
 LEGACY_IMPORTS = """from .common import n_tiles, tile_times_tokens
 from .layout import {layouts}
@@ -161,7 +168,7 @@ def _int8_rows_{name}(
 
 @numba.njit(cache=True, parallel=True)
 def int8_matvecs_{name}(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
-    xq, xd, x_sums = quantize_tokens(x, {sums_size})
+    xq, xd, x_sums = {quantize_many}
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, INT8_ROW_TILE)):
         r0 = tile * INT8_ROW_TILE
@@ -184,7 +191,7 @@ def _int8_rows_one_token_{name}(
 
 @numba.njit(cache=True, parallel=True)
 def int8_matvec_{name}(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
-    xq, xd, x_sums = quantize_tokens(x.reshape(1, x.shape[0]), {sums_size})
+    xq, xd, x_sums = {quantize_one}
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, INT8_ROW_TILE)):
         r0 = tile * INT8_ROW_TILE
@@ -385,14 +392,23 @@ def _int8(types: list[Int8Type]) -> list[str]:
     parts = []
     for t in types:
         groups = "".join(INT8_GROUP.format(group=g, name=t.name) for g in TOKEN_GROUPS)
-        parts.append(INT8_TEMPLATE.format(name=t.name, layout=t.layout, sums_size=t.sums_size, groups=groups))
+        parts.append(
+            INT8_TEMPLATE.format(
+                name=t.name,
+                layout=t.layout,
+                groups=groups,
+                quantize_many=t.quantize("x"),
+                quantize_one=t.quantize("x.reshape(1, x.shape[0])"),
+            )
+        )
     return parts
 
 
 def _int8_imports(types: list[Int8Type]) -> str:
+    quantizers = sorted({t.quantize("x").split("(")[0] for t in types})
     return _names(
         [f"accumulate_{t.name}" for t in types]
-        + ["INT8_DOT", "prefetch_ahead", "quantize_tokens", "store_sums", "zero_accumulators"]
+        + ["INT8_DOT", "prefetch_ahead", "store_sums", "zero_accumulators", *quantizers]
     )
 
 

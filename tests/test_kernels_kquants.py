@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from gpt2cli.kernels import kernels_for, simd
 from gpt2cli.kernels import kquants_drivers as drivers
 from gpt2cli.kernels.layout import Q2_K, Q3_K, Q4_K, Q5_K, Q6_K
+from gpt2cli.kernels.specialise import INT8_TYPES
 
 # byte offsets of the f16 fields (d, dmin) inside each block, and of the quantized values (zeroed to isolate
 # the `- dmin * m` part of each weight)
@@ -86,11 +87,15 @@ def weight_magnitudes(qtype: GGMLQuantizationType, blocks: np.ndarray) -> np.nda
     return magnitudes
 
 
-def activation_rounding_bound(magnitudes: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """f64[..., rows]: sum_k magnitudes_k d(k) / 2, d(k) = max |x| / 127 over the 32-block of x_k, with 1e-4
-    of slack for the f32 rounding of d and of x / d."""
-    blocks = np.abs(x.astype(np.float64)).reshape(*x.shape[:-1], -1, 32)
-    step = np.repeat(blocks.max(axis=-1) / 127, 32, axis=-1)
+def activation_rounding_bound(
+    qtype: GGMLQuantizationType, magnitudes: np.ndarray, x: np.ndarray
+) -> np.ndarray:
+    """f64[..., rows]: sum_k magnitudes_k d(k) / 2, d(k) = max |x| / 127 over the block of x_k that the
+    type's int8 matvec quantizes together (32 values, or 256 as ggml's Q8_K), with 1e-4 of slack for the f32
+    rounding of d and of x / d."""
+    size = 256 if any(t.per_256 and t.name == qtype.name.lower() for t in INT8_TYPES) else 32
+    blocks = np.abs(x.astype(np.float64)).reshape(*x.shape[:-1], -1, size)
+    step = np.repeat(blocks.max(axis=-1) / 127, size, axis=-1)
     return (step / 2 * (1 + 1e-4)) @ magnitudes.T
 
 
@@ -129,7 +134,7 @@ def test_blocks_of_real_looking_weights(qtype: GGMLQuantizationType) -> None:
     kernels.matvec(blocks, x[0], y)
     matvec_tolerance = tolerance[0]
     if int8_activations(qtype):
-        matvec_tolerance = matvec_tolerance + activation_rounding_bound(magnitudes, x[0])
+        matvec_tolerance = matvec_tolerance + activation_rounding_bound(qtype, magnitudes, x[0])
     assert np.all(np.abs(y - expected[0]) <= matvec_tolerance)
     product = np.empty((5, 67), np.float32)
     kernels.matmul(blocks, x, product)
@@ -213,7 +218,8 @@ def test_int8_matvec_within_activation_rounding(
     x[rng.random(x.shape) < 0.05] = 0  # blocks with zeros, some possibly all zero
     magnitudes = weight_magnitudes(qtype, blocks)
     expected = gguf.quants.dequantize(blocks, qtype).astype(np.float64) @ x.astype(np.float64)
-    tolerance = RTOL * (magnitudes @ np.abs(x).astype(np.float64)) + activation_rounding_bound(magnitudes, x)
+    rounding = activation_rounding_bound(qtype, magnitudes, x)
+    tolerance = RTOL * (magnitudes @ np.abs(x).astype(np.float64)) + rounding
     y = np.empty(rows, np.float32)
     INT8_MATVEC[qtype](blocks, x, y)
     assert np.all(np.abs(y - expected) <= tolerance + 1e-30)
