@@ -765,16 +765,74 @@ def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, d
 
 
+@intrinsic
+def first_largest_magnitude(typingctx, x, start, count):
+    """x[k] for the first k in start .. start + count - 1 of largest |x[k]|, NaN never counted (0 if all
+    are NaN); x a C-contiguous f32 1-D array, count a multiple of 64. As vectors: the largest magnitude,
+    then the first lane holding it (LLVM leaves numba's loop, a compare and branch a value, scalar)."""
+    if not (isinstance(x, types.Array) and x.ndim == 1 and x.dtype == types.float32 and x.layout == "C"):
+        return None
+
+    def codegen(context, builder, signature, args):
+        x_type, (x_, start_, count_) = signature.args[0], args
+        array = context.make_array(x_type)(context, builder, x_)
+        i64 = start_.type
+        lanes, chains = 16, 4  # chains of maxima: one would wait on each compare
+        vector_type = ir.VectorType(F32, lanes)
+        chunks = builder.udiv(count_, ir.Constant(i64, lanes))
+
+        def magnitudes(chunk: ir.Value) -> ir.Value:
+            at = builder.add(start_, builder.mul(chunk, ir.Constant(i64, lanes)))
+            element = cgutils.get_item_pointer(context, builder, x_type, array, [at])
+            values = builder.load(builder.bitcast(element, vector_type.as_pointer()), align=4)
+            return _call(builder, "llvm.fabs.v16f32", vector_type, values)
+
+        def larger(a: ir.Value, b: ir.Value) -> ir.Value:
+            # an ordered compare: a NaN in a is never taken (vmaxps)
+            return builder.select(builder.fcmp_ordered(">", a, b), a, b)
+
+        tops = [cgutils.alloca_once_value(builder, ir.Constant(vector_type, None)) for _ in range(chains)]
+        with cgutils.for_range(builder, builder.udiv(chunks, ir.Constant(i64, chains))) as loop:
+            for c, top in enumerate(tops):
+                chunk = builder.add(builder.mul(loop.index, ir.Constant(i64, chains)), ir.Constant(i64, c))
+                builder.store(larger(magnitudes(chunk), builder.load(top)), top)
+        top = larger(
+            larger(builder.load(tops[0]), builder.load(tops[1])), larger(*map(builder.load, tops[2:]))
+        )
+        reduce_type = ir.FunctionType(F32, [vector_type])
+        reduce = cgutils.get_or_insert_function(builder.module, reduce_type, "llvm.vector.reduce.fmax.v16f32")
+        largest = builder.call(reduce, [top], fastmath=("nnan",))  # top holds no NaN
+        splat = builder.shuffle_vector(
+            builder.insert_element(ir.Constant(vector_type, ir.Undefined), largest, ir.Constant(I32, 0)),
+            ir.Constant(vector_type, ir.Undefined),
+            ir.Constant(ir.VectorType(I32, lanes), None),
+        )
+        # the chunks from last to first, each with the largest magnitude taking its first such lane
+        first = cgutils.alloca_once_value(builder, count_)  # count: none holds it (all NaN)
+        with cgutils.for_range(builder, chunks) as loop:
+            chunk = builder.sub(builder.sub(chunks, ir.Constant(i64, 1)), loop.index)
+            bits = builder.bitcast(builder.fcmp_ordered("==", magnitudes(chunk), splat), ir.IntType(lanes))
+            lane = _call(builder, f"llvm.cttz.i{lanes}", ir.IntType(lanes), bits, ir.Constant(I1, 0))
+            at = builder.add(builder.mul(chunk, ir.Constant(i64, lanes)), builder.zext(lane, i64))
+            holds = builder.icmp_unsigned("!=", bits, ir.Constant(ir.IntType(lanes), 0))
+            builder.store(builder.select(holds, at, builder.load(first)), first)
+        index = builder.load(first)
+        result = cgutils.alloca_once_value(builder, ir.Constant(F32, 0.0))
+        with builder.if_then(builder.icmp_unsigned("<", index, count_)):
+            element = cgutils.get_item_pointer(context, builder, x_type, array, [builder.add(start_, index)])
+            builder.store(builder.load(element), result)
+        return builder.load(result)
+
+    return types.float32(x, start, count), codegen
+
+
 @numba.njit(inline="always")
 def _quantize_per_256_into(x: np.ndarray, q: np.ndarray, d: np.ndarray) -> None:
     """As ggml's quantize_row_q8_K_ref, bit for bit: the value of largest |x| (the first one) maps to -127,
     q = min(127, rint(x (-127 / max))) and d = 1 / (-127 / max), all in f32."""
     for b in range(d.shape[0]):
-        amax, signed_max = np.float32(0), np.float32(0)
-        for k in range(QK_K):
-            if abs(x[QK_K * b + k]) > amax:
-                amax, signed_max = abs(x[QK_K * b + k]), x[QK_K * b + k]
-        if amax == 0:
+        signed_max = first_largest_magnitude(x, QK_K * b, QK_K)
+        if signed_max == 0:
             q[QK_K * b : QK_K * (b + 1)] = 0
             d[b] = 0
             continue
@@ -811,12 +869,13 @@ def quantize_activation_rows_into(
             _quantize_per_256_into(x[i], natural[:cols], d)
         else:
             _quantize_into(x[i], natural[:cols], d)
-        for g in range(cols // GROUP):
-            total = np.int32(0)
-            for k in range(GROUP * g, GROUP * (g + 1)):
-                total += np.int32(natural[k])
-            xd[i, g] = d[GROUP * g // block]
-            sums[i, g] = xd[i, g] * np.float32(total)
+        for b in range(cols // block):  # no division per group: numba's // of two variables is a div
+            for g in range(block // GROUP * b, block // GROUP * (b + 1)):
+                total = np.int32(0)
+                for k in range(GROUP * g, GROUP * (g + 1)):
+                    total += np.int32(natural[k])
+                xd[i, g] = d[b]
+                sums[i, g] = xd[i, g] * np.float32(total)
         interleave(natural, q[i])
 
 
