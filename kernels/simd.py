@@ -649,27 +649,35 @@ def _dot_u8_s8_64(builder, acc: ir.Value, unsigned: ir.Value, signed: ir.Value) 
 
 
 @intrinsic
-def micro_kernel(typingctx, u, scales, mins, r, xq, xd, sums, t, out):
+def micro_kernel(typingctx, u, scales, mins, r, xq, xd, sums, totals, t, out, zero):
     """out[t + j, r + i] = sum_k w[r + i, k] x[t + j, k] for i < MICRO_ROWS, j < MICRO_TOKENS (out f32, C):
     the 16 sums of 4 weight rows of the tile (u in tile_position order, cols a multiple of SUPER_BLOCK;
-    scales, mins f32[., cols // 16]) and 4 quantized tokens (xq, xd, sums, as quantize_activation_rows makes
-    them), kept in vector registers over the whole row; each weight load feeds 4 tokens and each activation
-    load 4 rows."""
+    scales, mins f32[., cols // 16]) and 4 quantized tokens (xq, xd, sums, totals, as
+    quantize_activation_rows makes them), kept in vector registers over the whole row; each weight load
+    feeds 4 tokens and each activation load 4 rows.
+
+    `zero` (a constant): 0, or the offset of a type whose min is -zero scale (w = scale (u - zero): Q3_K,
+    Q6_K, Q4_0, Q5_0, Q8_0), whose mins are then not read: each group's integer sum starts from -zero times
+    the token's integer total, so that one conversion and one FMA scale the exact sum of q x, as ggml's
+    integer sums do, where the min term took a second FMA (and the rounding of two large terms)."""
     if not (_is_byte_array(u) and _is_byte_array(xq) and isinstance(out, types.Array)):
         return None
+    if not isinstance(zero, types.IntegerLiteral):
+        return None
+    offset = zero.literal_value
 
     def codegen(context, builder, signature, args):
         arrays = {
             name: (ty, context.make_array(ty)(context, builder, value))
             for name, ty, value in zip(
-                ("u", "scales", "mins", "r", "xq", "xd", "sums", "t", "out"),
+                ("u", "scales", "mins", "r", "xq", "xd", "sums", "totals", "t", "out", "zero"),
                 signature.args,
                 args,
                 strict=True,
             )
             if isinstance(ty, types.Array)
         }
-        r_, t_ = args[3], args[7]
+        r_, t_ = args[3], args[8]
         i64 = r_.type
 
         def constant(k: int) -> ir.Value:
@@ -688,7 +696,15 @@ def micro_kernel(typingctx, u, scales, mins, r, xq, xd, sums, t, out):
             for _ in range(MICRO_ROWS)
         ]
         with cgutils.for_range(builder, builder.udiv(cols, constant(SUPER_BLOCK))) as loop:
-            lanes = [[ir.Constant(V16I32, None)] * MICRO_TOKENS for _ in range(MICRO_ROWS)]
+            group = builder.mul(loop.index, constant(SUPER_BLOCK // GROUP))
+            if offset:
+                starts = [
+                    builder.mul(load("totals", token, group, V16I32, 4), ir.Constant(V16I32, [-offset] * 16))
+                    for token in tokens
+                ]
+            else:
+                starts = [ir.Constant(V16I32, None)] * MICRO_TOKENS
+            lanes = [list(starts) for _ in range(MICRO_ROWS)]
             for step in range(SUPER_BLOCK // MICRO_STEP):
                 at = builder.add(builder.mul(loop.index, constant(SUPER_BLOCK)), constant(MICRO_STEP * step))
                 weights = [load("u", row, at, V64I8, 1) for row in rows]
@@ -697,15 +713,16 @@ def micro_kernel(typingctx, u, scales, mins, r, xq, xd, sums, t, out):
                     [_dot_u8_s8_64(builder, lanes[i][j], w, x) for j, x in enumerate(xs)]
                     for i, w in enumerate(weights)
                 ]
-            group = builder.mul(loop.index, constant(SUPER_BLOCK // GROUP))
             row_scales = [load("scales", row, group, V16F32, 4) for row in rows]
-            row_mins = [load("mins", row, group, V16F32, 4) for row in rows]
             x_scales = [load("xd", token, group, V16F32, 4) for token in tokens]
-            x_sums = [load("sums", token, group, V16F32, 4) for token in tokens]
+            if not offset:
+                row_mins = [load("mins", row, group, V16F32, 4) for row in rows]
+                x_sums = [load("sums", token, group, V16F32, 4) for token in tokens]
             for i in range(MICRO_ROWS):
                 for j in range(MICRO_TOKENS):
                     acc = builder.load(accumulators[i][j])
-                    acc = _call(builder, "llvm.fma.v16f32", V16F32, row_mins[i], x_sums[j], acc)
+                    if not offset:
+                        acc = _call(builder, "llvm.fma.v16f32", V16F32, row_mins[i], x_sums[j], acc)
                     scale = builder.fmul(row_scales[i], x_scales[j])
                     total = builder.sitofp(lanes[i][j], V16F32)
                     builder.store(
@@ -736,7 +753,7 @@ def micro_kernel(typingctx, u, scales, mins, r, xq, xd, sums, t, out):
             builder.store(sums_of_token, builder.bitcast(first, four.as_pointer()), align=4)
         return context.get_dummy_value()
 
-    return types.none(u, scales, mins, r, xq, xd, sums, t, out), codegen
+    return types.none(u, scales, mins, r, xq, xd, sums, totals, t, out, zero), codegen
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -843,24 +860,38 @@ def _quantize_per_256_into(x: np.ndarray, q: np.ndarray, d: np.ndarray) -> None:
 
 
 @numba.njit(cache=True)
-def activation_buffers(n: int, cols: int, rows_multiple: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Zeroed (q int8[m, c], xd f32[m, c // 16], sums f32[m, c // 16]) for n rows of cols activations: m the
-    next multiple of rows_multiple, c of SUPER_BLOCK (the padding stays zero)."""
+def activation_buffers(
+    n: int, cols: int, rows_multiple: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Zeroed (q int8[m, c], xd f32[m, c // 16], sums f32[m, c // 16], totals int32[m, c // 16]) for n rows
+    of cols activations: m the next multiple of rows_multiple, c of SUPER_BLOCK (the padding stays zero)."""
     m = (n + rows_multiple - 1) // rows_multiple * rows_multiple
     c = (cols + SUPER_BLOCK - 1) // SUPER_BLOCK * SUPER_BLOCK
     groups = c // GROUP
-    return np.zeros((m, c), np.int8), np.zeros((m, groups), np.float32), np.zeros((m, groups), np.float32)
+    return (
+        np.zeros((m, c), np.int8),
+        np.zeros((m, groups), np.float32),
+        np.zeros((m, groups), np.float32),
+        np.zeros((m, groups), np.int32),
+    )
 
 
 @numba.njit(cache=True)  # no fastmath: -127 / max must round as ggml's does, not become -127 * (1 / max)
 def quantize_activation_rows_into(
-    x: np.ndarray, block: int, q: np.ndarray, xd: np.ndarray, sums: np.ndarray, i0: int, i1: int
+    x: np.ndarray,
+    block: int,
+    q: np.ndarray,
+    xd: np.ndarray,
+    sums: np.ndarray,
+    totals: np.ndarray,
+    i0: int,
+    i1: int,
 ) -> None:
     """Rows i0:i1 of x f32[n, cols] into activation_buffers' arrays for micro_kernel: each row quantized per
     `block` values as ggml does for the weights' type (32: quantize_activations, Q8_0; 256: Q8_K), q in
-    tile_position order, xd the scale of each 16 values and sums[i, g] = xd q summed over
-    x[i, 16 g:16 g + 16]. A function of its own so that a parallel caller hands out ranges of rows and LLVM
-    still vectorizes it."""
+    tile_position order, xd the scale of each 16 values, totals[i, g] the sum of q over
+    x[i, 16 g:16 g + 16] and sums[i, g] = xd totals[i, g]. A function of its own so that a parallel caller
+    hands out ranges of rows and LLVM still vectorizes it."""
     cols = x.shape[1]
     natural = np.zeros(q.shape[1], np.int8)
     d = np.empty(cols // block, np.float32)
@@ -876,18 +907,19 @@ def quantize_activation_rows_into(
                     total += np.int32(natural[k])
                 xd[i, g] = d[b]
                 sums[i, g] = xd[i, g] * np.float32(total)
+                totals[i, g] = total
         interleave(natural, q[i])
 
 
 @numba.njit(cache=True)
 def quantize_activation_rows(
     x: np.ndarray, rows_multiple: int, block: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """x f32[n, cols] -> activation_buffers(n, cols, rows_multiple) filled by quantize_activation_rows_into:
     the whole batch on one thread."""
-    q, xd, sums = activation_buffers(x.shape[0], x.shape[1], rows_multiple)
-    quantize_activation_rows_into(x, block, q, xd, sums, 0, x.shape[0])
-    return q, xd, sums
+    q, xd, sums, totals = activation_buffers(x.shape[0], x.shape[1], rows_multiple)
+    quantize_activation_rows_into(x, block, q, xd, sums, totals, 0, x.shape[0])
+    return q, xd, sums, totals
 
 
 @numba.njit(cache=True, fastmath=True)
