@@ -631,6 +631,39 @@ def interleave(typingctx, natural, u):
     return types.none(natural, u), codegen
 
 
+@intrinsic
+def bit_fields(typingctx, u, at, row, low_at, low_shift, low_mask, high_at, high_shift, high_mask, up, count):
+    """u[at + l] = (row[low_at + l] >> low_shift) & low_mask | ((row[high_at + l] >> high_shift) & high_mask)
+    << up for l < count (a constant), u and row contiguous byte arrays: one load of each source, a few
+    vector operations and one store, where numba's loop of the same took a check that u and row do not
+    overlap and a scalar tail on every call (kernels.tiles' unpackers make runs of 16 or 32 weights)."""
+    if not (_is_byte_array(u) and _is_byte_array(row) and isinstance(count, types.IntegerLiteral)):
+        return None
+    n = count.literal_value
+
+    def codegen(context, builder, signature, args):
+        u_type, row_type = signature.args[0], signature.args[2]
+        u_, at_, row_, low_at_, low_shift_, low_mask_, high_at_, high_shift_, high_mask_, up_ = args[:10]
+        vector_type = ir.VectorType(I8, n)
+
+        def splat(value: ir.Value) -> ir.Value:
+            byte = builder.trunc(value, I8)
+            single = builder.insert_element(ir.Constant(vector_type, ir.Undefined), byte, ir.Constant(I32, 0))
+            return builder.shuffle_vector(single, single, ir.Constant(ir.VectorType(I32, n), None))
+
+        def field(source: ir.Value, shift: ir.Value, mask: ir.Value) -> ir.Value:
+            values = _load(builder, _pointer(context, builder, row_type, row_, source), vector_type)
+            return builder.and_(builder.lshr(values, splat(shift)), splat(mask))
+
+        high = builder.shl(field(high_at_, high_shift_, high_mask_), splat(up_))
+        target = builder.bitcast(_pointer(context, builder, u_type, u_, at_), vector_type.as_pointer())
+        builder.store(builder.or_(field(low_at_, low_shift_, low_mask_), high), target, align=1)
+        return context.get_dummy_value()
+
+    signature = types.none(u, at, row, low_at, low_shift, low_mask, high_at, high_shift, high_mask, up, count)
+    return signature, codegen
+
+
 def _dot_u8_s8_64(builder, acc: ir.Value, unsigned: ir.Value, signed: ir.Value) -> ir.Value:
     """acc <16 x i32> plus, in lane i, the products of bytes 4i .. 4i + 3 of <64 x i8> u8 and <64 x i8> s8."""
     if WIDE_DOT:

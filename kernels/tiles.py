@@ -18,7 +18,7 @@ earlier layout took 8 (an f32 scaling per 64 weights). Measured per core (CPU ti
 the matrices of distilgpt2 and gpt2): the micro-kernel alone runs at ~100-115 G multiply-adds/s; a whole
 product at 1.0-1.4x dequantize + BLAS at 512 tokens, 1.1-1.6x at 128, 1.2-2.1x at 64, and 1.0-1.3x the fused
 f32 kernels at 32 (gpt2cli.model picks by batch size). Unpacking writes runs of 16-32 weights with fixed
-shifts (vectorized, 0.3-0.7 ns a weight), then interleaves them with one shuffle per 256 bytes; it is what
+shifts (0.15-0.3 ns a weight), then interleaves them with one shuffle per 256 bytes; it is what
 makes short batches lose. pmaddubsw (AVX2 without VNNI) saturates on the 8-bit weights of Q8_0, which there
 keeps its f32 path.
 """
@@ -42,6 +42,7 @@ from .simd import (
     QK8,
     QK_K,
     activation_buffers,
+    bit_fields,
     interleave,
     micro_kernel,
     quantize_activation_rows_into,
@@ -60,8 +61,9 @@ ACTIVATION_ROWS = 16
 
 # ---------------------------------------------------------------------------------------------------------
 # Unpackers: one row of blocks -> u[cols] in natural order, scales[cols // 16], mins[cols // 16]; layouts as
-# in ggml-common.h. The weights go out 16 or 32 at a time from runs of bytes with fixed shifts, loops LLVM
-# vectorizes (per weight the scalar code took 1.3-3 ns, as much as 512 tokens' products at 768 columns);
+# in ggml-common.h. The weights go out 16 or 32 at a time from runs of bytes with fixed shifts, each run one
+# simd.bit_fields (per weight the scalar code took 1.3-3 ns, as much as 512 tokens' products at 768 columns;
+# numba's vectorized loops 0.4-0.9 ns, most of it checking for overlap on every run; bit_fields 0.15-0.3);
 # simd.interleave then moves them to tile_position order.
 
 
@@ -73,19 +75,19 @@ def _byte(row: np.ndarray, i: int) -> int:
 
 @numba.njit(inline="always")
 def _fields(u, at: int, row, source: int, shift: int, mask: int, count: int) -> None:
-    """u[at + l] = (row[source + l] >> shift) & mask for l < count."""
-    for ell in range(count):
-        u[at + ell] = (row[source + ell] >> np.uint8(shift)) & np.uint8(mask)
+    """u[at + l] = (row[source + l] >> shift) & mask for l < count (16 or 32)."""
+    if count == 32:
+        bit_fields(u, at, row, source, shift, mask, source, 0, 0, 0, 32)
+    else:
+        bit_fields(u, at, row, source, shift, mask, source, 0, 0, 0, 16)
 
 
 @numba.njit(inline="always")
-def _two_fields(u, at: int, row, low: tuple, high: tuple, up: int, count: int) -> None:
-    """u[at + l] = low field | high field << up, each field (source, shift, mask) taken as by _fields."""
+def _two_fields(u, at: int, row, low: tuple, high: tuple, up: int) -> None:
+    """u[at + l] = low field | high field << up for l < 32, each field (source, shift, mask) taken as by
+    _fields."""
     (low_at, low_shift, low_mask), (high_at, high_shift, high_mask) = low, high
-    for ell in range(count):
-        low_bits = (row[low_at + ell] >> np.uint8(low_shift)) & np.uint8(low_mask)
-        high_bits = (row[high_at + ell] >> np.uint8(high_shift)) & np.uint8(high_mask)
-        u[at + ell] = low_bits | (high_bits << np.uint8(up))
+    bit_fields(u, at, row, low_at, low_shift, low_mask, high_at, high_shift, high_mask, up, 32)
 
 
 @numba.njit(inline="always")
@@ -148,7 +150,7 @@ def _unpack_q3_k(row, u, scales, mins):
             for j in range(4):
                 at = 256 * b + 128 * n + 32 * j
                 low = (o + layout.Q3_K.qs + 32 * n, 2 * j, 3)
-                _two_fields(u, at, row, low, (o + layout.Q3_K.hmask, 4 * n + j, 1), 2, 32)
+                _two_fields(u, at, row, low, (o + layout.Q3_K.hmask, 4 * n + j, 1), 2)
 
 
 @numba.njit(inline="always")
@@ -170,7 +172,7 @@ def _unpack_k4(row, u, scales, mins, block_bytes: int, qh_at: int, qs_at: int):
             mins[16 * b + 2 * j] = mins[16 * b + 2 * j + 1] = -(dmin * np.float32(m))
             if qh_at:
                 nibbles = (o + qs_at + 32 * (j // 2), 4 * (j % 2), 15)
-                _two_fields(u, 256 * b + 32 * j, row, nibbles, (o + qh_at, j, 1), 4, 32)
+                _two_fields(u, 256 * b + 32 * j, row, nibbles, (o + qh_at, j, 1), 4)
             else:
                 _fields(u, 256 * b + 32 * j, row, o + qs_at + 32 * (j // 2), 4 * (j % 2), 15, 32)
 
@@ -188,7 +190,7 @@ def _unpack_q6_k(row, u, scales, mins):
             for j in range(4):
                 at = 256 * b + 128 * n + 32 * j
                 nibbles = (o + layout.Q6_K.ql + 64 * n + 32 * (j % 2), 4 * (j // 2), 15)
-                _two_fields(u, at, row, nibbles, (o + layout.Q6_K.qh + 32 * n, 2 * j, 3), 4, 32)
+                _two_fields(u, at, row, nibbles, (o + layout.Q6_K.qh + 32 * n, 2 * j, 3), 4)
 
 
 @numba.njit(inline="always")
