@@ -172,10 +172,8 @@ class GPT2Model:
             ops.decode_attention(np.ascontiguousarray(q), *decoding, layer, out)
         else:
             for cache, (r0, m) in zip(caches, spans, strict=True):
-                seen = cache.length + m
-                keys_t = np.ascontiguousarray(cache.k[layer, :, :seen].transpose(0, 2, 1))  # [h, d, seen]
                 queries = np.ascontiguousarray(q[r0 : r0 + m])  # [m, h, d]
-                ops.causal_attention(queries, keys_t, cache.v[layer], cache.length, out[r0 : r0 + m])
+                ops.causal_attention(queries, cache.k[layer], cache.v[layer], cache.length, out[r0 : r0 + m])
         return self.linear(out.reshape(n, c.n_embd), lw.attn_output, lw.attn_output_b)
 
     def mlp(self, x: np.ndarray, lw: LayerWeights) -> np.ndarray:  # [n, e] -> [n, e]

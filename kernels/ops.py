@@ -15,6 +15,8 @@ import numba
 import numpy as np
 from numba import prange
 
+from .simd import F32_LANES, TILE_ROWS_F32, f32_tile_product, prefix_max
+
 LOG2E = np.float32(1.4426950408889634)
 # ln 2 split in two (Cody-Waite) so that x - n ln 2 stays exact for |n| <= 127.
 LN2_HIGH = np.float32(0.693359375)
@@ -134,30 +136,87 @@ def decode_attention(q: np.ndarray, keys, values, positions: np.ndarray, layer: 
         _attend(scores, top, v, out[i, h])
 
 
-@numba.njit(cache=True, parallel=True, fastmath=True)
-def causal_attention(q: np.ndarray, keys_t: np.ndarray, values: np.ndarray, p0: int, out: np.ndarray) -> None:
-    """Softmax attention of m new queries q[m, h, d] at positions p0 .. p0 + m - 1 over the keys and values
-    before and at them: keys_t[h, d, >= p0 + m] (transposed), values[h, >= p0 + m, d]; out[m, h, d].
+@numba.njit(inline="always")
+def _tile_vectors(a: np.ndarray, b: np.ndarray, c: np.ndarray, depth: int, b_col: int, c_col: int, n: int):
+    """f32_tile_product of n (1 to 4) vectors of columns."""
+    if n == 4:
+        f32_tile_product(a, b, c, depth, b_col, c_col, 4)
+    elif n == 3:
+        f32_tile_product(a, b, c, depth, b_col, c_col, 3)
+    elif n == 2:
+        f32_tile_product(a, b, c, depth, b_col, c_col, 2)
+    else:
+        f32_tile_product(a, b, c, depth, b_col, c_col, 1)
 
-    One (head, query) per task; the scores are summed over d as whole rows of the transposed keys, vectors
-    along the positions, where a product per key would need a horizontal sum. Measured 4x numpy's batched
-    matmuls (whose OpenBLAS threads also stall when the other core is busy) at 1024 positions.
+
+@numba.njit(inline="always")
+def _round_up(k: int, multiple: int) -> int:
+    return (k + multiple - 1) // multiple * multiple
+
+
+# Positions per panel of transposed keys: as many as one f32_tile_product takes (its 4 vectors).
+PANEL = 4 * F32_LANES
+
+
+@numba.njit(cache=True, parallel=True, fastmath=True)
+def causal_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, p0: int, out: np.ndarray) -> None:
+    """Softmax attention of m new queries q[m, h, d] at positions p0 .. p0 + m - 1 over the keys and values
+    before and at them: keys, values [h, >= p0 + m, d] (a layer of the cache); out[m, h, d].
+
+    One task per head and block of TILE_ROWS_F32 queries: the block's scores against the positions its
+    last query sees, then their softmax-weighted values, both as simd.f32_tile_product (register tiles:
+    each key or value loaded serves the whole block); the positions a query does not see get probability
+    0. The keys are first transposed into panels of PANEL positions, each [d, PANEL] contiguous, so that a
+    tile's columns are positions and its rows of keys stream in order.
     """
     m, n_head, d = q.shape
-    scale = np.float32(1.0 / math.sqrt(d))
-    for t in prange(n_head * m):
-        h, i = t // m, t % m
-        seen = p0 + i + 1
-        k_t, v = keys_t[h], values[h]
-        scores = np.zeros(seen, dtype=np.float32)
-        for c in range(d):
-            qc = q[i, h, c] * scale
-            for j in range(seen):
-                scores[j] += qc * k_t[c, j]
-        top = np.float32(-np.inf)
+    seen = p0 + m
+    panels = (seen + PANEL - 1) // PANEL
+    keys_t = np.empty((n_head, panels, d, PANEL), dtype=np.float32)
+    # values padded to whole vectors: a copy only where d is not a multiple of F32_LANES
+    d_padded = _round_up(d, F32_LANES)
+    values_padded = np.zeros((n_head if d_padded != d else 0, seen, d_padded), dtype=np.float32)
+    for h in prange(n_head):
+        keys_t[h, panels - 1] = 0  # past the last position: finite, never counted
         for j in range(seen):
-            top = max(top, scores[j])
-        _attend(scores, top, v, out[i, h])
+            for c in range(d):
+                keys_t[h, j // PANEL, c, j % PANEL] = keys[h, j, c]
+        if d_padded != d:
+            values_padded[h, :, :d] = values[h, :seen]
+    scale = np.float32(1.0 / math.sqrt(d))
+    blocks = (m + TILE_ROWS_F32 - 1) // TILE_ROWS_F32
+    for task in prange(n_head * blocks):
+        h, i0 = task // blocks, task % blocks * TILE_ROWS_F32
+        rows = min(TILE_ROWS_F32, m - i0)
+        depth = p0 + i0 + rows  # the positions the block's last query sees
+        queries = np.zeros((TILE_ROWS_F32, d), dtype=np.float32)
+        for r in range(rows):
+            for c in range(d):
+                queries[r, c] = q[i0 + r, h, c] * scale
+        scores = np.empty((TILE_ROWS_F32, panels * PANEL), dtype=np.float32)
+        for p in range((depth + PANEL - 1) // PANEL):
+            vectors = min(4, (depth - p * PANEL + F32_LANES - 1) // F32_LANES)
+            _tile_vectors(queries, keys_t[h, p], scores, d, 0, p * PANEL, vectors)
+        totals = np.zeros(TILE_ROWS_F32, dtype=np.float32)
+        for r in range(rows):
+            visible = p0 + i0 + r + 1
+            top = prefix_max(scores[r], visible)
+            total = np.float32(0)
+            for j in range(visible):
+                e = exp_nonpositive(scores[r, j] - top)
+                scores[r, j] = e
+                total += e
+            scores[r, visible:depth] = 0
+            totals[r] = total
+        scores[rows:, :depth] = 0
+        weighted = np.empty((TILE_ROWS_F32, d_padded), dtype=np.float32)
+        value_rows = values_padded[h] if d_padded != d else values[h]
+        for c0 in range(0, d_padded, PANEL):
+            _tile_vectors(scores, value_rows, weighted, depth, c0, c0, min(4, (d_padded - c0) // F32_LANES))
+        for r in range(rows):
+            inv = np.float32(1) / totals[r]
+            for c in range(d):
+                out[i0 + r, h, c] = weighted[r, c] * inv
 
 
 @numba.njit(cache=True, parallel=True, fastmath=True)

@@ -711,6 +711,39 @@ def interleave(typingctx, natural, u):
     return types.none(natural, u), codegen
 
 
+@intrinsic
+def bit_fields(typingctx, u, at, row, low_at, low_shift, low_mask, high_at, high_shift, high_mask, up, count):
+    """u[at + l] = (row[low_at + l] >> low_shift) & low_mask | ((row[high_at + l] >> high_shift) & high_mask)
+    << up for l < count (a constant), u and row contiguous byte arrays: one load of each source, a few
+    vector operations and one store, where numba's loop of the same took a check that u and row do not
+    overlap and a scalar tail on every call (kernels.tiles' unpackers make runs of 16 or 32 weights)."""
+    if not (_is_byte_array(u) and _is_byte_array(row) and isinstance(count, types.IntegerLiteral)):
+        return None
+    n = count.literal_value
+
+    def codegen(context, builder, signature, args):
+        u_type, row_type = signature.args[0], signature.args[2]
+        u_, at_, row_, low_at_, low_shift_, low_mask_, high_at_, high_shift_, high_mask_, up_ = args[:10]
+        vector_type = ir.VectorType(I8, n)
+
+        def splat(value: ir.Value) -> ir.Value:
+            byte = builder.trunc(value, I8)
+            single = builder.insert_element(ir.Constant(vector_type, ir.Undefined), byte, ir.Constant(I32, 0))
+            return builder.shuffle_vector(single, single, ir.Constant(ir.VectorType(I32, n), None))
+
+        def field(source: ir.Value, shift: ir.Value, mask: ir.Value) -> ir.Value:
+            values = _load(builder, _pointer(context, builder, row_type, row_, source), vector_type)
+            return builder.and_(builder.lshr(values, splat(shift)), splat(mask))
+
+        high = builder.shl(field(high_at_, high_shift_, high_mask_), splat(up_))
+        target = builder.bitcast(_pointer(context, builder, u_type, u_, at_), vector_type.as_pointer())
+        builder.store(builder.or_(field(low_at_, low_shift_, low_mask_), high), target, align=1)
+        return context.get_dummy_value()
+
+    signature = types.none(u, at, row, low_at, low_shift, low_mask, high_at, high_shift, high_mask, up, count)
+    return signature, codegen
+
+
 def _dot_u8_s8_64(builder, acc: ir.Value, unsigned: ir.Value, signed: ir.Value) -> ir.Value:
     """acc <16 x i32> plus, in lane i, the products of bytes 4i .. 4i + 3 of <64 x i8> u8 and <64 x i8> s8."""
     if WIDE_DOT:
@@ -729,27 +762,35 @@ def _dot_u8_s8_64(builder, acc: ir.Value, unsigned: ir.Value, signed: ir.Value) 
 
 
 @intrinsic
-def micro_kernel(typingctx, u, scales, mins, r, xq, xd, sums, t, out):
+def micro_kernel(typingctx, u, scales, mins, r, xq, xd, sums, totals, t, out, zero):
     """out[t + j, r + i] = sum_k w[r + i, k] x[t + j, k] for i < MICRO_ROWS, j < MICRO_TOKENS (out f32, C):
     the 16 sums of 4 weight rows of the tile (u in tile_position order, cols a multiple of SUPER_BLOCK;
-    scales, mins f32[., cols // 16]) and 4 quantized tokens (xq, xd, sums, as quantize_activation_rows makes
-    them), kept in vector registers over the whole row; each weight load feeds 4 tokens and each activation
-    load 4 rows."""
+    scales, mins f32[., cols // 16]) and 4 quantized tokens (xq, xd, sums, totals, as
+    quantize_activation_rows makes them), kept in vector registers over the whole row; each weight load
+    feeds 4 tokens and each activation load 4 rows.
+
+    `zero` (a constant): 0, or the offset of a type whose min is -zero scale (w = scale (u - zero): Q3_K,
+    Q6_K, Q4_0, Q5_0, Q8_0), whose mins are then not read: each group's integer sum starts from -zero times
+    the token's integer total, so that one conversion and one FMA scale the exact sum of q x, as ggml's
+    integer sums do, where the min term took a second FMA (and the rounding of two large terms)."""
     if not (_is_byte_array(u) and _is_byte_array(xq) and isinstance(out, types.Array)):
         return None
+    if not isinstance(zero, types.IntegerLiteral):
+        return None
+    offset = zero.literal_value
 
     def codegen(context, builder, signature, args):
         arrays = {
             name: (ty, context.make_array(ty)(context, builder, value))
             for name, ty, value in zip(
-                ("u", "scales", "mins", "r", "xq", "xd", "sums", "t", "out"),
+                ("u", "scales", "mins", "r", "xq", "xd", "sums", "totals", "t", "out", "zero"),
                 signature.args,
                 args,
                 strict=True,
             )
             if isinstance(ty, types.Array)
         }
-        r_, t_ = args[3], args[7]
+        r_, t_ = args[3], args[8]
         i64 = r_.type
 
         def constant(k: int) -> ir.Value:
@@ -768,7 +809,15 @@ def micro_kernel(typingctx, u, scales, mins, r, xq, xd, sums, t, out):
             for _ in range(MICRO_ROWS)
         ]
         with cgutils.for_range(builder, builder.udiv(cols, constant(SUPER_BLOCK))) as loop:
-            lanes = [[ir.Constant(V16I32, None)] * MICRO_TOKENS for _ in range(MICRO_ROWS)]
+            group = builder.mul(loop.index, constant(SUPER_BLOCK // GROUP))
+            if offset:
+                starts = [
+                    builder.mul(load("totals", token, group, V16I32, 4), ir.Constant(V16I32, [-offset] * 16))
+                    for token in tokens
+                ]
+            else:
+                starts = [ir.Constant(V16I32, None)] * MICRO_TOKENS
+            lanes = [list(starts) for _ in range(MICRO_ROWS)]
             for step in range(SUPER_BLOCK // MICRO_STEP):
                 at = builder.add(builder.mul(loop.index, constant(SUPER_BLOCK)), constant(MICRO_STEP * step))
                 weights = [load("u", row, at, V64I8, 1) for row in rows]
@@ -777,15 +826,16 @@ def micro_kernel(typingctx, u, scales, mins, r, xq, xd, sums, t, out):
                     [_dot_u8_s8_64(builder, lanes[i][j], w, x) for j, x in enumerate(xs)]
                     for i, w in enumerate(weights)
                 ]
-            group = builder.mul(loop.index, constant(SUPER_BLOCK // GROUP))
             row_scales = [load("scales", row, group, V16F32, 4) for row in rows]
-            row_mins = [load("mins", row, group, V16F32, 4) for row in rows]
             x_scales = [load("xd", token, group, V16F32, 4) for token in tokens]
-            x_sums = [load("sums", token, group, V16F32, 4) for token in tokens]
+            if not offset:
+                row_mins = [load("mins", row, group, V16F32, 4) for row in rows]
+                x_sums = [load("sums", token, group, V16F32, 4) for token in tokens]
             for i in range(MICRO_ROWS):
                 for j in range(MICRO_TOKENS):
                     acc = builder.load(accumulators[i][j])
-                    acc = _call(builder, "llvm.fma.v16f32", V16F32, row_mins[i], x_sums[j], acc)
+                    if not offset:
+                        acc = _call(builder, "llvm.fma.v16f32", V16F32, row_mins[i], x_sums[j], acc)
                     scale = builder.fmul(row_scales[i], x_scales[j])
                     total = builder.sitofp(lanes[i][j], V16F32)
                     builder.store(
@@ -816,7 +866,7 @@ def micro_kernel(typingctx, u, scales, mins, r, xq, xd, sums, t, out):
             builder.store(sums_of_token, builder.bitcast(first, four.as_pointer()), align=4)
         return context.get_dummy_value()
 
-    return types.none(u, scales, mins, r, xq, xd, sums, t, out), codegen
+    return types.none(u, scales, mins, r, xq, xd, sums, totals, t, out, zero), codegen
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -845,16 +895,74 @@ def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, d
 
 
+@intrinsic
+def first_largest_magnitude(typingctx, x, start, count):
+    """x[k] for the first k in start .. start + count - 1 of largest |x[k]|, NaN never counted (0 if all
+    are NaN); x a C-contiguous f32 1-D array, count a multiple of 64. As vectors: the largest magnitude,
+    then the first lane holding it (LLVM leaves numba's loop, a compare and branch a value, scalar)."""
+    if not (isinstance(x, types.Array) and x.ndim == 1 and x.dtype == types.float32 and x.layout == "C"):
+        return None
+
+    def codegen(context, builder, signature, args):
+        x_type, (x_, start_, count_) = signature.args[0], args
+        array = context.make_array(x_type)(context, builder, x_)
+        i64 = start_.type
+        lanes, chains = 16, 4  # chains of maxima: one would wait on each compare
+        vector_type = ir.VectorType(F32, lanes)
+        chunks = builder.udiv(count_, ir.Constant(i64, lanes))
+
+        def magnitudes(chunk: ir.Value) -> ir.Value:
+            at = builder.add(start_, builder.mul(chunk, ir.Constant(i64, lanes)))
+            element = cgutils.get_item_pointer(context, builder, x_type, array, [at])
+            values = builder.load(builder.bitcast(element, vector_type.as_pointer()), align=4)
+            return _call(builder, "llvm.fabs.v16f32", vector_type, values)
+
+        def larger(a: ir.Value, b: ir.Value) -> ir.Value:
+            # an ordered compare: a NaN in a is never taken (vmaxps)
+            return builder.select(builder.fcmp_ordered(">", a, b), a, b)
+
+        tops = [cgutils.alloca_once_value(builder, ir.Constant(vector_type, None)) for _ in range(chains)]
+        with cgutils.for_range(builder, builder.udiv(chunks, ir.Constant(i64, chains))) as loop:
+            for c, top in enumerate(tops):
+                chunk = builder.add(builder.mul(loop.index, ir.Constant(i64, chains)), ir.Constant(i64, c))
+                builder.store(larger(magnitudes(chunk), builder.load(top)), top)
+        top = larger(
+            larger(builder.load(tops[0]), builder.load(tops[1])), larger(*map(builder.load, tops[2:]))
+        )
+        reduce_type = ir.FunctionType(F32, [vector_type])
+        reduce = cgutils.get_or_insert_function(builder.module, reduce_type, "llvm.vector.reduce.fmax.v16f32")
+        largest = builder.call(reduce, [top], fastmath=("nnan",))  # top holds no NaN
+        splat = builder.shuffle_vector(
+            builder.insert_element(ir.Constant(vector_type, ir.Undefined), largest, ir.Constant(I32, 0)),
+            ir.Constant(vector_type, ir.Undefined),
+            ir.Constant(ir.VectorType(I32, lanes), None),
+        )
+        # the chunks from last to first, each with the largest magnitude taking its first such lane
+        first = cgutils.alloca_once_value(builder, count_)  # count: none holds it (all NaN)
+        with cgutils.for_range(builder, chunks) as loop:
+            chunk = builder.sub(builder.sub(chunks, ir.Constant(i64, 1)), loop.index)
+            bits = builder.bitcast(builder.fcmp_ordered("==", magnitudes(chunk), splat), ir.IntType(lanes))
+            lane = _call(builder, f"llvm.cttz.i{lanes}", ir.IntType(lanes), bits, ir.Constant(I1, 0))
+            at = builder.add(builder.mul(chunk, ir.Constant(i64, lanes)), builder.zext(lane, i64))
+            holds = builder.icmp_unsigned("!=", bits, ir.Constant(ir.IntType(lanes), 0))
+            builder.store(builder.select(holds, at, builder.load(first)), first)
+        index = builder.load(first)
+        result = cgutils.alloca_once_value(builder, ir.Constant(F32, 0.0))
+        with builder.if_then(builder.icmp_unsigned("<", index, count_)):
+            element = cgutils.get_item_pointer(context, builder, x_type, array, [builder.add(start_, index)])
+            builder.store(builder.load(element), result)
+        return builder.load(result)
+
+    return types.float32(x, start, count), codegen
+
+
 @numba.njit(inline="always")
 def _quantize_per_256_into(x: np.ndarray, q: np.ndarray, d: np.ndarray) -> None:
     """As ggml's quantize_row_q8_K_ref, bit for bit: the value of largest |x| (the first one) maps to -127,
     q = min(127, rint(x (-127 / max))) and d = 1 / (-127 / max), all in f32."""
     for b in range(d.shape[0]):
-        amax, signed_max = np.float32(0), np.float32(0)
-        for k in range(QK_K):
-            if abs(x[QK_K * b + k]) > amax:
-                amax, signed_max = abs(x[QK_K * b + k]), x[QK_K * b + k]
-        if amax == 0:
+        signed_max = first_largest_magnitude(x, QK_K * b, QK_K)
+        if signed_max == 0:
             q[QK_K * b : QK_K * (b + 1)] = 0
             d[b] = 0
             continue
@@ -865,24 +973,38 @@ def _quantize_per_256_into(x: np.ndarray, q: np.ndarray, d: np.ndarray) -> None:
 
 
 @numba.njit(cache=True)
-def activation_buffers(n: int, cols: int, rows_multiple: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Zeroed (q int8[m, c], xd f32[m, c // 16], sums f32[m, c // 16]) for n rows of cols activations: m the
-    next multiple of rows_multiple, c of SUPER_BLOCK (the padding stays zero)."""
+def activation_buffers(
+    n: int, cols: int, rows_multiple: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Zeroed (q int8[m, c], xd f32[m, c // 16], sums f32[m, c // 16], totals int32[m, c // 16]) for n rows
+    of cols activations: m the next multiple of rows_multiple, c of SUPER_BLOCK (the padding stays zero)."""
     m = (n + rows_multiple - 1) // rows_multiple * rows_multiple
     c = (cols + SUPER_BLOCK - 1) // SUPER_BLOCK * SUPER_BLOCK
     groups = c // GROUP
-    return np.zeros((m, c), np.int8), np.zeros((m, groups), np.float32), np.zeros((m, groups), np.float32)
+    return (
+        np.zeros((m, c), np.int8),
+        np.zeros((m, groups), np.float32),
+        np.zeros((m, groups), np.float32),
+        np.zeros((m, groups), np.int32),
+    )
 
 
 @numba.njit(cache=True)  # no fastmath: -127 / max must round as ggml's does, not become -127 * (1 / max)
 def quantize_activation_rows_into(
-    x: np.ndarray, block: int, q: np.ndarray, xd: np.ndarray, sums: np.ndarray, i0: int, i1: int
+    x: np.ndarray,
+    block: int,
+    q: np.ndarray,
+    xd: np.ndarray,
+    sums: np.ndarray,
+    totals: np.ndarray,
+    i0: int,
+    i1: int,
 ) -> None:
     """Rows i0:i1 of x f32[n, cols] into activation_buffers' arrays for micro_kernel: each row quantized per
     `block` values as ggml does for the weights' type (32: quantize_activations, Q8_0; 256: Q8_K), q in
-    tile_position order, xd the scale of each 16 values and sums[i, g] = xd q summed over
-    x[i, 16 g:16 g + 16]. A function of its own so that a parallel caller hands out ranges of rows and LLVM
-    still vectorizes it."""
+    tile_position order, xd the scale of each 16 values, totals[i, g] the sum of q over
+    x[i, 16 g:16 g + 16] and sums[i, g] = xd totals[i, g]. A function of its own so that a parallel caller
+    hands out ranges of rows and LLVM still vectorizes it."""
     cols = x.shape[1]
     natural = np.zeros(q.shape[1], np.int8)
     d = np.empty(cols // block, np.float32)
@@ -891,24 +1013,26 @@ def quantize_activation_rows_into(
             _quantize_per_256_into(x[i], natural[:cols], d)
         else:
             _quantize_into(x[i], natural[:cols], d)
-        for g in range(cols // GROUP):
-            total = np.int32(0)
-            for k in range(GROUP * g, GROUP * (g + 1)):
-                total += np.int32(natural[k])
-            xd[i, g] = d[GROUP * g // block]
-            sums[i, g] = xd[i, g] * np.float32(total)
+        for b in range(cols // block):  # no division per group: numba's // of two variables is a div
+            for g in range(block // GROUP * b, block // GROUP * (b + 1)):
+                total = np.int32(0)
+                for k in range(GROUP * g, GROUP * (g + 1)):
+                    total += np.int32(natural[k])
+                xd[i, g] = d[b]
+                sums[i, g] = xd[i, g] * np.float32(total)
+                totals[i, g] = total
         interleave(natural, q[i])
 
 
 @numba.njit(cache=True)
 def quantize_activation_rows(
     x: np.ndarray, rows_multiple: int, block: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """x f32[n, cols] -> activation_buffers(n, cols, rows_multiple) filled by quantize_activation_rows_into:
     the whole batch on one thread."""
-    q, xd, sums = activation_buffers(x.shape[0], x.shape[1], rows_multiple)
-    quantize_activation_rows_into(x, block, q, xd, sums, 0, x.shape[0])
-    return q, xd, sums
+    q, xd, sums, totals = activation_buffers(x.shape[0], x.shape[1], rows_multiple)
+    quantize_activation_rows_into(x, block, q, xd, sums, totals, 0, x.shape[0])
+    return q, xd, sums, totals
 
 
 @numba.njit(cache=True, fastmath=True)
@@ -950,3 +1074,106 @@ def quantize_tokens_q8_k(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
                 total += np.int32(q[i, k])
             bsums[i, g] = np.int16(total)
     return q, d, bsums
+
+
+# ---------------------------------------------------------------------------------------------------------
+# f32 tiles for attention (kernels.ops.causal_attention): TILE_ROWS_F32 rows of a times `depth` rows of b,
+# the sums kept in vector registers. Each b vector load feeds TILE_ROWS_F32 FMAs and each broadcast a value
+# `vectors` FMAs: 65-80 G multiply-adds/s on one core (b in L1 or streamed in order from L2), where numba's
+# loops, a load and a store around every FMA, reached 6-9.
+
+F32_LANES = 16 if "avx512f" in _target_features() else 8
+TILE_ROWS_F32 = 6
+
+
+def _splat(builder, value: ir.Value) -> ir.Value:
+    """<F32_LANES x value's type> with value in every lane."""
+    vector_type = ir.VectorType(value.type, F32_LANES)
+    single = builder.insert_element(ir.Constant(vector_type, ir.Undefined), value, ir.Constant(I32, 0))
+    return builder.shuffle_vector(single, single, ir.Constant(ir.VectorType(I32, F32_LANES), None))
+
+
+def _f32_matrix(t) -> bool:
+    return isinstance(t, types.Array) and t.ndim == 2 and t.dtype == types.float32 and t.layout == "C"
+
+
+@intrinsic
+def f32_tile_product(typingctx, a, b, c, depth, b_col, c_col, vectors):
+    """c[r, c_col + j] = sum_{k < depth} a[r, k] b[k, b_col + j] for r < TILE_ROWS_F32 and j < vectors
+    F32_LANES (`vectors` a constant); a, b, c C-contiguous f32 2-D arrays."""
+    if not (all(_f32_matrix(t) for t in (a, b, c)) and isinstance(vectors, types.IntegerLiteral)):
+        return None
+    count = vectors.literal_value
+
+    def codegen(context, builder, signature, args):
+        (a_type, b_type, c_type), (a_, b_, c_, depth_, b_col_, c_col_) = signature.args[:3], args[:6]
+        arrays = {
+            "a": (a_type, context.make_array(a_type)(context, builder, a_)),
+            "b": (b_type, context.make_array(b_type)(context, builder, b_)),
+            "c": (c_type, context.make_array(c_type)(context, builder, c_)),
+        }
+        i64 = depth_.type
+        lanes = ir.VectorType(F32, F32_LANES)
+
+        def element(name: str, row: ir.Value, column: ir.Value, v: int = 0) -> ir.Value:
+            """Pointer to name[row, column + v F32_LANES]."""
+            array_type, array = arrays[name]
+            at = [row, builder.add(column, ir.Constant(i64, F32_LANES * v))]
+            return cgutils.get_item_pointer(context, builder, array_type, array, at)
+
+        def vector(pointer: ir.Value) -> ir.Value:
+            return builder.bitcast(pointer, lanes.as_pointer())
+
+        sums = [
+            [cgutils.alloca_once_value(builder, ir.Constant(lanes, None)) for _ in range(count)]
+            for _ in range(TILE_ROWS_F32)
+        ]
+        rows = [ir.Constant(i64, r) for r in range(TILE_ROWS_F32)]
+        with cgutils.for_range(builder, depth_) as loop:
+            k = loop.index
+            bs = [builder.load(vector(element("b", k, b_col_, v)), align=4) for v in range(count)]
+            for r, row in enumerate(rows):
+                splat = _splat(builder, builder.load(element("a", row, k)))
+                for v, b_vector in enumerate(bs):
+                    total = _call(
+                        builder, f"llvm.fma.v{F32_LANES}f32", lanes, splat, b_vector, builder.load(sums[r][v])
+                    )
+                    builder.store(total, sums[r][v])
+        for r, row in enumerate(rows):
+            for v in range(count):
+                builder.store(builder.load(sums[r][v]), vector(element("c", row, c_col_, v)), align=4)
+        return context.get_dummy_value()
+
+    return types.none(a, b, c, depth, b_col, c_col, vectors), codegen
+
+
+@intrinsic
+def prefix_max(typingctx, row, count):
+    """max(row[:count]) for count >= 1, row a C-contiguous f32 1-D array of at least count rounded up to
+    F32_LANES values (those past count are read, not counted): LLVM does not vectorize numba's max loop
+    (1.2 ns a value)."""
+    if not (isinstance(row, types.Array) and row.ndim == 1 and row.dtype == types.float32):
+        return None
+
+    def codegen(context, builder, signature, args):
+        row_type, (row_, count_) = signature.args[0], args
+        array = context.make_array(row_type)(context, builder, row_)
+        i64 = count_.type
+        lanes = ir.VectorType(F32, F32_LANES)
+        lowest = ir.Constant(lanes, [float("-inf")] * F32_LANES)
+        top = cgutils.alloca_once_value(builder, lowest)
+        indices = ir.Constant(ir.VectorType(i64, F32_LANES), list(range(F32_LANES)))
+        width = ir.Constant(i64, F32_LANES)
+        vectors = builder.udiv(builder.add(count_, ir.Constant(i64, F32_LANES - 1)), width)
+        maximum = f"llvm.maxnum.v{F32_LANES}f32"
+        with cgutils.for_range(builder, vectors) as loop:
+            start = builder.mul(loop.index, width)
+            element = cgutils.get_item_pointer(context, builder, row_type, array, [start])
+            values = builder.load(builder.bitcast(element, lanes.as_pointer()), align=4)
+            counted = builder.icmp_signed("<", indices, _splat(builder, builder.sub(count_, start)))
+            values = builder.select(counted, values, lowest)
+            builder.store(_call(builder, maximum, lanes, builder.load(top), values), top)
+        reduce = f"llvm.vector.reduce.fmax.v{F32_LANES}f32"
+        return _call(builder, reduce, F32, builder.load(top))
+
+    return types.float32(row, count), codegen

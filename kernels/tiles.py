@@ -7,7 +7,9 @@ and, per 16 weights, a scale and a min, so that w = scale u + min. The signed ty
 are quantized to int8 as ggml quantizes them for the type (Q8_0 per 32 for the legacy types, Q8_K per 256
 for the K-quants, bit for bit), and kernels.simd.micro_kernel multiplies 4 rows by 4 tokens at a time; the
 mins multiply the sums of the quantized activations per 16, as ggml's do, so the error is
-sum_k w_k (x_q - x)_k.
+sum_k w_k (x_q - x)_k. Where the min is -zero scale (Q3_K, Q6_K, Q4_0, Q5_0, Q8_0) the offset goes into the
+integer sums instead (-zero times the integer sum of the activations per 16): one FMA less per 256 weights
+and (row, token), 1.2-1.3x faster on Q6_K and half the rounding error of the two f32 terms.
 
 Both u and the quantized activations are stored with each 256 values interleaved (simd.tile_position), so
 that 4 vpdpbusd leave in each 32-bit lane the exact integer dot product of one group of 16 weights, which one
@@ -16,7 +18,7 @@ earlier layout took 8 (an f32 scaling per 64 weights). Measured per core (CPU ti
 the matrices of distilgpt2 and gpt2): the micro-kernel alone runs at ~100-115 G multiply-adds/s; a whole
 product at 1.0-1.4x dequantize + BLAS at 512 tokens, 1.1-1.6x at 128, 1.2-2.1x at 64, and 1.0-1.3x the fused
 f32 kernels at 32 (gpt2cli.model picks by batch size). Unpacking writes runs of 16-32 weights with fixed
-shifts (vectorized, 0.3-0.7 ns a weight), then interleaves them with one shuffle per 256 bytes; it is what
+shifts (0.15-0.3 ns a weight), then interleaves them with one shuffle per 256 bytes; it is what
 makes short batches lose. pmaddubsw (AVX2 without VNNI) saturates on the 8-bit weights of Q8_0, which there
 keeps its f32 path.
 """
@@ -40,6 +42,7 @@ from .simd import (
     QK8,
     QK_K,
     activation_buffers,
+    bit_fields,
     interleave,
     micro_kernel,
     quantize_activation_rows_into,
@@ -52,14 +55,15 @@ Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = int(T.Q2_K), int(T.Q3_K), int(T.Q4_K), int(T.Q5_K
 # Rows unpacked together: 64 x 3072 weights are 192 KiB of u and 48 KiB of scales and mins, within L2, which
 # the 4-token steps then sweep over while the tokens' 4 x 3072 bytes stay in L1.
 TILE_ROWS = 64
-# Tokens whose activations one task quantizes (about 1-8 us each): serially, 512 x 3072 took 4 ms.
+# Tokens whose activations one task quantizes (0.5-3 us each): serially, 512 x 3072 take 1.4 ms.
 ACTIVATION_ROWS = 16
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Unpackers: one row of blocks -> u[cols] in natural order, scales[cols // 16], mins[cols // 16]; layouts as
-# in ggml-common.h. The weights go out 16 or 32 at a time from runs of bytes with fixed shifts, loops LLVM
-# vectorizes (per weight the scalar code took 1.3-3 ns, as much as 512 tokens' products at 768 columns);
+# in ggml-common.h. The weights go out 16 or 32 at a time from runs of bytes with fixed shifts, each run one
+# simd.bit_fields (per weight the scalar code took 1.3-3 ns, as much as 512 tokens' products at 768 columns;
+# numba's vectorized loops 0.4-0.9 ns, most of it checking for overlap on every run; bit_fields 0.15-0.3);
 # simd.interleave then moves them to tile_position order.
 
 
@@ -71,19 +75,19 @@ def _byte(row: np.ndarray, i: int) -> int:
 
 @numba.njit(inline="always")
 def _fields(u, at: int, row, source: int, shift: int, mask: int, count: int) -> None:
-    """u[at + l] = (row[source + l] >> shift) & mask for l < count."""
-    for ell in range(count):
-        u[at + ell] = (row[source + ell] >> np.uint8(shift)) & np.uint8(mask)
+    """u[at + l] = (row[source + l] >> shift) & mask for l < count (16 or 32)."""
+    if count == 32:
+        bit_fields(u, at, row, source, shift, mask, source, 0, 0, 0, 32)
+    else:
+        bit_fields(u, at, row, source, shift, mask, source, 0, 0, 0, 16)
 
 
 @numba.njit(inline="always")
-def _two_fields(u, at: int, row, low: tuple, high: tuple, up: int, count: int) -> None:
-    """u[at + l] = low field | high field << up, each field (source, shift, mask) taken as by _fields."""
+def _two_fields(u, at: int, row, low: tuple, high: tuple, up: int) -> None:
+    """u[at + l] = low field | high field << up for l < 32, each field (source, shift, mask) taken as by
+    _fields."""
     (low_at, low_shift, low_mask), (high_at, high_shift, high_mask) = low, high
-    for ell in range(count):
-        low_bits = (row[low_at + ell] >> np.uint8(low_shift)) & np.uint8(low_mask)
-        high_bits = (row[high_at + ell] >> np.uint8(high_shift)) & np.uint8(high_mask)
-        u[at + ell] = low_bits | (high_bits << np.uint8(up))
+    bit_fields(u, at, row, low_at, low_shift, low_mask, high_at, high_shift, high_mask, up, 32)
 
 
 @numba.njit(inline="always")
@@ -146,7 +150,7 @@ def _unpack_q3_k(row, u, scales, mins):
             for j in range(4):
                 at = 256 * b + 128 * n + 32 * j
                 low = (o + layout.Q3_K.qs + 32 * n, 2 * j, 3)
-                _two_fields(u, at, row, low, (o + layout.Q3_K.hmask, 4 * n + j, 1), 2, 32)
+                _two_fields(u, at, row, low, (o + layout.Q3_K.hmask, 4 * n + j, 1), 2)
 
 
 @numba.njit(inline="always")
@@ -168,7 +172,7 @@ def _unpack_k4(row, u, scales, mins, block_bytes: int, qh_at: int, qs_at: int):
             mins[16 * b + 2 * j] = mins[16 * b + 2 * j + 1] = -(dmin * np.float32(m))
             if qh_at:
                 nibbles = (o + qs_at + 32 * (j // 2), 4 * (j % 2), 15)
-                _two_fields(u, 256 * b + 32 * j, row, nibbles, (o + qh_at, j, 1), 4, 32)
+                _two_fields(u, 256 * b + 32 * j, row, nibbles, (o + qh_at, j, 1), 4)
             else:
                 _fields(u, 256 * b + 32 * j, row, o + qs_at + 32 * (j // 2), 4 * (j % 2), 15, 32)
 
@@ -186,7 +190,7 @@ def _unpack_q6_k(row, u, scales, mins):
             for j in range(4):
                 at = 256 * b + 128 * n + 32 * j
                 nibbles = (o + layout.Q6_K.ql + 64 * n + 32 * (j % 2), 4 * (j // 2), 15)
-                _two_fields(u, at, row, nibbles, (o + layout.Q6_K.qh + 32 * n, 2 * j, 3), 4, 32)
+                _two_fields(u, at, row, nibbles, (o + layout.Q6_K.qh + 32 * n, 2 * j, 3), 4)
 
 
 @numba.njit(inline="always")
@@ -250,9 +254,9 @@ def _unpack_rows(kind: int, blocks, r0: int, r1: int, cols: int, u, scales, mins
 
 
 @numba.njit(cache=True)
-def _tile_times_tokens(kind: int, blocks, r0: int, r1: int, xq, xd, sums, x_shape, y) -> None:
-    """y[:n, r0:r1] = X W[r0:r1]^T for one tile of rows; xq, xd, sums hold X padded with zeros to whole
-    micro-steps of tokens and super-blocks of columns, and so is the tile."""
+def _tile_times_tokens(kind: int, blocks, r0: int, r1: int, xq, xd, sums, totals, x_shape, y) -> None:
+    """y[:n, r0:r1] = X W[r0:r1]^T for one tile of rows; xq, xd, sums, totals hold X padded with zeros to
+    whole micro-steps of tokens and super-blocks of columns, and so is the tile."""
     n, cols = x_shape
     u = np.zeros((TILE_ROWS, xq.shape[1]), np.uint8)
     scales = np.zeros((TILE_ROWS, xq.shape[1] // 16), np.float32)
@@ -261,7 +265,19 @@ def _tile_times_tokens(kind: int, blocks, r0: int, r1: int, xq, xd, sums, x_shap
     out = np.empty((xq.shape[0], TILE_ROWS), np.float32)
     for t in range(0, xq.shape[0], MICRO_TOKENS):
         for r in range(0, r1 - r0, MICRO_ROWS):
-            micro_kernel(u, scales, mins, r, xq, xd, sums, t, out)
+            # the types whose min is -zero scale: the offset (a constant of the micro-kernel) in the sums
+            if kind == Q6_K:
+                micro_kernel(u, scales, mins, r, xq, xd, sums, totals, t, out, 32)
+            elif kind == Q3_K:
+                micro_kernel(u, scales, mins, r, xq, xd, sums, totals, t, out, 4)
+            elif kind == Q4_0:
+                micro_kernel(u, scales, mins, r, xq, xd, sums, totals, t, out, 8)
+            elif kind == Q5_0:
+                micro_kernel(u, scales, mins, r, xq, xd, sums, totals, t, out, 16)
+            elif kind == Q8_0:
+                micro_kernel(u, scales, mins, r, xq, xd, sums, totals, t, out, 128)
+            else:
+                micro_kernel(u, scales, mins, r, xq, xd, sums, totals, t, out, 0)
     y[:, r0:r1] = out[:n, : r1 - r0]
 
 
@@ -270,15 +286,15 @@ def int8_matmul(kind: int, blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> 
     """y f32[n, rows] = x f32[n, cols] W^T, W u8[rows, row_bytes] of block type `kind`, with x quantized to
     int8 as ggml does for that type (per 32, or per 256 for the K-quants)."""
     n, cols = x.shape
-    xq, xd, sums = activation_buffers(n, cols, MICRO_TOKENS)
+    xq, xd, sums, totals = activation_buffers(n, cols, MICRO_TOKENS)
     block = weights_per_scale(kind)
     for chunk in prange(n_tiles(n, ACTIVATION_ROWS)):
         r0 = chunk * ACTIVATION_ROWS
-        quantize_activation_rows_into(x, block, xq, xd, sums, r0, min(n, r0 + ACTIVATION_ROWS))
+        quantize_activation_rows_into(x, block, xq, xd, sums, totals, r0, min(n, r0 + ACTIVATION_ROWS))
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, TILE_ROWS)):
         r0 = tile * TILE_ROWS
-        _tile_times_tokens(kind, blocks, r0, min(rows, r0 + TILE_ROWS), xq, xd, sums, x.shape, y)
+        _tile_times_tokens(kind, blocks, r0, min(rows, r0 + TILE_ROWS), xq, xd, sums, totals, x.shape, y)
 
 
 def int8_matmul_for(qtype: GGMLQuantizationType) -> Callable[..., None] | None:

@@ -65,7 +65,7 @@ def test_activations_per_256_round_as_ggml_q8_k():
     x[1, 256:] = 0.0
     x[2] = np.round(rng.uniform(-126, 126, 512) * 2) / 2
     x[2, [0, 256]] = -127  # iscale 1: the halves are ties
-    tiled, xd, sums = simd.quantize_activation_rows(x, 4, 256)
+    tiled, xd, sums, totals = simd.quantize_activation_rows(x, 4, 256)
     q = tiled[:, [simd.tile_position(k) for k in range(512)]]
     d = xd[:, ::16]
     assert q.shape == (4, 512) and xd.shape == (4, 32) and not q[3].any()
@@ -77,6 +77,7 @@ def test_activations_per_256_round_as_ggml_q8_k():
     )
     integer_sums = q[:3].reshape(3, 32, 16).sum(-1, dtype=np.int32).astype(np.float32)
     np.testing.assert_array_equal(sums[:3], xd[:3] * integer_sums)
+    np.testing.assert_array_equal(totals[:3], integer_sums)
 
 
 def test_float_types_have_no_int8_matmul():
