@@ -196,29 +196,58 @@ def segment_attention(qkv: np.ndarray, first: np.ndarray, out: np.ndarray) -> No
             out[i, h, c] = acc[c] * inv
 
 
+@numba.njit(inline="always")
+def _row_max(row: np.ndarray) -> np.float32:
+    """The largest of row f32[k] (k >= 1): 16 running maxima that LLVM turns into one vector, where a
+    single running max() stays scalar."""
+    lanes = np.full(16, row[0], dtype=np.float32)
+    whole = row.shape[0] // 16 * 16
+    for j0 in range(0, whole, 16):
+        for k in range(16):
+            v = row[j0 + k]
+            lanes[k] = v if v > lanes[k] else lanes[k]
+    top = row[0]
+    for k in range(16):
+        top = lanes[k] if lanes[k] > top else top
+    for j in range(whole, row.shape[0]):
+        top = row[j] if row[j] > top else top
+    return top
+
+
+# Logits per f32 partial sum in next_token_stats: summed straight into f64 the loop vectorized narrower
+# (f32 -> f64 conversions); a partial sum of 256 positive terms is exact to ~1e-6 relative, far inside the
+# 1e-4 the tests hold log-probabilities to. With _row_max: 1.1x less CPU time (512 x 50257, one thread).
+STATS_CHUNK = 256
+
+
 @numba.njit(cache=True, parallel=True, fastmath=True)
 def next_token_stats(
     logits: np.ndarray, targets: np.ndarray, log_prob: np.ndarray, entropy: np.ndarray, rank: np.ndarray
 ) -> None:
     """Per row of logits f32[m, vocab] and its target token: log softmax at the target (log_prob f64[m]),
     the entropy of the softmax in nats (entropy f64[m]) and how many logits exceed the target's (rank
-    int64[m]). Two passes over each row where numpy needs six; the sums in f64."""
+    int64[m]). Two passes over each row where numpy needs six; the sums in f64 over f32 partial sums of
+    STATS_CHUNK logits."""
     m, vocab = logits.shape
     for i in prange(m):
         row = logits[i]
         target = row[targets[i]]
-        top = np.float32(-np.inf)
+        top = _row_max(row)
         above = 0
-        for j in range(vocab):
-            top = max(top, row[j])
-            above += row[j] > target
         total = 0.0
         moment = 0.0  # sum of e**s s, s the shifted logits: H = log total - moment / total
-        for j in range(vocab):
-            shifted = row[j] - top
-            e = exp_nonpositive(shifted)
-            total += e
-            moment += e * shifted
+        for c0 in range(0, vocab, STATS_CHUNK):
+            part_total, part_moment = np.float32(0), np.float32(0)
+            part_above = np.int32(0)
+            for j in range(c0, min(c0 + STATS_CHUNK, vocab)):
+                shifted = row[j] - top
+                e = exp_nonpositive(shifted)
+                part_total += e
+                part_moment += e * shifted
+                part_above += np.int32(row[j] > target)
+            total += part_total
+            moment += part_moment
+            above += part_above
         log_total = math.log(total)
         log_prob[i] = target - top - log_total
         entropy[i] = log_total - moment / total
