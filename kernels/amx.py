@@ -152,12 +152,14 @@ def accumulate_blocks(
         fma = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(V16F32, [V16F32] * 3), "llvm.fma.v16f32"
         )
-        with cgutils.for_range(builder, shape[0]) as loop:
-            b = loop.index
-            half = at(
+
+        def half(b) -> ir.Value:  # block b's int32 results
+            return at(
                 scratch_base,
                 builder.mul(builder.and_(b, const(1)), const(4 * ROWS_PER_STEP * TOKENS_PER_STEP)),
             )
+
+        def multiply(b) -> None:  # block b's four tiles of int32 results into its half of scratch
             w_pointer = at(w_base, builder.add(w_offset, builder.mul(b, const(layout.Q8_0.bytes))))
             x_pointer = at(x_base, builder.add(x_offset, builder.mul(b, const(1024))))
             second_rows = builder.mul(w_stride, const(TILE_M))
@@ -170,8 +172,11 @@ def accumulate_blocks(
                     c = 2 * m + h
                     _call(builder, "llvm.x86.tilezero", _tile(c))
                     _call(builder, "llvm.x86.tdpbssd", _tile(c), _tile(a), _tile(x))
-                    out = at(half, const(TILE_M * 128 * m + 64 * h))
+                    out = at(half(b), const(TILE_M * 128 * m + 64 * h))
                     _call(builder, "llvm.x86.tilestored64", _tile(c), out, const(128))
+
+        def scale(b) -> None:  # acc += block b's int32 results times their scales
+            results = half(b)
             token_scales = [
                 load(ts_base, builder.add(builder.mul(b, const(128)), const(64 * h)), V16F32)
                 for h in range(2)
@@ -183,11 +188,21 @@ def accumulate_blocks(
                 )
                 splat = builder.shuffle_vector(splat, splat, ir.Constant(V16I32, None))
                 for h in range(2):
-                    sums = builder.sitofp(load(half, const(128 * i + 64 * h), V16I32), V16F32)
+                    sums = builder.sitofp(load(results, const(128 * i + 64 * h), V16I32), V16F32)
                     acc_pointer = builder.bitcast(at(acc_base, const(128 * i + 64 * h)), V16F32.as_pointer())
                     acc = builder.load(acc_pointer, align=4)
-                    scale = builder.fmul(splat, token_scales[h])
-                    builder.store(builder.call(fma, [sums, scale, acc]), acc_pointer, align=4)
+                    product = builder.fmul(splat, token_scales[h])
+                    builder.store(builder.call(fma, [sums, product, acc]), acc_pointer, align=4)
+
+        # Software-pipelined: the tiles of block b are computed while block b - 1's results, stored one
+        # block earlier, are scaled (scaling straight after the stores waited on them).
+        blocks = shape[0]
+        multiply(const(0))
+        with cgutils.for_range(builder, builder.sub(blocks, const(1))) as loop:
+            b = builder.add(loop.index, const(1))
+            multiply(b)
+            scale(loop.index)
+        scale(builder.sub(blocks, const(1)))
         return context.get_dummy_value()
 
     signature = types.none(
