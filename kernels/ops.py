@@ -216,7 +216,8 @@ def _row_max(row: np.ndarray) -> np.float32:
 
 # Logits per f32 partial sum in next_token_stats: summed straight into f64 the loop vectorized narrower
 # (f32 -> f64 conversions); a partial sum of 256 positive terms is exact to ~1e-6 relative, far inside the
-# 1e-4 the tests hold log-probabilities to. With _row_max: 1.1x less CPU time (512 x 50257, one thread).
+# 1e-4 the tests hold log-probabilities to. With _row_max and the rank counted in a loop of its own (an
+# integer sum in the exponentials' loop narrowed it too): 1.55x less CPU time (512 x 50257, one thread).
 STATS_CHUNK = 256
 
 
@@ -226,28 +227,27 @@ def next_token_stats(
 ) -> None:
     """Per row of logits f32[m, vocab] and its target token: log softmax at the target (log_prob f64[m]),
     the entropy of the softmax in nats (entropy f64[m]) and how many logits exceed the target's (rank
-    int64[m]). Two passes over each row where numpy needs six; the sums in f64 over f32 partial sums of
-    STATS_CHUNK logits."""
+    int64[m]). Three vectorized passes over each row where numpy needs six; the sums in f64 over f32 partial
+    sums of STATS_CHUNK logits."""
     m, vocab = logits.shape
     for i in prange(m):
         row = logits[i]
         target = row[targets[i]]
         top = _row_max(row)
-        above = 0
+        above = np.int32(0)
         total = 0.0
         moment = 0.0  # sum of e**s s, s the shifted logits: H = log total - moment / total
         for c0 in range(0, vocab, STATS_CHUNK):
             part_total, part_moment = np.float32(0), np.float32(0)
-            part_above = np.int32(0)
             for j in range(c0, min(c0 + STATS_CHUNK, vocab)):
                 shifted = row[j] - top
                 e = exp_nonpositive(shifted)
                 part_total += e
                 part_moment += e * shifted
-                part_above += np.int32(row[j] > target)
             total += part_total
             moment += part_moment
-            above += part_above
+        for j in range(vocab):
+            above += np.int32(row[j] > target)
         log_total = math.log(total)
         log_prob[i] = target - top - log_total
         entropy[i] = log_total - moment / total
