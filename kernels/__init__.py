@@ -7,7 +7,8 @@ Every kernel works on a weight matrix kept in its stored form: a C-contiguous ui
 - matvec(blocks u8[rows, row_bytes], x f32[cols], y f32[rows]) -> None          y = W x
 - matmul(blocks u8[rows, row_bytes], x f32[n, cols], y f32[n, rows]) -> None    Y = X W^T
 - quantize(x f32[rows, cols], out u8[rows, row_bytes]) -> None                   (None where not provided)
-- int8_matmul: Y = X W^T with int8 activations for the quantized types (kernels.tiles), else None
+- int8_matmul: Y = X W^T with int8 activations for the quantized types (kernels.tiles; Q8_0 on AMX tiles,
+  kernels.amx, where the CPU has them), else None
 - matvec_f32: where `matvec` quantizes the activations to int8 blocks as ggml does (faster, ~1% error in
   the logits), the same product with f32 activations; None where `matvec` is already exact f32.
 - matvecs(blocks, x f32[n, cols], y f32[n, rows]): `matvec` of each of a few tokens (several sequences
@@ -74,6 +75,10 @@ class BlockKernels:
     def int8_matmul(self) -> Callable[..., None] | None:
         """int8_matmul(blocks, x f32[n, cols], y f32[n, rows]): Y = X W^T with x quantized to int8 per 32
         (kernels.tiles), or None for the float types and CPUs without integer dot products."""
+        if self.qtype == Q.Q8_0:
+            amx = family("amx")
+            if amx.available():
+                return amx.q8_0_matmul
         return family("tiles").int8_matmul_for(self.qtype)
 
     def row_bytes(self, cols: int) -> int:

@@ -102,7 +102,13 @@ def _attend(scores: np.ndarray, top: np.float32, values: np.ndarray, out: np.nda
         scores[j] = e
         total += e
     acc = np.zeros(out.shape[0], dtype=np.float32)
-    for j in range(scores.shape[0]):
+    whole = scores.shape[0] // 4 * 4
+    for j in range(0, whole, 4):  # four positions a pass: a quarter of the accumulators' loads and stores
+        p0, p1, p2, p3 = scores[j], scores[j + 1], scores[j + 2], scores[j + 3]
+        v0, v1, v2, v3 = values[j], values[j + 1], values[j + 2], values[j + 3]
+        for c in range(out.shape[0]):
+            acc[c] += p0 * v0[c] + p1 * v1[c] + p2 * v2[c] + p3 * v3[c]
+    for j in range(whole, scores.shape[0]):
         p = scores[j]
         for c in range(out.shape[0]):
             acc[c] += p * values[j, c]
@@ -255,29 +261,58 @@ def segment_attention(qkv: np.ndarray, first: np.ndarray, out: np.ndarray) -> No
             out[i, h, c] = acc[c] * inv
 
 
+@numba.njit(inline="always")
+def _row_max(row: np.ndarray) -> np.float32:
+    """The largest of row f32[k] (k >= 1): 16 running maxima that LLVM turns into one vector, where a
+    single running max() stays scalar."""
+    lanes = np.full(16, row[0], dtype=np.float32)
+    whole = row.shape[0] // 16 * 16
+    for j0 in range(0, whole, 16):
+        for k in range(16):
+            v = row[j0 + k]
+            lanes[k] = v if v > lanes[k] else lanes[k]
+    top = row[0]
+    for k in range(16):
+        top = lanes[k] if lanes[k] > top else top
+    for j in range(whole, row.shape[0]):
+        top = row[j] if row[j] > top else top
+    return top
+
+
+# Logits per f32 partial sum in next_token_stats: summed straight into f64 the loop vectorized narrower
+# (f32 -> f64 conversions); a partial sum of 256 positive terms is exact to ~1e-6 relative, far inside the
+# 1e-4 the tests hold log-probabilities to. With _row_max and the rank counted in a loop of its own (an
+# integer sum in the exponentials' loop narrowed it too): 1.55x less CPU time (512 x 50257, one thread).
+STATS_CHUNK = 256
+
+
 @numba.njit(cache=True, parallel=True, fastmath=True)
 def next_token_stats(
     logits: np.ndarray, targets: np.ndarray, log_prob: np.ndarray, entropy: np.ndarray, rank: np.ndarray
 ) -> None:
     """Per row of logits f32[m, vocab] and its target token: log softmax at the target (log_prob f64[m]),
     the entropy of the softmax in nats (entropy f64[m]) and how many logits exceed the target's (rank
-    int64[m]). Two passes over each row where numpy needs six; the sums in f64."""
+    int64[m]). Three vectorized passes over each row where numpy needs six; the sums in f64 over f32 partial
+    sums of STATS_CHUNK logits."""
     m, vocab = logits.shape
     for i in prange(m):
         row = logits[i]
         target = row[targets[i]]
-        top = np.float32(-np.inf)
-        above = 0
-        for j in range(vocab):
-            top = max(top, row[j])
-            above += row[j] > target
+        top = _row_max(row)
+        above = np.int32(0)
         total = 0.0
         moment = 0.0  # sum of e**s s, s the shifted logits: H = log total - moment / total
+        for c0 in range(0, vocab, STATS_CHUNK):
+            part_total, part_moment = np.float32(0), np.float32(0)
+            for j in range(c0, min(c0 + STATS_CHUNK, vocab)):
+                shifted = row[j] - top
+                e = exp_nonpositive(shifted)
+                part_total += e
+                part_moment += e * shifted
+            total += part_total
+            moment += part_moment
         for j in range(vocab):
-            shifted = row[j] - top
-            e = exp_nonpositive(shifted)
-            total += e
-            moment += e * shifted
+            above += np.int32(row[j] > target)
         log_total = math.log(total)
         log_prob[i] = target - top - log_total
         entropy[i] = log_total - moment / total
