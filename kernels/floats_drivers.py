@@ -32,14 +32,14 @@ ROW_TILE = 64
 MATMUL_ROW_TILE = 16
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _dequantize_rows_f16(halves: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
     for r in range(r0, r1):
         for k in range(halves.shape[1]):
             out[r, k] = f16_to_f32(halves[r, k])
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def dequantize_f16(blocks: np.ndarray, out: np.ndarray) -> None:
     halves = blocks.view(np.uint16)
     rows = halves.shape[0]
@@ -47,7 +47,7 @@ def dequantize_f16(blocks: np.ndarray, out: np.ndarray) -> None:
         _dequantize_rows_f16(halves, out, tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE))
 
 
-@numba.njit(cache=True, fastmath=True)
+@numba.njit(cache=True, nogil=True, fastmath=True)
 def _matvec_rows_f16(halves: np.ndarray, x: np.ndarray, y: np.ndarray, r0: int, r1: int) -> None:
     cols = halves.shape[1]
     for r in range(r0, r1):
@@ -59,7 +59,7 @@ def _matvec_rows_f16(halves: np.ndarray, x: np.ndarray, y: np.ndarray, r0: int, 
         y[r] = total
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def matvec_f16(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     halves = blocks.view(np.uint16)
     rows = halves.shape[0]
@@ -67,7 +67,7 @@ def matvec_f16(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         _matvec_rows_f16(halves, x, y, tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE))
 
 
-@numba.njit(cache=True, fastmath=True)
+@numba.njit(cache=True, nogil=True, fastmath=True)
 def _matmul_tile_f16(halves: np.ndarray, x: np.ndarray, y: np.ndarray, r0: int, r1: int) -> None:
     weights = np.empty((r1 - r0, halves.shape[1]), np.float32)
     for t in range(r1 - r0):
@@ -76,7 +76,7 @@ def _matmul_tile_f16(halves: np.ndarray, x: np.ndarray, y: np.ndarray, r0: int, 
     tile_times_tokens(weights, r1 - r0, x, y, r0)
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def matmul_f16(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     halves = blocks.view(np.uint16)
     rows = halves.shape[0]
@@ -84,7 +84,7 @@ def matmul_f16(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         _matmul_tile_f16(halves, x, y, tile * MATMUL_ROW_TILE, min(rows, (tile + 1) * MATMUL_ROW_TILE))
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def quantize_f16(x: np.ndarray, out: np.ndarray) -> None:
     halves = out.view(np.uint16)
     for r in prange(x.shape[0]):
@@ -92,14 +92,14 @@ def quantize_f16(x: np.ndarray, out: np.ndarray) -> None:
             halves[r, k] = f32_to_f16(x[r, k])
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _dequantize_rows_bf16(halves: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
     for r in range(r0, r1):
         for k in range(halves.shape[1]):
             out[r, k] = bf16_to_f32(halves[r, k])
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def dequantize_bf16(blocks: np.ndarray, out: np.ndarray) -> None:
     halves = blocks.view(np.uint16)
     rows = halves.shape[0]
@@ -107,7 +107,7 @@ def dequantize_bf16(blocks: np.ndarray, out: np.ndarray) -> None:
         _dequantize_rows_bf16(halves, out, tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE))
 
 
-@numba.njit(cache=True, fastmath=True)
+@numba.njit(cache=True, nogil=True, fastmath=True)
 def _matvec_rows_bf16(halves: np.ndarray, x: np.ndarray, y: np.ndarray, r0: int, r1: int) -> None:
     cols = halves.shape[1]
     for r in range(r0, r1):
@@ -119,7 +119,7 @@ def _matvec_rows_bf16(halves: np.ndarray, x: np.ndarray, y: np.ndarray, r0: int,
         y[r] = total
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def matvec_bf16(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     halves = blocks.view(np.uint16)
     rows = halves.shape[0]
@@ -127,7 +127,7 @@ def matvec_bf16(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         _matvec_rows_bf16(halves, x, y, tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE))
 
 
-@numba.njit(cache=True, fastmath=True)
+@numba.njit(cache=True, nogil=True, fastmath=True)
 def _matmul_tile_bf16(halves: np.ndarray, x: np.ndarray, y: np.ndarray, r0: int, r1: int) -> None:
     weights = np.empty((r1 - r0, halves.shape[1]), np.float32)
     for t in range(r1 - r0):
@@ -136,7 +136,7 @@ def _matmul_tile_bf16(halves: np.ndarray, x: np.ndarray, y: np.ndarray, r0: int,
     tile_times_tokens(weights, r1 - r0, x, y, r0)
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def matmul_bf16(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     halves = blocks.view(np.uint16)
     rows = halves.shape[0]
@@ -144,7 +144,7 @@ def matmul_bf16(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         _matmul_tile_bf16(halves, x, y, tile * MATMUL_ROW_TILE, min(rows, (tile + 1) * MATMUL_ROW_TILE))
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def quantize_bf16(x: np.ndarray, out: np.ndarray) -> None:
     halves = out.view(np.uint16)
     for r in prange(x.shape[0]):

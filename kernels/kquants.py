@@ -92,7 +92,7 @@ def _q6(low: np.uint8, shift: int, high: np.uint8, high_shift: int) -> np.float3
     return np.float32(np.int32((_field(low, shift, 15) | (_field(high, high_shift, 3) << 4)) - 32))
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _dequantize_row_q2_k(row: np.ndarray, y: np.ndarray) -> None:
     for b in range(row.shape[0] // Q2_K.bytes):
         o = b * Q2_K.bytes
@@ -124,7 +124,7 @@ def _dequantize_row_q2_k(row: np.ndarray, y: np.ndarray) -> None:
                 out[224 + e] = d7 * np.float32(_field(p, 6, 3)) - m7
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _dequantize_row_q3_k(row: np.ndarray, y: np.ndarray) -> None:
     for b in range(row.shape[0] // Q3_K.bytes):
         o = b * Q3_K.bytes
@@ -161,7 +161,7 @@ def _scales_k4(row: np.ndarray, o: int, d: np.float32, j: int) -> tuple[np.float
     return d * np.float32(sc), np.float32(m)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _dequantize_row_q4_k(row: np.ndarray, y: np.ndarray) -> None:
     for b in range(row.shape[0] // Q4_K.bytes):
         o = b * Q4_K.bytes
@@ -194,7 +194,7 @@ def _dequantize_row_q4_k(row: np.ndarray, y: np.ndarray) -> None:
             out[224 + e] = d7 * np.float32(_field(q3, 4, 15)) - m7
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _dequantize_row_q5_k(row: np.ndarray, y: np.ndarray) -> None:
     for b in range(row.shape[0] // Q5_K.bytes):
         o = b * Q5_K.bytes
@@ -229,7 +229,7 @@ def _dequantize_row_q5_k(row: np.ndarray, y: np.ndarray) -> None:
             out[224 + e] = d7 * _q5(q3, 4, h, 7) - m7
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _dequantize_row_q6_k(row: np.ndarray, y: np.ndarray) -> None:
     for b in range(row.shape[0] // Q6_K.bytes):
         o = b * Q6_K.bytes
@@ -268,7 +268,7 @@ def _dequantize_row_q6_k(row: np.ndarray, y: np.ndarray) -> None:
 # --- matvec: y[rows] = W x, weights decoded in registers ----------------------------------------------------
 
 
-@numba.njit(cache=True, fastmath=True)
+@numba.njit(cache=True, nogil=True, fastmath=True)
 def _sub_block_sums(x: np.ndarray, size: int) -> np.ndarray:
     """x f32[cols] -> f32[cols // size], the sums the `- dmin * m` terms multiply."""
     sums = np.empty(x.shape[0] // size, np.float32)
@@ -280,7 +280,7 @@ def _sub_block_sums(x: np.ndarray, size: int) -> np.ndarray:
     return sums
 
 
-@numba.njit(cache=True, parallel=True, fastmath=True)
+@numba.njit(cache=True, nogil=True, parallel=True, fastmath=True)
 def matvec_q2_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     n_blocks = blocks.shape[1] // Q2_K.bytes
     x_sums = _sub_block_sums(x, 16)
@@ -324,7 +324,7 @@ def matvec_q2_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         y[r] = acc
 
 
-@numba.njit(cache=True, parallel=True, fastmath=True)
+@numba.njit(cache=True, nogil=True, parallel=True, fastmath=True)
 def matvec_q3_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     n_blocks = blocks.shape[1] // Q3_K.bytes
     for r in numba.prange(blocks.shape[0]):
@@ -363,7 +363,7 @@ def matvec_q3_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         y[r] = acc
 
 
-@numba.njit(cache=True, parallel=True, fastmath=True)
+@numba.njit(cache=True, nogil=True, parallel=True, fastmath=True)
 def matvec_q4_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     n_blocks = blocks.shape[1] // Q4_K.bytes
     x_sums = _sub_block_sums(x, 32)
@@ -411,7 +411,7 @@ def matvec_q4_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         y[r] = acc
 
 
-@numba.njit(cache=True, parallel=True, fastmath=True)
+@numba.njit(cache=True, nogil=True, parallel=True, fastmath=True)
 def matvec_q5_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     n_blocks = blocks.shape[1] // Q5_K.bytes
     x_sums = _sub_block_sums(x, 32)
@@ -461,7 +461,7 @@ def matvec_q5_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         y[r] = acc
 
 
-@numba.njit(cache=True, parallel=True, fastmath=True)
+@numba.njit(cache=True, nogil=True, parallel=True, fastmath=True)
 def matvec_q6_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     n_blocks = blocks.shape[1] // Q6_K.bytes
     for r in numba.prange(blocks.shape[0]):
@@ -508,7 +508,7 @@ def matvec_q6_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
 # --- matmul: Y[n, rows] = X W^T, one dequantized tile of W at a time -------------------------------------
 
 
-@numba.njit(cache=True, fastmath=True)
+@numba.njit(cache=True, nogil=True, fastmath=True)
 def _multiply_tile(w: np.ndarray, x: np.ndarray, y: np.ndarray, r0: int) -> None:
     """y[:, r0:r0 + len(w)] = x @ w.T for a dequantized tile w f32[tile_rows, cols], x f32[n, cols]."""
     tile_rows, cols = w.shape

@@ -64,7 +64,7 @@ INT8_ROW_TILE = 32
 MATMUL_ROW_TILE = 64
 
 
-@numba.njit(cache=True, fastmath=True)
+@numba.njit(cache=True, nogil=True, fastmath=True)
 def _int8_rows_q2_k(
     blocks: np.ndarray, xq: np.ndarray, xd: np.ndarray, x_sums: np.ndarray, y: np.ndarray, r0: int, r1: int
 ) -> None:
@@ -106,7 +106,7 @@ def _int8_rows_q2_k(
             t += 1
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def int8_matvecs_q2_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     xq, xd, x_sums = quantize_tokens(x, 16)
     rows = blocks.shape[0]
@@ -115,7 +115,7 @@ def int8_matvecs_q2_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         _int8_rows_q2_k(blocks, xq, xd, x_sums, y, r0, min(rows, r0 + INT8_ROW_TILE))
 
 
-@numba.njit(cache=True, fastmath=True)
+@numba.njit(cache=True, nogil=True, fastmath=True)
 def _int8_rows_one_token_q2_k(
     blocks: np.ndarray, xq: np.ndarray, xd: np.ndarray, x_sums: np.ndarray, y: np.ndarray, r0: int, r1: int
 ) -> None:
@@ -129,7 +129,7 @@ def _int8_rows_one_token_q2_k(
         store_sums(acc, y, 0, r)
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def int8_matvec_q2_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     xq, xd, x_sums = quantize_tokens(x.reshape(1, x.shape[0]), 16)
     rows = blocks.shape[0]
@@ -140,7 +140,7 @@ def int8_matvec_q2_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         )
 
 
-@numba.njit(cache=True, fastmath=True)
+@numba.njit(cache=True, nogil=True, fastmath=True)
 def _int8_rows_q3_k(
     blocks: np.ndarray, xq: np.ndarray, xd: np.ndarray, x_sums: np.ndarray, y: np.ndarray, r0: int, r1: int
 ) -> None:
@@ -182,7 +182,7 @@ def _int8_rows_q3_k(
             t += 1
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def int8_matvecs_q3_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     xq, xd, x_sums = quantize_tokens(x, 32)
     rows = blocks.shape[0]
@@ -191,7 +191,7 @@ def int8_matvecs_q3_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         _int8_rows_q3_k(blocks, xq, xd, x_sums, y, r0, min(rows, r0 + INT8_ROW_TILE))
 
 
-@numba.njit(cache=True, fastmath=True)
+@numba.njit(cache=True, nogil=True, fastmath=True)
 def _int8_rows_one_token_q3_k(
     blocks: np.ndarray, xq: np.ndarray, xd: np.ndarray, x_sums: np.ndarray, y: np.ndarray, r0: int, r1: int
 ) -> None:
@@ -205,7 +205,7 @@ def _int8_rows_one_token_q3_k(
         store_sums(acc, y, 0, r)
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def int8_matvec_q3_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     xq, xd, x_sums = quantize_tokens(x.reshape(1, x.shape[0]), 32)
     rows = blocks.shape[0]
@@ -216,7 +216,7 @@ def int8_matvec_q3_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         )
 
 
-@numba.njit(cache=True, fastmath=True)
+@numba.njit(cache=True, nogil=True, fastmath=True)
 def _int8_rows_q4_k(
     blocks: np.ndarray, xq: np.ndarray, xd: np.ndarray, x_sums: np.ndarray, y: np.ndarray, r0: int, r1: int
 ) -> None:
@@ -258,7 +258,7 @@ def _int8_rows_q4_k(
             t += 1
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def int8_matvecs_q4_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     xq, xd, x_sums = quantize_tokens_q8_k(x)
     rows = blocks.shape[0]
@@ -267,7 +267,7 @@ def int8_matvecs_q4_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         _int8_rows_q4_k(blocks, xq, xd, x_sums, y, r0, min(rows, r0 + INT8_ROW_TILE))
 
 
-@numba.njit(cache=True, fastmath=True)
+@numba.njit(cache=True, nogil=True, fastmath=True)
 def _int8_rows_one_token_q4_k(
     blocks: np.ndarray, xq: np.ndarray, xd: np.ndarray, x_sums: np.ndarray, y: np.ndarray, r0: int, r1: int
 ) -> None:
@@ -281,7 +281,7 @@ def _int8_rows_one_token_q4_k(
         store_sums(acc, y, 0, r)
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def int8_matvec_q4_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     xq, xd, x_sums = quantize_tokens_q8_k(x.reshape(1, x.shape[0]))
     rows = blocks.shape[0]
@@ -292,7 +292,7 @@ def int8_matvec_q4_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         )
 
 
-@numba.njit(cache=True, fastmath=True)
+@numba.njit(cache=True, nogil=True, fastmath=True)
 def _int8_rows_q5_k(
     blocks: np.ndarray, xq: np.ndarray, xd: np.ndarray, x_sums: np.ndarray, y: np.ndarray, r0: int, r1: int
 ) -> None:
@@ -334,7 +334,7 @@ def _int8_rows_q5_k(
             t += 1
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def int8_matvecs_q5_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     xq, xd, x_sums = quantize_tokens_q8_k(x)
     rows = blocks.shape[0]
@@ -343,7 +343,7 @@ def int8_matvecs_q5_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         _int8_rows_q5_k(blocks, xq, xd, x_sums, y, r0, min(rows, r0 + INT8_ROW_TILE))
 
 
-@numba.njit(cache=True, fastmath=True)
+@numba.njit(cache=True, nogil=True, fastmath=True)
 def _int8_rows_one_token_q5_k(
     blocks: np.ndarray, xq: np.ndarray, xd: np.ndarray, x_sums: np.ndarray, y: np.ndarray, r0: int, r1: int
 ) -> None:
@@ -357,7 +357,7 @@ def _int8_rows_one_token_q5_k(
         store_sums(acc, y, 0, r)
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def int8_matvec_q5_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     xq, xd, x_sums = quantize_tokens_q8_k(x.reshape(1, x.shape[0]))
     rows = blocks.shape[0]
@@ -368,7 +368,7 @@ def int8_matvec_q5_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         )
 
 
-@numba.njit(cache=True, fastmath=True)
+@numba.njit(cache=True, nogil=True, fastmath=True)
 def _int8_rows_q6_k(
     blocks: np.ndarray, xq: np.ndarray, xd: np.ndarray, x_sums: np.ndarray, y: np.ndarray, r0: int, r1: int
 ) -> None:
@@ -410,7 +410,7 @@ def _int8_rows_q6_k(
             t += 1
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def int8_matvecs_q6_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     xq, xd, x_sums = quantize_tokens_q8_k(x)
     rows = blocks.shape[0]
@@ -419,7 +419,7 @@ def int8_matvecs_q6_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         _int8_rows_q6_k(blocks, xq, xd, x_sums, y, r0, min(rows, r0 + INT8_ROW_TILE))
 
 
-@numba.njit(cache=True, fastmath=True)
+@numba.njit(cache=True, nogil=True, fastmath=True)
 def _int8_rows_one_token_q6_k(
     blocks: np.ndarray, xq: np.ndarray, xd: np.ndarray, x_sums: np.ndarray, y: np.ndarray, r0: int, r1: int
 ) -> None:
@@ -433,7 +433,7 @@ def _int8_rows_one_token_q6_k(
         store_sums(acc, y, 0, r)
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def int8_matvec_q6_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     xq, xd, x_sums = quantize_tokens_q8_k(x.reshape(1, x.shape[0]))
     rows = blocks.shape[0]
@@ -444,13 +444,13 @@ def int8_matvec_q6_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         )
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def dequantize_q2_k(blocks: np.ndarray, out: np.ndarray) -> None:
     for r in prange(blocks.shape[0]):
         _dequantize_row_q2_k(blocks[r], out[r])
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def matmul_q2_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, MATMUL_ROW_TILE)):
@@ -461,19 +461,19 @@ def matmul_q2_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         _multiply_tile(w, x, y, r0)
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def quantize_q2_k(x: np.ndarray, out: np.ndarray) -> None:
     for r in prange(x.shape[0]):
         quantize_row_q2_k(x[r], out[r])
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def dequantize_q3_k(blocks: np.ndarray, out: np.ndarray) -> None:
     for r in prange(blocks.shape[0]):
         _dequantize_row_q3_k(blocks[r], out[r])
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def matmul_q3_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, MATMUL_ROW_TILE)):
@@ -484,19 +484,19 @@ def matmul_q3_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         _multiply_tile(w, x, y, r0)
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def quantize_q3_k(x: np.ndarray, out: np.ndarray) -> None:
     for r in prange(x.shape[0]):
         quantize_row_q3_k(x[r], out[r])
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def dequantize_q4_k(blocks: np.ndarray, out: np.ndarray) -> None:
     for r in prange(blocks.shape[0]):
         _dequantize_row_q4_k(blocks[r], out[r])
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def matmul_q4_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, MATMUL_ROW_TILE)):
@@ -507,19 +507,19 @@ def matmul_q4_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         _multiply_tile(w, x, y, r0)
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def quantize_q4_k(x: np.ndarray, out: np.ndarray) -> None:
     for r in prange(x.shape[0]):
         quantize_row_q4_k(x[r], out[r])
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def dequantize_q5_k(blocks: np.ndarray, out: np.ndarray) -> None:
     for r in prange(blocks.shape[0]):
         _dequantize_row_q5_k(blocks[r], out[r])
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def matmul_q5_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, MATMUL_ROW_TILE)):
@@ -530,19 +530,19 @@ def matmul_q5_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         _multiply_tile(w, x, y, r0)
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def quantize_q5_k(x: np.ndarray, out: np.ndarray) -> None:
     for r in prange(x.shape[0]):
         quantize_row_q5_k(x[r], out[r])
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def dequantize_q6_k(blocks: np.ndarray, out: np.ndarray) -> None:
     for r in prange(blocks.shape[0]):
         _dequantize_row_q6_k(blocks[r], out[r])
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def matmul_q6_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, MATMUL_ROW_TILE)):
@@ -553,7 +553,7 @@ def matmul_q6_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         _multiply_tile(w, x, y, r0)
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def quantize_q6_k(x: np.ndarray, out: np.ndarray) -> None:
     for r in prange(x.shape[0]):
         quantize_row_q6_k(x[r], out[r])

@@ -62,7 +62,7 @@ INT8_ROW_TILE = 32
 MATMUL_ROW_TILE = 16
 
 
-@numba.njit(cache=True, fastmath=True)
+@numba.njit(cache=True, nogil=True, fastmath=True)
 def _int8_rows_q4_0(
     blocks: np.ndarray, xq: np.ndarray, xd: np.ndarray, x_sums: np.ndarray, y: np.ndarray, r0: int, r1: int
 ) -> None:
@@ -104,7 +104,7 @@ def _int8_rows_q4_0(
             t += 1
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def int8_matvecs_q4_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     xq, xd, x_sums = quantize_tokens(x, 32)
     rows = blocks.shape[0]
@@ -113,7 +113,7 @@ def int8_matvecs_q4_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         _int8_rows_q4_0(blocks, xq, xd, x_sums, y, r0, min(rows, r0 + INT8_ROW_TILE))
 
 
-@numba.njit(cache=True, fastmath=True)
+@numba.njit(cache=True, nogil=True, fastmath=True)
 def _int8_rows_one_token_q4_0(
     blocks: np.ndarray, xq: np.ndarray, xd: np.ndarray, x_sums: np.ndarray, y: np.ndarray, r0: int, r1: int
 ) -> None:
@@ -127,7 +127,7 @@ def _int8_rows_one_token_q4_0(
         store_sums(acc, y, 0, r)
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def int8_matvec_q4_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     xq, xd, x_sums = quantize_tokens(x.reshape(1, x.shape[0]), 32)
     rows = blocks.shape[0]
@@ -138,7 +138,7 @@ def int8_matvec_q4_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         )
 
 
-@numba.njit(cache=True, fastmath=True)
+@numba.njit(cache=True, nogil=True, fastmath=True)
 def _int8_rows_q4_1(
     blocks: np.ndarray, xq: np.ndarray, xd: np.ndarray, x_sums: np.ndarray, y: np.ndarray, r0: int, r1: int
 ) -> None:
@@ -180,7 +180,7 @@ def _int8_rows_q4_1(
             t += 1
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def int8_matvecs_q4_1(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     xq, xd, x_sums = quantize_tokens(x, 32)
     rows = blocks.shape[0]
@@ -189,7 +189,7 @@ def int8_matvecs_q4_1(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         _int8_rows_q4_1(blocks, xq, xd, x_sums, y, r0, min(rows, r0 + INT8_ROW_TILE))
 
 
-@numba.njit(cache=True, fastmath=True)
+@numba.njit(cache=True, nogil=True, fastmath=True)
 def _int8_rows_one_token_q4_1(
     blocks: np.ndarray, xq: np.ndarray, xd: np.ndarray, x_sums: np.ndarray, y: np.ndarray, r0: int, r1: int
 ) -> None:
@@ -203,7 +203,7 @@ def _int8_rows_one_token_q4_1(
         store_sums(acc, y, 0, r)
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def int8_matvec_q4_1(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     xq, xd, x_sums = quantize_tokens(x.reshape(1, x.shape[0]), 32)
     rows = blocks.shape[0]
@@ -214,7 +214,7 @@ def int8_matvec_q4_1(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         )
 
 
-@numba.njit(cache=True, fastmath=True)
+@numba.njit(cache=True, nogil=True, fastmath=True)
 def _int8_rows_q5_0(
     blocks: np.ndarray, xq: np.ndarray, xd: np.ndarray, x_sums: np.ndarray, y: np.ndarray, r0: int, r1: int
 ) -> None:
@@ -256,7 +256,7 @@ def _int8_rows_q5_0(
             t += 1
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def int8_matvecs_q5_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     xq, xd, x_sums = quantize_tokens(x, 32)
     rows = blocks.shape[0]
@@ -265,7 +265,7 @@ def int8_matvecs_q5_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         _int8_rows_q5_0(blocks, xq, xd, x_sums, y, r0, min(rows, r0 + INT8_ROW_TILE))
 
 
-@numba.njit(cache=True, fastmath=True)
+@numba.njit(cache=True, nogil=True, fastmath=True)
 def _int8_rows_one_token_q5_0(
     blocks: np.ndarray, xq: np.ndarray, xd: np.ndarray, x_sums: np.ndarray, y: np.ndarray, r0: int, r1: int
 ) -> None:
@@ -279,7 +279,7 @@ def _int8_rows_one_token_q5_0(
         store_sums(acc, y, 0, r)
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def int8_matvec_q5_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     xq, xd, x_sums = quantize_tokens(x.reshape(1, x.shape[0]), 32)
     rows = blocks.shape[0]
@@ -290,7 +290,7 @@ def int8_matvec_q5_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         )
 
 
-@numba.njit(cache=True, fastmath=True)
+@numba.njit(cache=True, nogil=True, fastmath=True)
 def _int8_rows_q5_1(
     blocks: np.ndarray, xq: np.ndarray, xd: np.ndarray, x_sums: np.ndarray, y: np.ndarray, r0: int, r1: int
 ) -> None:
@@ -332,7 +332,7 @@ def _int8_rows_q5_1(
             t += 1
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def int8_matvecs_q5_1(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     xq, xd, x_sums = quantize_tokens(x, 32)
     rows = blocks.shape[0]
@@ -341,7 +341,7 @@ def int8_matvecs_q5_1(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         _int8_rows_q5_1(blocks, xq, xd, x_sums, y, r0, min(rows, r0 + INT8_ROW_TILE))
 
 
-@numba.njit(cache=True, fastmath=True)
+@numba.njit(cache=True, nogil=True, fastmath=True)
 def _int8_rows_one_token_q5_1(
     blocks: np.ndarray, xq: np.ndarray, xd: np.ndarray, x_sums: np.ndarray, y: np.ndarray, r0: int, r1: int
 ) -> None:
@@ -355,7 +355,7 @@ def _int8_rows_one_token_q5_1(
         store_sums(acc, y, 0, r)
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def int8_matvec_q5_1(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     xq, xd, x_sums = quantize_tokens(x.reshape(1, x.shape[0]), 32)
     rows = blocks.shape[0]
@@ -366,7 +366,7 @@ def int8_matvec_q5_1(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         )
 
 
-@numba.njit(cache=True, fastmath=True)
+@numba.njit(cache=True, nogil=True, fastmath=True)
 def _int8_rows_q8_0(
     blocks: np.ndarray, xq: np.ndarray, xd: np.ndarray, x_sums: np.ndarray, y: np.ndarray, r0: int, r1: int
 ) -> None:
@@ -408,7 +408,7 @@ def _int8_rows_q8_0(
             t += 1
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def int8_matvecs_q8_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     xq, xd, x_sums = quantize_tokens(x, 32)
     rows = blocks.shape[0]
@@ -417,7 +417,7 @@ def int8_matvecs_q8_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         _int8_rows_q8_0(blocks, xq, xd, x_sums, y, r0, min(rows, r0 + INT8_ROW_TILE))
 
 
-@numba.njit(cache=True, fastmath=True)
+@numba.njit(cache=True, nogil=True, fastmath=True)
 def _int8_rows_one_token_q8_0(
     blocks: np.ndarray, xq: np.ndarray, xd: np.ndarray, x_sums: np.ndarray, y: np.ndarray, r0: int, r1: int
 ) -> None:
@@ -431,7 +431,7 @@ def _int8_rows_one_token_q8_0(
         store_sums(acc, y, 0, r)
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def int8_matvec_q8_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     xq, xd, x_sums = quantize_tokens(x.reshape(1, x.shape[0]), 32)
     rows = blocks.shape[0]
@@ -442,7 +442,7 @@ def int8_matvec_q8_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         )
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _dequantize_rows_q4_0(blocks: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
     n_blocks = blocks.shape[1] // Q4_0.bytes
     half = _opaque_half(out.shape[1], n_blocks)
@@ -452,14 +452,14 @@ def _dequantize_rows_q4_0(blocks: np.ndarray, out: np.ndarray, r0: int, r1: int)
             _decode_q4_0(row, b * Q4_0.bytes, out_row, b * QK, half)
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def dequantize_q4_0(blocks: np.ndarray, out: np.ndarray) -> None:
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, ROW_TILE)):
         _dequantize_rows_q4_0(blocks, out, tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE))
 
 
-@numba.njit(cache=True, fastmath=True)
+@numba.njit(cache=True, nogil=True, fastmath=True)
 def _matvec_rows_q4_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray, r0: int, r1: int) -> None:
     # two rows at a time: two independent streams of blocks keep more loads in flight
     acc0 = np.empty(QK, np.float32)
@@ -481,14 +481,14 @@ def _matvec_rows_q4_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray, r0: int,
         y[r1 - 1] = acc0.sum()
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def matvec_q4_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, ROW_TILE)):
         _matvec_rows_q4_0(blocks, x, y, tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE))
 
 
-@numba.njit(cache=True, fastmath=True)
+@numba.njit(cache=True, nogil=True, fastmath=True)
 def _matmul_tile_q4_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray, r0: int, r1: int) -> None:
     weights = np.empty((r1 - r0, x.shape[1]), np.float32)
     n_blocks = blocks.shape[1] // Q4_0.bytes
@@ -499,14 +499,14 @@ def _matmul_tile_q4_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray, r0: int,
     tile_times_tokens(weights, r1 - r0, x, y, r0)
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def matmul_q4_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, MATMUL_ROW_TILE)):
         _matmul_tile_q4_0(blocks, x, y, tile * MATMUL_ROW_TILE, min(rows, (tile + 1) * MATMUL_ROW_TILE))
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def quantize_q4_0(x: np.ndarray, out: np.ndarray) -> None:
     for r in prange(x.shape[0]):
         x_row, row = x[r], out[r]
@@ -514,7 +514,7 @@ def quantize_q4_0(x: np.ndarray, out: np.ndarray) -> None:
             _encode_q4_0(x_row, b * QK, row, b * Q4_0.bytes)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _dequantize_rows_q4_1(blocks: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
     n_blocks = blocks.shape[1] // Q4_1.bytes
     half = _opaque_half(out.shape[1], n_blocks)
@@ -524,14 +524,14 @@ def _dequantize_rows_q4_1(blocks: np.ndarray, out: np.ndarray, r0: int, r1: int)
             _decode_q4_1(row, b * Q4_1.bytes, out_row, b * QK, half)
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def dequantize_q4_1(blocks: np.ndarray, out: np.ndarray) -> None:
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, ROW_TILE)):
         _dequantize_rows_q4_1(blocks, out, tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE))
 
 
-@numba.njit(cache=True, fastmath=True)
+@numba.njit(cache=True, nogil=True, fastmath=True)
 def _matvec_rows_q4_1(blocks: np.ndarray, x: np.ndarray, y: np.ndarray, r0: int, r1: int) -> None:
     # two rows at a time: two independent streams of blocks keep more loads in flight
     acc0 = np.empty(QK, np.float32)
@@ -553,14 +553,14 @@ def _matvec_rows_q4_1(blocks: np.ndarray, x: np.ndarray, y: np.ndarray, r0: int,
         y[r1 - 1] = acc0.sum()
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def matvec_q4_1(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, ROW_TILE)):
         _matvec_rows_q4_1(blocks, x, y, tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE))
 
 
-@numba.njit(cache=True, fastmath=True)
+@numba.njit(cache=True, nogil=True, fastmath=True)
 def _matmul_tile_q4_1(blocks: np.ndarray, x: np.ndarray, y: np.ndarray, r0: int, r1: int) -> None:
     weights = np.empty((r1 - r0, x.shape[1]), np.float32)
     n_blocks = blocks.shape[1] // Q4_1.bytes
@@ -571,14 +571,14 @@ def _matmul_tile_q4_1(blocks: np.ndarray, x: np.ndarray, y: np.ndarray, r0: int,
     tile_times_tokens(weights, r1 - r0, x, y, r0)
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def matmul_q4_1(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, MATMUL_ROW_TILE)):
         _matmul_tile_q4_1(blocks, x, y, tile * MATMUL_ROW_TILE, min(rows, (tile + 1) * MATMUL_ROW_TILE))
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def quantize_q4_1(x: np.ndarray, out: np.ndarray) -> None:
     for r in prange(x.shape[0]):
         x_row, row = x[r], out[r]
@@ -586,7 +586,7 @@ def quantize_q4_1(x: np.ndarray, out: np.ndarray) -> None:
             _encode_q4_1(x_row, b * QK, row, b * Q4_1.bytes)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _dequantize_rows_q5_0(blocks: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
     n_blocks = blocks.shape[1] // Q5_0.bytes
     half = _opaque_half(out.shape[1], n_blocks)
@@ -596,14 +596,14 @@ def _dequantize_rows_q5_0(blocks: np.ndarray, out: np.ndarray, r0: int, r1: int)
             _decode_q5_0(row, b * Q5_0.bytes, out_row, b * QK, half)
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def dequantize_q5_0(blocks: np.ndarray, out: np.ndarray) -> None:
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, ROW_TILE)):
         _dequantize_rows_q5_0(blocks, out, tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE))
 
 
-@numba.njit(cache=True, fastmath=True)
+@numba.njit(cache=True, nogil=True, fastmath=True)
 def _matvec_rows_q5_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray, r0: int, r1: int) -> None:
     # two rows at a time: two independent streams of blocks keep more loads in flight
     acc0 = np.empty(QK, np.float32)
@@ -625,14 +625,14 @@ def _matvec_rows_q5_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray, r0: int,
         y[r1 - 1] = acc0.sum()
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def matvec_q5_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, ROW_TILE)):
         _matvec_rows_q5_0(blocks, x, y, tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE))
 
 
-@numba.njit(cache=True, fastmath=True)
+@numba.njit(cache=True, nogil=True, fastmath=True)
 def _matmul_tile_q5_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray, r0: int, r1: int) -> None:
     weights = np.empty((r1 - r0, x.shape[1]), np.float32)
     n_blocks = blocks.shape[1] // Q5_0.bytes
@@ -643,14 +643,14 @@ def _matmul_tile_q5_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray, r0: int,
     tile_times_tokens(weights, r1 - r0, x, y, r0)
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def matmul_q5_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, MATMUL_ROW_TILE)):
         _matmul_tile_q5_0(blocks, x, y, tile * MATMUL_ROW_TILE, min(rows, (tile + 1) * MATMUL_ROW_TILE))
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def quantize_q5_0(x: np.ndarray, out: np.ndarray) -> None:
     for r in prange(x.shape[0]):
         x_row, row = x[r], out[r]
@@ -658,7 +658,7 @@ def quantize_q5_0(x: np.ndarray, out: np.ndarray) -> None:
             _encode_q5_0(x_row, b * QK, row, b * Q5_0.bytes)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _dequantize_rows_q5_1(blocks: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
     n_blocks = blocks.shape[1] // Q5_1.bytes
     half = _opaque_half(out.shape[1], n_blocks)
@@ -668,14 +668,14 @@ def _dequantize_rows_q5_1(blocks: np.ndarray, out: np.ndarray, r0: int, r1: int)
             _decode_q5_1(row, b * Q5_1.bytes, out_row, b * QK, half)
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def dequantize_q5_1(blocks: np.ndarray, out: np.ndarray) -> None:
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, ROW_TILE)):
         _dequantize_rows_q5_1(blocks, out, tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE))
 
 
-@numba.njit(cache=True, fastmath=True)
+@numba.njit(cache=True, nogil=True, fastmath=True)
 def _matvec_rows_q5_1(blocks: np.ndarray, x: np.ndarray, y: np.ndarray, r0: int, r1: int) -> None:
     # two rows at a time: two independent streams of blocks keep more loads in flight
     acc0 = np.empty(QK, np.float32)
@@ -697,14 +697,14 @@ def _matvec_rows_q5_1(blocks: np.ndarray, x: np.ndarray, y: np.ndarray, r0: int,
         y[r1 - 1] = acc0.sum()
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def matvec_q5_1(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, ROW_TILE)):
         _matvec_rows_q5_1(blocks, x, y, tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE))
 
 
-@numba.njit(cache=True, fastmath=True)
+@numba.njit(cache=True, nogil=True, fastmath=True)
 def _matmul_tile_q5_1(blocks: np.ndarray, x: np.ndarray, y: np.ndarray, r0: int, r1: int) -> None:
     weights = np.empty((r1 - r0, x.shape[1]), np.float32)
     n_blocks = blocks.shape[1] // Q5_1.bytes
@@ -715,14 +715,14 @@ def _matmul_tile_q5_1(blocks: np.ndarray, x: np.ndarray, y: np.ndarray, r0: int,
     tile_times_tokens(weights, r1 - r0, x, y, r0)
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def matmul_q5_1(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, MATMUL_ROW_TILE)):
         _matmul_tile_q5_1(blocks, x, y, tile * MATMUL_ROW_TILE, min(rows, (tile + 1) * MATMUL_ROW_TILE))
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def quantize_q5_1(x: np.ndarray, out: np.ndarray) -> None:
     for r in prange(x.shape[0]):
         x_row, row = x[r], out[r]
@@ -730,7 +730,7 @@ def quantize_q5_1(x: np.ndarray, out: np.ndarray) -> None:
             _encode_q5_1(x_row, b * QK, row, b * Q5_1.bytes)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _dequantize_rows_q8_0(blocks: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
     n_blocks = blocks.shape[1] // Q8_0.bytes
     half = _opaque_half(out.shape[1], n_blocks)
@@ -740,14 +740,14 @@ def _dequantize_rows_q8_0(blocks: np.ndarray, out: np.ndarray, r0: int, r1: int)
             _decode_q8_0(row, b * Q8_0.bytes, out_row, b * QK, half)
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def dequantize_q8_0(blocks: np.ndarray, out: np.ndarray) -> None:
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, ROW_TILE)):
         _dequantize_rows_q8_0(blocks, out, tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE))
 
 
-@numba.njit(cache=True, fastmath=True)
+@numba.njit(cache=True, nogil=True, fastmath=True)
 def _matvec_rows_q8_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray, r0: int, r1: int) -> None:
     # two rows at a time: two independent streams of blocks keep more loads in flight
     acc0 = np.empty(QK, np.float32)
@@ -769,14 +769,14 @@ def _matvec_rows_q8_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray, r0: int,
         y[r1 - 1] = acc0.sum()
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def matvec_q8_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, ROW_TILE)):
         _matvec_rows_q8_0(blocks, x, y, tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE))
 
 
-@numba.njit(cache=True, fastmath=True)
+@numba.njit(cache=True, nogil=True, fastmath=True)
 def _matmul_tile_q8_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray, r0: int, r1: int) -> None:
     weights = np.empty((r1 - r0, x.shape[1]), np.float32)
     n_blocks = blocks.shape[1] // Q8_0.bytes
@@ -787,14 +787,14 @@ def _matmul_tile_q8_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray, r0: int,
     tile_times_tokens(weights, r1 - r0, x, y, r0)
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def matmul_q8_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, MATMUL_ROW_TILE)):
         _matmul_tile_q8_0(blocks, x, y, tile * MATMUL_ROW_TILE, min(rows, (tile + 1) * MATMUL_ROW_TILE))
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def quantize_q8_0(x: np.ndarray, out: np.ndarray) -> None:
     for r in prange(x.shape[0]):
         x_row, row = x[r], out[r]

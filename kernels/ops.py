@@ -45,7 +45,7 @@ def exp_nonpositive(x: np.float32) -> np.float32:
 
 # numpy's error model: a zero variance with eps 0 gives inf, which the logits check reports, not a
 # ZeroDivisionError from inside the kernel (prange bodies already use it).
-@numba.njit(cache=True, fastmath=True, error_model="numpy")
+@numba.njit(cache=True, nogil=True, fastmath=True, error_model="numpy")
 def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float, out: np.ndarray) -> None:
     """out[n, e] = (x - mean) / sqrt(var + eps) * w + b, row by row. On one thread: a decode step's single
     row takes ~1 us, less than waking the other thread (2-3 us idle, up to a time slice on a busy machine)."""
@@ -77,14 +77,14 @@ def _gelu_in_place(row: np.ndarray) -> None:
 
 
 # error_model="numpy" lets LLVM vectorize the division (no zero check raising ZeroDivisionError)
-@numba.njit(cache=True, parallel=True, fastmath=True, error_model="numpy")
+@numba.njit(cache=True, nogil=True, parallel=True, fastmath=True, error_model="numpy")
 def gelu(x: np.ndarray) -> None:
     """In place over x f32[n, f], the rows shared out over the threads."""
     for i in prange(x.shape[0]):
         _gelu_in_place(x[i])
 
 
-@numba.njit(cache=True, fastmath=True, error_model="numpy")
+@numba.njit(cache=True, nogil=True, fastmath=True, error_model="numpy")
 def gelu_serial(x: np.ndarray) -> None:
     """gelu on this thread alone: for a decode step's few rows waking the others costs more than the work,
     most of all when another process keeps them busy."""
@@ -117,7 +117,7 @@ def _attend(scores: np.ndarray, top: np.float32, values: np.ndarray, out: np.nda
         out[c] = acc[c] * inv
 
 
-@numba.njit(cache=True, parallel=True, fastmath=True)
+@numba.njit(cache=True, nogil=True, parallel=True, fastmath=True)
 def decode_attention(q: np.ndarray, keys, values, positions: np.ndarray, layer: int, out: np.ndarray) -> None:
     """One new query for each of B sequences over that sequence's own cache, in one parallel loop.
 
@@ -164,7 +164,7 @@ def _round_up(k: int, multiple: int) -> int:
 PANEL = 4 * F32_LANES
 
 
-@numba.njit(cache=True, parallel=True, fastmath=True)
+@numba.njit(cache=True, nogil=True, parallel=True, fastmath=True)
 def causal_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, p0: int, out: np.ndarray) -> None:
     """Softmax attention of m new queries q[m, h, d] at positions p0 .. p0 + m - 1 over the keys and values
     before and at them: keys, values [h, >= p0 + m, d] (a layer of the cache); out[m, h, d].
@@ -225,7 +225,7 @@ def causal_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, p0: in
                 out[i0 + r, h, c] = weighted[r, c] * inv
 
 
-@numba.njit(cache=True, parallel=True, fastmath=True)
+@numba.njit(cache=True, nogil=True, parallel=True, fastmath=True)
 def segment_attention(qkv: np.ndarray, first: np.ndarray, out: np.ndarray) -> None:
     """Causal softmax attention of texts packed back to back, none across texts, in one parallel call.
 
@@ -286,7 +286,7 @@ def _row_max(row: np.ndarray) -> np.float32:
 STATS_CHUNK = 256
 
 
-@numba.njit(cache=True, parallel=True, fastmath=True)
+@numba.njit(cache=True, nogil=True, parallel=True, fastmath=True)
 def next_token_stats(
     logits: np.ndarray, targets: np.ndarray, log_prob: np.ndarray, entropy: np.ndarray, rank: np.ndarray
 ) -> None:

@@ -154,7 +154,7 @@ INT8_GROUP = """\
 
 INT8_TEMPLATE = """
 
-@numba.njit(cache=True, fastmath=True)
+@numba.njit(cache=True, nogil=True, fastmath=True)
 def _int8_rows_{name}(
     blocks: np.ndarray, xq: np.ndarray, xd: np.ndarray, x_sums: np.ndarray, y: np.ndarray, r0: int, r1: int
 ) -> None:
@@ -166,7 +166,7 @@ def _int8_rows_{name}(
         t = 0
 {groups}
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def int8_matvecs_{name}(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     xq, xd, x_sums = {quantize_many}
     rows = blocks.shape[0]
@@ -175,7 +175,7 @@ def int8_matvecs_{name}(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> Non
         _int8_rows_{name}(blocks, xq, xd, x_sums, y, r0, min(rows, r0 + INT8_ROW_TILE))
 
 
-@numba.njit(cache=True, fastmath=True)
+@numba.njit(cache=True, nogil=True, fastmath=True)
 def _int8_rows_one_token_{name}(
     blocks: np.ndarray, xq: np.ndarray, xd: np.ndarray, x_sums: np.ndarray, y: np.ndarray, r0: int, r1: int
 ) -> None:
@@ -189,7 +189,7 @@ def _int8_rows_one_token_{name}(
         store_sums(acc, y, 0, r)
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def int8_matvec_{name}(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     xq, xd, x_sums = {quantize_one}
     rows = blocks.shape[0]
@@ -204,7 +204,7 @@ def int8_matvec_{name}(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None
 # encodes (_encode_<type>) one block of QK weights.
 LEGACY_TEMPLATE = """
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _dequantize_rows_{name}(blocks: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
     n_blocks = blocks.shape[1] // {layout}.bytes
     half = _opaque_half(out.shape[1], n_blocks)
@@ -214,14 +214,14 @@ def _dequantize_rows_{name}(blocks: np.ndarray, out: np.ndarray, r0: int, r1: in
             _decode_{name}(row, b * {layout}.bytes, out_row, b * QK, half)
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def dequantize_{name}(blocks: np.ndarray, out: np.ndarray) -> None:
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, ROW_TILE)):
         _dequantize_rows_{name}(blocks, out, tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE))
 
 
-@numba.njit(cache=True, fastmath=True)
+@numba.njit(cache=True, nogil=True, fastmath=True)
 def _matvec_rows_{name}(blocks: np.ndarray, x: np.ndarray, y: np.ndarray, r0: int, r1: int) -> None:
     # two rows at a time: two independent streams of blocks keep more loads in flight
     acc0 = np.empty(QK, np.float32)
@@ -243,14 +243,14 @@ def _matvec_rows_{name}(blocks: np.ndarray, x: np.ndarray, y: np.ndarray, r0: in
         y[r1 - 1] = acc0.sum()
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def matvec_{name}(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, ROW_TILE)):
         _matvec_rows_{name}(blocks, x, y, tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE))
 
 
-@numba.njit(cache=True, fastmath=True)
+@numba.njit(cache=True, nogil=True, fastmath=True)
 def _matmul_tile_{name}(blocks: np.ndarray, x: np.ndarray, y: np.ndarray, r0: int, r1: int) -> None:
     weights = np.empty((r1 - r0, x.shape[1]), np.float32)
     n_blocks = blocks.shape[1] // {layout}.bytes
@@ -261,14 +261,14 @@ def _matmul_tile_{name}(blocks: np.ndarray, x: np.ndarray, y: np.ndarray, r0: in
     tile_times_tokens(weights, r1 - r0, x, y, r0)
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def matmul_{name}(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, MATMUL_ROW_TILE)):
         _matmul_tile_{name}(blocks, x, y, tile * MATMUL_ROW_TILE, min(rows, (tile + 1) * MATMUL_ROW_TILE))
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def quantize_{name}(x: np.ndarray, out: np.ndarray) -> None:
     for r in prange(x.shape[0]):
         x_row, row = x[r], out[r]
@@ -280,13 +280,13 @@ def quantize_{name}(x: np.ndarray, out: np.ndarray) -> None:
 # kernels.kquants_quantize quantizes a row (quantize_row_<type>).
 KQUANT_TEMPLATE = """
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def dequantize_{name}(blocks: np.ndarray, out: np.ndarray) -> None:
     for r in prange(blocks.shape[0]):
         _dequantize_row_{name}(blocks[r], out[r])
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def matmul_{name}(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, MATMUL_ROW_TILE)):
@@ -297,7 +297,7 @@ def matmul_{name}(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         _multiply_tile(w, x, y, r0)
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def quantize_{name}(x: np.ndarray, out: np.ndarray) -> None:
     for r in prange(x.shape[0]):
         quantize_row_{name}(x[r], out[r])
@@ -306,14 +306,14 @@ def quantize_{name}(x: np.ndarray, out: np.ndarray) -> None:
 # F16 and BF16, one weight per uint16.
 HALVES_TEMPLATE = """
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _dequantize_rows_{name}(halves: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
     for r in range(r0, r1):
         for k in range(halves.shape[1]):
             out[r, k] = {to_f32}(halves[r, k])
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def dequantize_{name}(blocks: np.ndarray, out: np.ndarray) -> None:
     halves = blocks.view(np.uint16)
     rows = halves.shape[0]
@@ -321,7 +321,7 @@ def dequantize_{name}(blocks: np.ndarray, out: np.ndarray) -> None:
         _dequantize_rows_{name}(halves, out, tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE))
 
 
-@numba.njit(cache=True, fastmath=True)
+@numba.njit(cache=True, nogil=True, fastmath=True)
 def _matvec_rows_{name}(halves: np.ndarray, x: np.ndarray, y: np.ndarray, r0: int, r1: int) -> None:
     cols = halves.shape[1]
     for r in range(r0, r1):
@@ -333,7 +333,7 @@ def _matvec_rows_{name}(halves: np.ndarray, x: np.ndarray, y: np.ndarray, r0: in
         y[r] = total
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def matvec_{name}(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     halves = blocks.view(np.uint16)
     rows = halves.shape[0]
@@ -341,7 +341,7 @@ def matvec_{name}(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         _matvec_rows_{name}(halves, x, y, tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE))
 
 
-@numba.njit(cache=True, fastmath=True)
+@numba.njit(cache=True, nogil=True, fastmath=True)
 def _matmul_tile_{name}(halves: np.ndarray, x: np.ndarray, y: np.ndarray, r0: int, r1: int) -> None:
     weights = np.empty((r1 - r0, halves.shape[1]), np.float32)
     for t in range(r1 - r0):
@@ -350,7 +350,7 @@ def _matmul_tile_{name}(halves: np.ndarray, x: np.ndarray, y: np.ndarray, r0: in
     tile_times_tokens(weights, r1 - r0, x, y, r0)
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def matmul_{name}(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     halves = blocks.view(np.uint16)
     rows = halves.shape[0]
@@ -358,7 +358,7 @@ def matmul_{name}(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         _matmul_tile_{name}(halves, x, y, tile * MATMUL_ROW_TILE, min(rows, (tile + 1) * MATMUL_ROW_TILE))
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def quantize_{name}(x: np.ndarray, out: np.ndarray) -> None:
     halves = out.view(np.uint16)
     for r in prange(x.shape[0]):
