@@ -442,21 +442,11 @@ def _k4_block_intrinsic(layout):
             bsums = block.token("sums", t, block.block_times(16), V16I16)
             min_total = _call(builder, "llvm.x86.avx2.pmadd.wd", V8I32, bsums, pair_mins)
             xd = block.token("xd", t, block.b, F32)
-            value = _call(
-                builder,
-                "llvm.fma.v8f32",
-                V8F32,
-                builder.sitofp(total, V8F32),
-                _splat_f32(builder, builder.fmul(d, xd)),
-                builder.extract_value(acc, t),
+            value = _accumulate(
+                builder, builder.extract_value(acc, t), total, _splat_f32(builder, builder.fmul(d, xd))
             )
-            value = _call(
-                builder,
-                "llvm.fma.v8f32",
-                V8F32,
-                builder.sitofp(min_total, V8F32),
-                _splat_f32(builder, builder.fneg(builder.fmul(dmin, xd))),
-                value,
+            value = _accumulate(
+                builder, value, min_total, _splat_f32(builder, builder.fneg(builder.fmul(dmin, xd)))
             )
             acc = builder.insert_value(acc, value, t)
         return acc
@@ -494,13 +484,8 @@ def _q6_k_block_intrinsic():
             offsets = _call(builder, "llvm.x86.avx2.pmadd.wd", V8I32, bsums, scales)
             total = builder.sub(total, builder.shl(offsets, ir.Constant(V8I32, [5] * 8)))
             xd = block.token("xd", t, block.b, F32)
-            value = _call(
-                builder,
-                "llvm.fma.v8f32",
-                V8F32,
-                builder.sitofp(total, V8F32),
-                _splat_f32(builder, builder.fmul(d, xd)),
-                builder.extract_value(acc, t),
+            value = _accumulate(
+                builder, builder.extract_value(acc, t), total, _splat_f32(builder, builder.fmul(d, xd))
             )
             acc = builder.insert_value(acc, value, t)
         return acc
