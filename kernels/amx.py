@@ -277,7 +277,7 @@ def _rows_times_tokens(blocks, r0: int, rows: int, packed, scales, n: int, y) ->
     release_tiles()
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, parallel=True, nogil=True)
 def q8_0_matmul(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     """y f32[n, rows] = x f32[n, cols] W^T, W Q8_0 blocks u8[rows, row_bytes], x quantized per 32 as ggml's
     Q8_0."""

@@ -281,7 +281,7 @@ def _tile_times_tokens(kind: int, blocks, r0: int, r1: int, xq, xd, sums, totals
     y[:, r0:r1] = out[:n, : r1 - r0]
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, parallel=True, nogil=True)
 def int8_matmul(kind: int, blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     """y f32[n, rows] = x f32[n, cols] W^T, W u8[rows, row_bytes] of block type `kind`, with x quantized to
     int8 as ggml does for that type (per 32, or per 256 for the K-quants)."""
