@@ -93,11 +93,11 @@ def top_k_ids(scores: np.ndarray, top_k: int) -> np.ndarray:
     if maxima.size >= top_k and not np.isnan(maxima).any():  # np.partition ranks NaN above every score
         floor = np.partition(maxima, maxima.size - top_k)[maxima.size - top_k]
         candidates = np.flatnonzero(scores >= floor)
-        candidate_scores = scores[candidates]
-        kth_largest = np.partition(candidate_scores, candidates.size - top_k)[candidates.size - top_k]
-        return candidates[candidate_scores >= kth_largest]
-    kth_largest = np.partition(scores, scores.size - top_k)[scores.size - top_k]
-    return np.flatnonzero(scores >= kth_largest)
+    else:
+        candidates = np.arange(scores.size)
+    candidate_scores = scores[candidates]
+    kth_largest = np.partition(candidate_scores, candidates.size - top_k)[candidates.size - top_k]
+    return candidates[candidate_scores >= kth_largest]
 
 
 def top_p_keep(scores: np.ndarray, probs: np.ndarray, top_p: float, mass_below: float = 0.0) -> np.ndarray:
@@ -112,6 +112,11 @@ def top_p_keep(scores: np.ndarray, probs: np.ndarray, top_p: float, mass_below: 
     removed = cumulative <= 1.0 - top_p
     removed[-1] = False
     return ascending[~removed]
+
+
+def greedy_choice(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distribution that puts everything on the highest score: (int64[1], f64[1])."""
+    return np.array([scores.argmax()], dtype=np.int64), np.ones(1)
 
 
 class Sampler:
@@ -145,7 +150,7 @@ class Sampler:
         context = np.asarray(context_ids, dtype=np.int64)
         scores = apply_repetition_penalty(scores, context, config.repetition_penalty)
         if config.greedy:
-            return np.array([scores.argmax()], dtype=np.int64), np.ones(1)
+            return greedy_choice(scores)
         if config.temperature != 1.0:
             penalised = scores
             with np.errstate(all="ignore"):
@@ -153,7 +158,7 @@ class Sampler:
             # A temperature so small that a score overflows (or rounds to 0 in f32) is the limit
             # temperature -> 0: greedy.
             if not np.isfinite(scores).all():
-                return np.array([penalised.argmax()], dtype=np.int64), np.ones(1)
+                return greedy_choice(penalised)
 
         vocab = scores.size
         if 0 < config.top_k < vocab:
