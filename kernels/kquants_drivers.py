@@ -8,7 +8,7 @@ function but not always those of a parfor body, so each tile's work is a functio
 
 int8_matvecs_<type>(blocks u8[rows, row_bytes], x f32[n, cols], y f32[n, rows]) for a few tokens (decoding
 several sequences together): each token's activations quantized to int8 as ggml does (per 32, or per 256 for
-Q4_K, Q5_K and Q6_K, as its Q8_K), the row's blocks read from memory once for all of them (the row stays in L1
+Q6_K, as its Q8_K), the row's blocks read from memory once for all of them (the row stays in L1
 while groups of tokens pass over it), each token's result the same as int8_matvec_<type> gives it alone.
 int8_matvec_<type>(blocks, x f32[cols], y f32[rows]) is the one-token case, its row loop without the token
 groups' bookkeeping (a row of 768 weights is only a few blocks, so that costs up to 10-20%).
@@ -260,7 +260,7 @@ def _int8_rows_q4_k(
 
 @numba.njit(cache=True, nogil=True, parallel=True)
 def int8_matvecs_q4_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
-    xq, xd, x_sums = quantize_tokens_q8_k(x)
+    xq, xd, x_sums = quantize_tokens(x, 32)
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, INT8_ROW_TILE)):
         r0 = tile * INT8_ROW_TILE
@@ -283,7 +283,7 @@ def _int8_rows_one_token_q4_k(
 
 @numba.njit(cache=True, nogil=True, parallel=True)
 def int8_matvec_q4_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
-    xq, xd, x_sums = quantize_tokens_q8_k(x.reshape(1, x.shape[0]))
+    xq, xd, x_sums = quantize_tokens(x.reshape(1, x.shape[0]), 32)
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, INT8_ROW_TILE)):
         r0 = tile * INT8_ROW_TILE
@@ -336,7 +336,7 @@ def _int8_rows_q5_k(
 
 @numba.njit(cache=True, nogil=True, parallel=True)
 def int8_matvecs_q5_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
-    xq, xd, x_sums = quantize_tokens_q8_k(x)
+    xq, xd, x_sums = quantize_tokens(x, 32)
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, INT8_ROW_TILE)):
         r0 = tile * INT8_ROW_TILE
@@ -359,7 +359,7 @@ def _int8_rows_one_token_q5_k(
 
 @numba.njit(cache=True, nogil=True, parallel=True)
 def int8_matvec_q5_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
-    xq, xd, x_sums = quantize_tokens_q8_k(x.reshape(1, x.shape[0]))
+    xq, xd, x_sums = quantize_tokens(x.reshape(1, x.shape[0]), 32)
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, INT8_ROW_TILE)):
         r0 = tile * INT8_ROW_TILE

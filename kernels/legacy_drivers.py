@@ -8,7 +8,7 @@ function but not always those of a parfor body, so each tile's work is a functio
 
 int8_matvecs_<type>(blocks u8[rows, row_bytes], x f32[n, cols], y f32[n, rows]) for a few tokens (decoding
 several sequences together): each token's activations quantized to int8 as ggml does (per 32, or per 256 for
-Q4_K, Q5_K and Q6_K, as its Q8_K), the row's blocks read from memory once for all of them (the row stays in L1
+Q6_K, as its Q8_K), the row's blocks read from memory once for all of them (the row stays in L1
 while groups of tokens pass over it), each token's result the same as int8_matvec_<type> gives it alone.
 int8_matvec_<type>(blocks, x f32[cols], y f32[rows]) is the one-token case, its row loop without the token
 groups' bookkeeping (a row of 768 weights is only a few blocks, so that costs up to 10-20%).

@@ -48,8 +48,8 @@ INT8_TYPES = [
     Int8Type("q8_0", 32),
     Int8Type("q2_k", 16),
     Int8Type("q3_k", 32),
-    Int8Type("q4_k", 16, per_256=True),
-    Int8Type("q5_k", 16, per_256=True),
+    Int8Type("q4_k", 32),
+    Int8Type("q5_k", 32),
     Int8Type("q6_k", 16, per_256=True),
 ]
 LEGACY_TYPES = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0"]
@@ -87,7 +87,7 @@ INT8_DOC = """
 
 int8_matvecs_<type>(blocks u8[rows, row_bytes], x f32[n, cols], y f32[n, rows]) for a few tokens (decoding
 several sequences together): each token's activations quantized to int8 as ggml does (per 32, or per 256 for
-Q4_K, Q5_K and Q6_K, as its Q8_K), the row's blocks read from memory once for all of them (the row stays in L1
+Q6_K, as its Q8_K), the row's blocks read from memory once for all of them (the row stays in L1
 while groups of tokens pass over it), each token's result the same as int8_matvec_<type> gives it alone.
 int8_matvec_<type>(blocks, x f32[cols], y f32[rows]) is the one-token case, its row loop without the token
 groups' bookkeeping (a row of 768 weights is only a few blocks, so that costs up to 10-20%)."""

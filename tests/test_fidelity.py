@@ -26,13 +26,13 @@ QUANTIZED = (*LEGACY_TYPES, *K_TYPES)
 PER_256 = {t.name.upper() for t in INT8_TYPES if t.per_256}
 # Decoding's KL on this model when only the activation rounding moves the logits, rounded per 32 (Q8_0, Q4_0:
 # 2.2e-4; the types with a min term measured 4.7-5.0e-4 while it multiplied the f32 sums of x) or per 256 as
-# ggml's Q8_K for the K-quants (Q4_K, Q5_K, Q6_K: 3.7-3.8e-4, llama.cpp's decoding 3.7-3.8e-4 too).
+# ggml's Q8_K (Q6_K: 3.8e-4, llama.cpp's decoding 3.8e-4 too).
 DECODE_KL_BOUND = {32: 3e-4, 256: 4e-4}
 # Where both runtimes round the activations the same way (per 32 for the legacy types; per 256 for the
-# K-quants in prefill batches, and decoding Q4_K, Q5_K, Q6_K), which of the two KLs is smaller is down to
+# K-quants in prefill batches, and decoding Q6_K), which of the two KLs is smaller is down to
 # chance, by ~1-3% (Q4_1 prefill: 2.27e-4 vs 2.24e-4; Q8_0 prefill, its Q6_K output head: 2.50e-4 vs
 # 2.43e-4); llama.cpp's f16 KV cache and its activations per 256 where our matvec rounds per 32 (decoding
-# Q2_K, Q3_K) put it above otherwise.
+# Q2_K, Q3_K, Q4_K, Q5_K) put it above otherwise.
 KL_SLACK = 1.05
 
 
