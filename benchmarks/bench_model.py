@@ -139,6 +139,8 @@ def main() -> None:
     parser.add_argument("--startup", action="store_true", help="also time cold and warm start-up")
     parser.add_argument("--worker", choices=["ours", "llama"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if min(args.prompt, args.gen, args.runs) < 1:
+        parser.error("--prompt, --gen and --runs must be at least 1 (each is a rate's denominator)")
     if args.worker:
         worker = worker_ours if args.worker == "ours" else worker_llama
         print(json.dumps(worker(str(args.files[0]), args.prompt, args.gen, args.runs)))
