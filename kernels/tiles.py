@@ -4,9 +4,10 @@ micro-kernel.
 A tile of weight rows of any type is unpacked into one common form: unsigned small integers u u8[rows, cols]
 and, per 16 weights, a scale and a min, so that w = scale u + min. The signed types' offsets become mins
 (Q4_0: u = q, min = -8 d; Q8_0: u = q + 128, min = -128 d), so every type is the same product. The activations
-are quantized to int8 as ggml quantizes them for the type (Q8_0 per 32 for the legacy types, Q8_K per 256
-for the K-quants, bit for bit), and kernels.simd.micro_kernel multiplies 4 rows by 4 tokens at a time; the
-mins multiply the sums of the quantized activations per 16, as ggml's do, so the error is
+are quantized to int8 per 16 values, each 16 with its own scale as the weights have (ggml rounds them per 32,
+Q8_0, or per 256, Q8_K: ours are closer to exact, at no cost in the kernel), and kernels.simd.micro_kernel
+multiplies 4 rows by 4 tokens at a time; the mins multiply the sums of the quantized activations per 16, as
+ggml's do, so the error is
 sum_k w_k (x_q - x)_k. Where the min is -zero scale (Q3_K, Q6_K, Q4_0, Q5_0, Q8_0) the offset goes into the
 integer sums instead (-zero times the integer sum of the activations per 16): one FMA less per 256 weights
 and (row, token), 1.2-1.3x faster on Q6_K and half the rounding error of the two f32 terms.
@@ -39,8 +40,6 @@ from .simd import (
     INT8_DOT,
     MICRO_ROWS,
     MICRO_TOKENS,
-    QK8,
-    QK_K,
     activation_buffers,
     bit_fields,
     interleave,
@@ -193,13 +192,6 @@ def _unpack_q6_k(row, u, scales, mins):
                 _two_fields(u, at, row, nibbles, (o + layout.Q6_K.qh + 32 * n, 2 * j, 3), 4)
 
 
-@numba.njit(inline="always")
-def weights_per_scale(kind: int) -> int:
-    """How many weights of a block type share one f32 scale: ggml quantizes the activations as many at once
-    (Q8_0 per 32, Q8_K per 256)."""
-    return QK_K if kind >= Q2_K else QK8
-
-
 @numba.njit(cache=True)
 def _unpack_rows(kind: int, blocks, r0: int, r1: int, cols: int, u, scales, mins) -> None:
     """Rows r0:r1 of `blocks` (of block type `kind`, `cols` weights a row) into u[:r1 - r0] (in tile_position
@@ -284,13 +276,12 @@ def _tile_times_tokens(kind: int, blocks, r0: int, r1: int, xq, xd, sums, totals
 @numba.njit(cache=True, parallel=True, nogil=True)
 def int8_matmul(kind: int, blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     """y f32[n, rows] = x f32[n, cols] W^T, W u8[rows, row_bytes] of block type `kind`, with x quantized to
-    int8 as ggml does for that type (per 32, or per 256 for the K-quants)."""
+    int8 per 16 values."""
     n, cols = x.shape
     xq, xd, sums, totals = activation_buffers(n, cols, MICRO_TOKENS)
-    block = weights_per_scale(kind)
     for chunk in prange(n_tiles(n, ACTIVATION_ROWS)):
         r0 = chunk * ACTIVATION_ROWS
-        quantize_activation_rows_into(x, block, xq, xd, sums, totals, r0, min(n, r0 + ACTIVATION_ROWS))
+        quantize_activation_rows_into(x, xq, xd, sums, totals, r0, min(n, r0 + ACTIVATION_ROWS))
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, TILE_ROWS)):
         r0 = tile * TILE_ROWS
