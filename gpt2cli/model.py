@@ -3,11 +3,11 @@
 A single token multiplies straight from the stored blocks (`matvec`, int8 activations unless exact); a batch
 of 2 to MATVECS_MAX_TOKENS on quantized weights (several sequences decoding together) takes the int8 matvec
 of all its tokens at once (`matvecs`, each row of blocks read once), and one of up to MATVEC_MAX_TOKENS on
-float weights one matvec per token. A batch of INT8_MIN_TOKENS or more on quantized weights quantizes its
-activations to int8 as ggml does and takes integer dot products (`int8_matmul`,
-kernels.tiles). Other batches, float weights and exact mode compute in f32: short batches with the fused
-block kernels (`matmul`), long ones through numpy's BLAS (F32 weights straight from the mapped file, the
-other types a dequantized tile of rows at a time in scratch), whichever was measured faster for that size.
+float weights one matvec per token. A longer batch on quantized weights quantizes its activations to int8
+and takes integer dot products (`int8_matmul`, kernels.tiles). Float weights and exact mode compute in f32:
+short batches with the fused block kernels (`matmul`), long ones through numpy's BLAS (F32 weights straight
+from the mapped file, the other types a dequantized tile of rows at a time in scratch), whichever was
+measured faster for that size.
 Several sequences run as one batch, with attention per sequence against its own cache.
 """
 
@@ -33,12 +33,6 @@ MATVEC_MAX_TOKENS = 6
 # (one thread) than one int8 matvec per token (2-6) or the fused f32 kernels (8, 16); generate's batches
 # (SEQUENCES_PER_BATCH) are at most 16.
 MATVECS_MAX_TOKENS = 16
-# Batches of INT8_MIN_TOKENS or more on quantized weights use int8 activations. Measured per core (CPU time,
-# benchmarks/bench_kernels.py --int8, the matrices of distilgpt2 and gpt2, 7 types) against the f32 path:
-# 0.6-0.9x the fused kernels at 8 tokens (unpacking a tile costs as much as multiplying it), 0.8-1.3x at 16,
-# 1.0-1.3x at 32; against dequantize + BLAS 1.2-2.1x at 64, 1.0-1.6x at 128 and 256, 0.9-1.3x at 512 (below
-# 1 only for the 768x768 attention output and the 50257-row head of some types).
-INT8_MIN_TOKENS = 32
 # GELU of this many rows (a decode step's) stays on one thread: waking the other costs more than the work.
 GELU_SERIAL_MAX_ROWS = 6
 # Scratch for one dequantized tile of a weight matrix: bounds the extra memory of a BLAS prefill.
@@ -93,12 +87,8 @@ class GPT2Model:
         self.exact = exact
         self._scratch = np.empty(SCRATCH_BYTES // 4, dtype=np.float32)
 
-    def int8_batches(self, n: int) -> bool:
-        """Whether a batch of n > 1 tokens multiplies quantized weights with int8 activations."""
-        return not self.exact and (n <= MATVECS_MAX_TOKENS or n >= INT8_MIN_TOKENS)
-
-    def batch_compute(self, n: int) -> str:
-        """What batches of n > 1 tokens compute with, for reports."""
+    def batch_compute(self) -> str:
+        """What batches of several tokens compute with, for reports."""
         matrices = [self.w.output] + [
             m for lw in self.w.layers for m in (lw.attn_qkv, lw.attn_output, lw.ffn_up, lw.ffn_down)
         ]
@@ -106,10 +96,7 @@ class GPT2Model:
             return "f32 (exact)"
         if all(m.kernels.int8_matmul is None for m in matrices):
             return "f32 (float weights)"
-        if self.int8_batches(n):
-            return "int8 activations on quantized weights (llama.cpp-style)"
-        int8_sizes = f"2-{MATVECS_MAX_TOKENS} and {INT8_MIN_TOKENS} or more"
-        return f"f32 (int8 only for batches of {int8_sizes} tokens)"
+        return "int8 activations on quantized weights (llama.cpp-style)"
 
     def new_cache(self, max_len: int | None = None) -> KVCache:
         return KVCache(self.config, max_len)
@@ -125,7 +112,10 @@ class GPT2Model:
             matvec = w.kernels.exact_matvec if self.exact else w.kernels.matvec
             for i in range(n):
                 matvec(w.blocks, x[i], y[i])
-        elif self.int8_batches(n) and w.kernels.int8_matmul is not None:
+        elif not self.exact and w.kernels.int8_matmul is not None:
+            # per core 1.1-4.3x the fused f32 kernels at 17-31 tokens (one thread, CPU time, the 2304 x 768
+            # and 768 x 3072 matrices of Q4_K, Q6_K, Q8_0, Q4_0, Q5_1, Q3_K; Q5_1 the least), 1.2-2.1x
+            # dequantize + BLAS at 64, 0.9-1.3x at 512 (benchmarks/bench_kernels.py --int8)
             w.kernels.int8_matmul(w.blocks, x, y)
         elif n < BLAS_MIN_TOKENS:
             w.kernels.matmul(w.blocks, x, y)

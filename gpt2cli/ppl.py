@@ -493,11 +493,10 @@ def evaluate_plan(
             ppl=_exp(totals.weighted_nll / totals.weights),
             ppl_base=_exp(weighted_base_nll / totals.weights),
         )
-    longest = max((w.end - 1 - w.begin for w in plan.windows), default=0)
     return finish(
         settings,
         totals,
-        model.batch_compute(longest),
+        model.batch_compute(),
         counted=plan.text_bytes is not None,
         kld=kld,
         shard=shard,

@@ -446,21 +446,13 @@ def test_cli_json(capsys, tiny, tiny_q8, text_file, text_ids):
     assert (got["protocol"], got["ctx"], got["tokens"], got["windows"]) == ("llama", 32, 45, 3)
     assert got["ppl"] == pytest.approx(want.ppl, rel=1e-9)
     assert got["kl_divergence"]["mean_kld"] > 0 and 0 < got["kl_divergence"]["same_top"] <= 1
-    # the windows are 31 tokens
-    assert got["compute"] == "f32 (int8 only for batches of 2-16 and 32 or more tokens)"
-
-
-def test_batches_of_32_tokens_or_more_use_int8_activations(tiny_q8):
-    model = tiny_q8[2]
-    int8 = "int8 activations on quantized weights (llama.cpp-style)"
-    assert model.batch_compute(100) == model.batch_compute(512) == int8
-    assert model.batch_compute(31) == "f32 (int8 only for batches of 2-16 and 32 or more tokens)"
+    assert got["compute"] == "int8 activations on quantized weights (llama.cpp-style)"
 
 
 @pytest.mark.parametrize(
     ("model", "flags", "compute"),
     [
-        ("tiny_q8", [], "f32 (int8 only for batches of 2-16 and 32 or more tokens)"),
+        ("tiny_q8", [], "int8 activations on quantized weights (llama.cpp-style)"),
         ("tiny_q8", ["--exact"], "f32 (exact)"),
         ("tiny", [], "f32 (float weights)"),
     ],
