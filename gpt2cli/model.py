@@ -107,7 +107,7 @@ class GPT2Model:
         x = np.ascontiguousarray(x, dtype=np.float32)
         y = np.empty((n, w.rows), dtype=np.float32)
         if 1 < n <= MATVECS_MAX_TOKENS and not self.exact and w.kernels.matvecs is not None:
-            w.kernels.matvecs(w.blocks, x, y)
+            w.kernels.matvecs_for(n)(w.blocks, x, y)
         elif n == 1 or (n <= MATVEC_MAX_TOKENS and not self.exact):
             matvec = w.kernels.exact_matvec if self.exact else w.kernels.matvec
             for i in range(n):

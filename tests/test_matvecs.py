@@ -48,3 +48,22 @@ def test_matvecs_equal_one_matvec_per_token(qtype, n):
         alone = np.empty(rows, np.float32)
         kernels.matvec(blocks, x[i], alone)
         np.testing.assert_allclose(y[i], alone, rtol=0, atol=SUMMATION_RTOL * np.abs(alone).max())
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q5_K, Q.Q6_K], ids=lambda q: q.name)
+@pytest.mark.parametrize("n", [2, 5, 6, 11, 16])
+def test_amx_matvecs_equal_one_matvec_per_token(qtype, n):
+    from gpt2cli.kernels import amx, amx_matvecs
+
+    if not amx.available():
+        pytest.skip("no AMX tiles on this CPU or kernel")
+    kernels = kernels_for(qtype)
+    rows, cols = 67, 768  # 67: the last tile of 16 rows is short
+    blocks = random_blocks(qtype, rows, cols, seed=n)
+    x = np.random.default_rng(100 + n).standard_normal((n, cols)).astype(np.float32)
+    y = np.empty((n, rows), np.float32)
+    getattr(amx_matvecs, f"{qtype.name.lower()}_matvecs")(blocks, x, y)
+    for i in range(n):
+        alone = np.empty(rows, np.float32)
+        kernels.matvec(blocks, x[i], alone)
+        np.testing.assert_allclose(y[i], alone, rtol=0, atol=SUMMATION_RTOL * np.abs(alone).max())
