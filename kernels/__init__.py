@@ -52,10 +52,10 @@ FAMILY_OF: dict[GGMLQuantizationType, str] = {
 }
 
 # Batches of at least this many tokens (up to 16) take kernels.amx_matvecs where the CPU has AMX. One
-# thread, CPU time: on distilgpt2 Q4_K_M's four Q4_K matrices 1.2-1.5x faster than `matvecs` at 6 tokens,
-# 1.3-1.5x at 8, 2.2-2.7x at 16, 0.9-1.15x at 5; on its Q6_K head (50257 x 768) 1.4x at 16, 1.45x at 12,
-# slower up to 10.
-AMX_MATVECS_MIN_TOKENS = {Q.Q4_K: 6, Q.Q5_K: 6, Q.Q6_K: 12}
+# thread, CPU time, on distilgpt2 Q4_K_M's four Q4_K matrices against `matvecs`: 1.1-1.25x faster at 5 tokens,
+# 1.5-1.7x at 8, 2.2-2.7x at 16, mixed at 3-4, slower at 2; on its Q6_K head (50257 x 768) 1.4x at 16 and
+# 1.45x at 12, slower up to 10.
+AMX_MATVECS_MIN_TOKENS = {Q.Q4_K: 5, Q.Q5_K: 5, Q.Q6_K: 12}
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 The int8 matvecs of kernels.kquants_drivers multiply each unpacked block by every token with 256-bit integer
 dot products, a few instructions per 32 weights and token; one tile product here (tdpbusd, tdpbssd)
-multiplies 16 rows by 16 tokens over up to 64 weights, so a product costs nearly the same for 6 tokens as
+multiplies 16 rows by 16 tokens over up to 64 weights, so a product costs nearly the same for 5 tokens as
 for 16: unpacking a tile of 16 rows into one byte per weight, the tile products, and scaling their exact int32
 sums into f32 accumulators. The activations are quantized exactly as the matvecs quantize them (Q4_K, Q5_K
 per 32: simd.quantize_tokens; Q6_K per 256 as ggml's Q8_K: simd.quantize_tokens_q8_k) and packed once per
@@ -10,11 +10,13 @@ product in the layout a tile product reads as its second operand (4 bytes of eac
 row), so each token's result is its own matvec's up to the order of f32 sums.
 
 Q4_K and Q5_K: one tile product per sub-block of 32, whose 16 x 16 sums d sc_j xd_j scales (plus the min
-term -dmin m_j sums_j). Q6_K's sub-blocks of 16 done that way ran the 50257-row head 1.5x slower than its
-matvecs at 16 tokens (every sub-block's results go through memory, tilestored then vector loads, and those
-round trips bound it); instead each weight times its integer sub-block scale is split into two bytes, so
-that two tile products per 64 weights sum a whole block in the tiles (see q6_k_tile). Each tile prefetches
-the next one's rows (from memory for the head: 1.3-1.6x faster). Speeds: kernels.AMX_MATVECS_MIN_TOKENS.
+term -dmin m_j sums_j); for 8 tokens or fewer one per pair of sub-blocks, 8 tokens of each in the 16
+columns (pack_token_pairs): half the tile products and scalings, 1.1-1.25x faster at 5 tokens. Q6_K's
+sub-blocks of 16 done that way ran the 50257-row head 1.5x slower than its matvecs at 16 tokens (every
+sub-block's results go through memory, tilestored then vector loads, and those round trips bound it);
+instead each weight times its integer sub-block scale is split into two bytes, so that two tile products
+per 64 weights sum a whole block in the tiles (see q6_k_tile). Each tile prefetches the next one's rows
+(from memory for the head: 1.3-1.6x faster). Speeds: kernels.AMX_MATVECS_MIN_TOKENS.
 Where the CPU or the kernel gives no AMX (kernels.amx.available), the matvecs run.
 """
 
@@ -145,19 +147,22 @@ def _prefetch_next_tile(builder, tile: _Tile, start: ir.Value, row_bytes: ir.Val
         tile.prefetch("blocks", builder.add(below, _const(line)))
 
 
-def _tile_products(builder, tile: _Tile, b, half, sub_blocks: int, sub_block: int, dot: str) -> None:
-    """The sub-blocks of block b (A operands at abuf[i], 16 rows of sub_block bytes) times the packed tokens,
-    each sub-block's int32 results to cbuf[half][i] (16 x 16)."""
-    for i in range(sub_blocks):
+def _tile_products(builder, tile: _Tile, b, half, paired: bool) -> None:
+    """Block b's tile products: its weights at abuf (16 rows of 64 bytes for each pair of sub-blocks) times
+    the packed tokens, each product's int32 results to cbuf[half][i] (16 x 16): one product per sub-block
+    of 32 (i < 8), or `paired` (8 tokens or fewer) one per pair of them (i < 4), whose second operand holds
+    8 tokens of each sub-block (pack_token_pairs)."""
+    products, width = (4, 64) if paired else (8, 32)
+    for i in range(products):
         c, a, x = C_TILES[i % 4], A_TILES[i % 2], B_TILES[i % 2]
-        column = builder.add(builder.mul(b, _const(QK_K)), _const(sub_block * i))
+        column = builder.add(builder.mul(b, _const(QK_K)), _const(width * i))
         _call(builder, "llvm.x86.tilezero", ir.VoidType(), _tile(c))
-        a_at = tile.at("abuf", TILE_ROWS * sub_block * i)
-        _call(builder, "llvm.x86.tileloadd64", ir.VoidType(), _tile(a), a_at, _const(sub_block))
+        a_at = tile.at("abuf", 1024 * (i // 2) + 32 * (i % 2) if width == 32 else 1024 * i)
+        _call(builder, "llvm.x86.tileloadd64", ir.VoidType(), _tile(a), a_at, _const(64))
         x_at = tile.at("packed", builder.mul(column, _const(TILE_TOKENS)))  # 4 tokens' bytes per 4 weights
         _call(builder, "llvm.x86.tileloadd64", ir.VoidType(), _tile(x), x_at, _const(4 * TILE_TOKENS))
-        _call(builder, f"llvm.x86.{dot}", ir.VoidType(), _tile(c), _tile(a), _tile(x))
-        c_at = tile.at("cbuf", builder.add(builder.mul(half, _const(1024 * sub_blocks)), _const(1024 * i)))
+        _call(builder, "llvm.x86.tdpbusd", ir.VoidType(), _tile(c), _tile(a), _tile(x))
+        c_at = tile.at("cbuf", builder.add(builder.mul(half, _const(1024 * 8)), _const(1024 * i)))
         _call(builder, "llvm.x86.tilestored64", ir.VoidType(), _tile(c), c_at, _const(4 * TILE_TOKENS))
 
 
@@ -169,7 +174,7 @@ def _splat8(builder, value: ir.Value) -> ir.Value:
     return builder.shuffle_vector(single, single, ir.Constant(ir.VectorType(I32, 8), None))
 
 
-def _k4_tile_intrinsic(layout):
+def _k4_tile_intrinsic(layout, paired: bool):
     """The tile intrinsic of Q4_K or Q5_K (8 sub-blocks of 32 per block; Q5_K: bit j of qh[k] the fifth bit
     of sub-block j's weight k):
 
@@ -220,23 +225,34 @@ def _k4_tile_intrinsic(layout):
                                 _bits(builder, load(layout.qh, V32I8), j, 1), _bytes([4] * 32)
                             )
                             nibbles = builder.or_(nibbles, fifth)
-                        tile.store(nibbles, "abuf", 32 * (TILE_ROWS * j + r))
-                _tile_products(builder, tile, b, half, 8, 32, "tdpbusd")
+                        tile.store(nibbles, "abuf", 1024 * (j // 2) + 64 * r + 32 * (j % 2))
+                _tile_products(builder, tile, b, half, paired)
 
             def scale(b) -> None:
-                """acc[r] += block b's sums of each sub-block j times d sc_j xd_j, plus -dmin m_j sums_j."""
+                """acc[r] += block b's sums of each sub-block j times d sc_j xd_j, plus -dmin m_j sums_j
+                (paired: lanes 8 s + t hold sub-block 2i + s of token t)."""
                 half = builder.and_(b, _const(1))
-                for j in range(8):
-                    group = builder.mul(builder.add(builder.mul(b, _const(8)), _const(j)), _const(64))
+                products = 4 if paired else 8
+                for i in range(products):
+                    group = builder.mul(builder.add(builder.mul(b, _const(products)), _const(i)), _const(64))
                     x_scales = tile.load("xd", group, V16F32, 4)
                     x_sums = tile.load("sums", group, V16F32, 4)
                     for r in range(TILE_ROWS):
-                        c_at = builder.add(builder.mul(half, _const(1024 * 8)), _const(1024 * j + 64 * r))
-                        products = builder.sitofp(tile.load("cbuf", c_at, V16I32, 4), V16F32)
-                        row_scale = builder.fmul(tile.splat("fbuf", fbuf_at(half, 0, r, j)), x_scales)
+                        c_at = builder.add(builder.mul(half, _const(1024 * 8)), _const(1024 * i + 64 * r))
+                        sums = builder.sitofp(tile.load("cbuf", c_at, V16I32, 4), V16F32)
+                        if paired:
+                            lanes = ir.Constant(V16I32, [2 * i] * 8 + [2 * i + 1] * 8)
+                            row_scales = tile.load("fbuf", fbuf_at(half, 0, r), V8F32, 4)
+                            row_scale = builder.shuffle_vector(row_scales, row_scales, lanes)
+                            row_mins = tile.load("fbuf", fbuf_at(half, 1, r), V8F32, 4)
+                            row_min = builder.shuffle_vector(row_mins, row_mins, lanes)
+                        else:
+                            row_scale = tile.splat("fbuf", fbuf_at(half, 0, r, i))
+                            row_min = tile.splat("fbuf", fbuf_at(half, 1, r, i))
                         acc = builder.load(accumulators[r])
-                        acc = _call(builder, "llvm.fma.v16f32", V16F32, products, row_scale, acc)
-                        row_min = tile.splat("fbuf", fbuf_at(half, 1, r, j))
+                        acc = _call(
+                            builder, "llvm.fma.v16f32", V16F32, sums, builder.fmul(row_scale, x_scales), acc
+                        )
                         acc = _call(builder, "llvm.fma.v16f32", V16F32, row_min, x_sums, acc)
                         builder.store(acc, accumulators[r])
 
@@ -250,8 +266,10 @@ def _k4_tile_intrinsic(layout):
     return tile_product
 
 
-q4_k_tile = _k4_tile_intrinsic(Q4_K)
-q5_k_tile = _k4_tile_intrinsic(Q5_K)
+q4_k_tile = _k4_tile_intrinsic(Q4_K, paired=False)
+q5_k_tile = _k4_tile_intrinsic(Q5_K, paired=False)
+q4_k_pairs_tile = _k4_tile_intrinsic(Q4_K, paired=True)
+q5_k_pairs_tile = _k4_tile_intrinsic(Q5_K, paired=True)
 
 
 Q6_K_NAMES = ("blocks", "first", "packed", "xd", "abuf", "fbuf", "cbuf", "acc")
@@ -377,6 +395,27 @@ def pack_tokens(q: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 @numba.njit(cache=True, nogil=True)
+def pack_token_pairs(
+    q: np.ndarray, d: np.ndarray, sums: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For 8 tokens or fewer: a tile product per pair of sub-blocks of 32, 8 tokens of each. q int8[n, cols],
+    d and sums f32[n, cols // 32] -> (packed int8[cols // 4, 64]: token t's value k at
+    [k // 4, 4 (8 s + t) + k % 4], s = k // 32 % 2 its sub-block in the pair, zero at the other sub-block's
+    columns; d and sums f32[cols // 64, 16], token t's of sub-block 2c + s at [c, 8 s + t])."""
+    n, cols = q.shape
+    packed = np.zeros((cols // 4, 4 * TILE_TOKENS), np.int8)
+    pair_d = np.zeros((cols // 64, TILE_TOKENS), np.float32)
+    pair_sums = np.zeros((cols // 64, TILE_TOKENS), np.float32)
+    for t in range(n):
+        for k in range(cols):
+            packed[k // 4, 4 * (8 * (k // 32 % 2) + t) + k % 4] = q[t, k]
+        for g in range(cols // 32):
+            pair_d[g // 2, 8 * (g % 2) + t] = d[t, g]
+            pair_sums[g // 2, 8 * (g % 2) + t] = sums[t, g]
+    return packed, pair_d, pair_sums
+
+
+@numba.njit(cache=True, nogil=True)
 def _token_minor(values: np.ndarray) -> np.ndarray:
     out = np.zeros((values.shape[1], TILE_TOKENS), np.float32)
     for t in range(values.shape[0]):
@@ -402,47 +441,73 @@ def _store_tile(acc: np.ndarray, n: int, y: np.ndarray, r0: int, r1: int) -> Non
 
 
 @numba.njit(cache=True, nogil=True)
+def _store_pairs_tile(acc: np.ndarray, n: int, y: np.ndarray, r0: int, r1: int) -> None:
+    """y from acc[row, 8 s + t], the sums over the even (s = 0) and odd sub-blocks of token t."""
+    for t in range(n):
+        for i in range(r1 - r0):
+            y[t, r0 + i] = acc[i, t] + acc[i, 8 + t]
+
+
+@numba.njit(cache=True, nogil=True)
 def _k4_rows(blocks, r0: int, r1: int, packed, xd, sums, n: int, y, fifth_bit: bool) -> None:
-    """y[:n, r0:r1] of Q4_K (Q5_K if fifth_bit) rows, 16 at a time."""
-    configure_tiles(32)
-    abuf = np.empty(8 * TILE_ROWS * 32, np.uint8)
+    """y[:n, r0:r1] of Q4_K (Q5_K if fifth_bit) rows, 16 at a time; 8 tokens or fewer in pairs of
+    sub-blocks (pack_token_pairs)."""
+    paired = n <= TILE_TOKENS // 2
+    if paired:
+        configure_tiles(64)
+    else:
+        configure_tiles(32)
+    abuf = np.empty(4 * TILE_ROWS * 64, np.uint8)
     fbuf = np.empty(2 * 2 * TILE_ROWS * 8, np.float32)
     cbuf = np.empty(2 * 8 * TILE_ROWS * TILE_TOKENS, np.int32)
     acc = np.empty((TILE_ROWS, TILE_TOKENS), np.float32)
     for t0 in range(r0, r1, TILE_ROWS):
         t1 = min(r1, t0 + TILE_ROWS)
         source, first = _tile_source(blocks, t0, t1)
-        if fifth_bit:
-            q5_k_tile(source, first, packed, xd, sums, abuf, fbuf, cbuf, acc)
+        if paired:
+            if fifth_bit:
+                q5_k_pairs_tile(source, first, packed, xd, sums, abuf, fbuf, cbuf, acc)
+            else:
+                q4_k_pairs_tile(source, first, packed, xd, sums, abuf, fbuf, cbuf, acc)
+            _store_pairs_tile(acc, n, y, t0, t1)
         else:
-            q4_k_tile(source, first, packed, xd, sums, abuf, fbuf, cbuf, acc)
-        _store_tile(acc, n, y, t0, t1)
+            if fifth_bit:
+                q5_k_tile(source, first, packed, xd, sums, abuf, fbuf, cbuf, acc)
+            else:
+                q4_k_tile(source, first, packed, xd, sums, abuf, fbuf, cbuf, acc)
+            _store_tile(acc, n, y, t0, t1)
     release_tiles()
+
+
+@numba.njit(cache=True, nogil=True)
+def _k4_tokens(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x f32[n, cols] quantized per 32 as the int8 matvec does (simd.quantize_tokens), packed for _k4_rows."""
+    xq, d, sums = quantize_tokens(x, 32)
+    if x.shape[0] <= TILE_TOKENS // 2:
+        return pack_token_pairs(xq, d, sums)
+    packed, xd = pack_tokens(xq, d)
+    return packed, xd, _token_minor(sums)
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
 def q4_k_matvecs(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     """y f32[n, rows] = x f32[n, cols] W^T for n <= 16, W Q4_K blocks u8[rows, row_bytes], x quantized per
     32 as the int8 matvec does (simd.quantize_tokens)."""
-    xq, d, sums = quantize_tokens(x, 32)
-    packed, xd = pack_tokens(xq, d)
-    token_sums = _token_minor(sums)
+    packed, xd, sums = _k4_tokens(x)
     rows = blocks.shape[0]
     for task in prange(n_tiles(rows, ROWS_PER_TASK)):
         r0 = task * ROWS_PER_TASK
-        _k4_rows(blocks, r0, min(rows, r0 + ROWS_PER_TASK), packed, xd, token_sums, x.shape[0], y, False)
+        _k4_rows(blocks, r0, min(rows, r0 + ROWS_PER_TASK), packed, xd, sums, x.shape[0], y, False)
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
 def q5_k_matvecs(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     """As q4_k_matvecs, W Q5_K blocks."""
-    xq, d, sums = quantize_tokens(x, 32)
-    packed, xd = pack_tokens(xq, d)
-    token_sums = _token_minor(sums)
+    packed, xd, sums = _k4_tokens(x)
     rows = blocks.shape[0]
     for task in prange(n_tiles(rows, ROWS_PER_TASK)):
         r0 = task * ROWS_PER_TASK
-        _k4_rows(blocks, r0, min(rows, r0 + ROWS_PER_TASK), packed, xd, token_sums, x.shape[0], y, True)
+        _k4_rows(blocks, r0, min(rows, r0 + ROWS_PER_TASK), packed, xd, sums, x.shape[0], y, True)
 
 
 @numba.njit(cache=True, nogil=True)
