@@ -118,7 +118,21 @@ def _int8_rows_one_token_q4_0(
     blocks: np.ndarray, xq: np.ndarray, xd: np.ndarray, x_sums: np.ndarray, y: np.ndarray, r0: int, r1: int
 ) -> None:
     n_blocks = blocks.shape[1] // Q4_0.bytes
-    for r in range(r0, r1):
+    r = r0
+    # two rows at a time: each row's sum is one chain of dependent adds, whose latency bounds a row alone
+    while r + 2 <= r1:
+        prefetch_ahead(blocks, r)
+        prefetch_ahead(blocks, r + 1)
+        row0, row1 = blocks[r], blocks[r + 1]
+        acc0 = zero_accumulators(1)
+        acc1 = zero_accumulators(1)
+        for b in range(n_blocks):
+            acc0 = accumulate_q4_0(acc0, row0, xq, xd, x_sums, b, 0)
+            acc1 = accumulate_q4_0(acc1, row1, xq, xd, x_sums, b, 0)
+        store_sums(acc0, y, 0, r)
+        store_sums(acc1, y, 0, r + 1)
+        r += 2
+    if r < r1:
         prefetch_ahead(blocks, r)
         row = blocks[r]
         acc = zero_accumulators(1)
@@ -194,7 +208,21 @@ def _int8_rows_one_token_q4_1(
     blocks: np.ndarray, xq: np.ndarray, xd: np.ndarray, x_sums: np.ndarray, y: np.ndarray, r0: int, r1: int
 ) -> None:
     n_blocks = blocks.shape[1] // Q4_1.bytes
-    for r in range(r0, r1):
+    r = r0
+    # two rows at a time: each row's sum is one chain of dependent adds, whose latency bounds a row alone
+    while r + 2 <= r1:
+        prefetch_ahead(blocks, r)
+        prefetch_ahead(blocks, r + 1)
+        row0, row1 = blocks[r], blocks[r + 1]
+        acc0 = zero_accumulators(1)
+        acc1 = zero_accumulators(1)
+        for b in range(n_blocks):
+            acc0 = accumulate_q4_1(acc0, row0, xq, xd, x_sums, b, 0)
+            acc1 = accumulate_q4_1(acc1, row1, xq, xd, x_sums, b, 0)
+        store_sums(acc0, y, 0, r)
+        store_sums(acc1, y, 0, r + 1)
+        r += 2
+    if r < r1:
         prefetch_ahead(blocks, r)
         row = blocks[r]
         acc = zero_accumulators(1)
@@ -270,7 +298,21 @@ def _int8_rows_one_token_q5_0(
     blocks: np.ndarray, xq: np.ndarray, xd: np.ndarray, x_sums: np.ndarray, y: np.ndarray, r0: int, r1: int
 ) -> None:
     n_blocks = blocks.shape[1] // Q5_0.bytes
-    for r in range(r0, r1):
+    r = r0
+    # two rows at a time: each row's sum is one chain of dependent adds, whose latency bounds a row alone
+    while r + 2 <= r1:
+        prefetch_ahead(blocks, r)
+        prefetch_ahead(blocks, r + 1)
+        row0, row1 = blocks[r], blocks[r + 1]
+        acc0 = zero_accumulators(1)
+        acc1 = zero_accumulators(1)
+        for b in range(n_blocks):
+            acc0 = accumulate_q5_0(acc0, row0, xq, xd, x_sums, b, 0)
+            acc1 = accumulate_q5_0(acc1, row1, xq, xd, x_sums, b, 0)
+        store_sums(acc0, y, 0, r)
+        store_sums(acc1, y, 0, r + 1)
+        r += 2
+    if r < r1:
         prefetch_ahead(blocks, r)
         row = blocks[r]
         acc = zero_accumulators(1)
@@ -346,7 +388,21 @@ def _int8_rows_one_token_q5_1(
     blocks: np.ndarray, xq: np.ndarray, xd: np.ndarray, x_sums: np.ndarray, y: np.ndarray, r0: int, r1: int
 ) -> None:
     n_blocks = blocks.shape[1] // Q5_1.bytes
-    for r in range(r0, r1):
+    r = r0
+    # two rows at a time: each row's sum is one chain of dependent adds, whose latency bounds a row alone
+    while r + 2 <= r1:
+        prefetch_ahead(blocks, r)
+        prefetch_ahead(blocks, r + 1)
+        row0, row1 = blocks[r], blocks[r + 1]
+        acc0 = zero_accumulators(1)
+        acc1 = zero_accumulators(1)
+        for b in range(n_blocks):
+            acc0 = accumulate_q5_1(acc0, row0, xq, xd, x_sums, b, 0)
+            acc1 = accumulate_q5_1(acc1, row1, xq, xd, x_sums, b, 0)
+        store_sums(acc0, y, 0, r)
+        store_sums(acc1, y, 0, r + 1)
+        r += 2
+    if r < r1:
         prefetch_ahead(blocks, r)
         row = blocks[r]
         acc = zero_accumulators(1)
@@ -422,7 +478,21 @@ def _int8_rows_one_token_q8_0(
     blocks: np.ndarray, xq: np.ndarray, xd: np.ndarray, x_sums: np.ndarray, y: np.ndarray, r0: int, r1: int
 ) -> None:
     n_blocks = blocks.shape[1] // Q8_0.bytes
-    for r in range(r0, r1):
+    r = r0
+    # two rows at a time: each row's sum is one chain of dependent adds, whose latency bounds a row alone
+    while r + 2 <= r1:
+        prefetch_ahead(blocks, r)
+        prefetch_ahead(blocks, r + 1)
+        row0, row1 = blocks[r], blocks[r + 1]
+        acc0 = zero_accumulators(1)
+        acc1 = zero_accumulators(1)
+        for b in range(n_blocks):
+            acc0 = accumulate_q8_0(acc0, row0, xq, xd, x_sums, b, 0)
+            acc1 = accumulate_q8_0(acc1, row1, xq, xd, x_sums, b, 0)
+        store_sums(acc0, y, 0, r)
+        store_sums(acc1, y, 0, r + 1)
+        r += 2
+    if r < r1:
         prefetch_ahead(blocks, r)
         row = blocks[r]
         acc = zero_accumulators(1)

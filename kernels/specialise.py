@@ -180,7 +180,21 @@ def _int8_rows_one_token_{name}(
     blocks: np.ndarray, xq: np.ndarray, xd: np.ndarray, x_sums: np.ndarray, y: np.ndarray, r0: int, r1: int
 ) -> None:
     n_blocks = blocks.shape[1] // {layout}.bytes
-    for r in range(r0, r1):
+    r = r0
+    # two rows at a time: each row's sum is one chain of dependent adds, whose latency bounds a row alone
+    while r + 2 <= r1:
+        prefetch_ahead(blocks, r)
+        prefetch_ahead(blocks, r + 1)
+        row0, row1 = blocks[r], blocks[r + 1]
+        acc0 = zero_accumulators(1)
+        acc1 = zero_accumulators(1)
+        for b in range(n_blocks):
+            acc0 = accumulate_{name}(acc0, row0, xq, xd, x_sums, b, 0)
+            acc1 = accumulate_{name}(acc1, row1, xq, xd, x_sums, b, 0)
+        store_sums(acc0, y, 0, r)
+        store_sums(acc1, y, 0, r + 1)
+        r += 2
+    if r < r1:
         prefetch_ahead(blocks, r)
         row = blocks[r]
         acc = zero_accumulators(1)
