@@ -53,6 +53,7 @@ from .simd import (
     accumulate_q6_k,
     prefetch_ahead,
     quantize_tokens,
+    quantize_tokens_lane_sums,
     quantize_tokens_q8_k,
     store_sums,
     zero_accumulators,
@@ -198,7 +199,7 @@ def _int8_rows_q3_k(
 
 @numba.njit(cache=True, nogil=True, parallel=True)
 def int8_matvecs_q3_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
-    xq, xd, x_sums = quantize_tokens(x, 32)
+    xq, xd, x_sums = quantize_tokens_lane_sums(x)
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, INT8_ROW_TILE)):
         r0 = tile * INT8_ROW_TILE
@@ -235,7 +236,7 @@ def _int8_rows_one_token_q3_k(
 
 @numba.njit(cache=True, nogil=True, parallel=True)
 def int8_matvec_q3_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
-    xq, xd, x_sums = quantize_tokens(x.reshape(1, x.shape[0]), 32)
+    xq, xd, x_sums = quantize_tokens_lane_sums(x.reshape(1, x.shape[0]))
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, INT8_ROW_TILE)):
         r0 = tile * INT8_ROW_TILE

@@ -51,6 +51,7 @@ from .simd import (
     accumulate_q8_0,
     prefetch_ahead,
     quantize_tokens,
+    quantize_tokens_lane_sums,
     store_sums,
     zero_accumulators,
 )
@@ -106,7 +107,7 @@ def _int8_rows_q4_0(
 
 @numba.njit(cache=True, nogil=True, parallel=True)
 def int8_matvecs_q4_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
-    xq, xd, x_sums = quantize_tokens(x, 32)
+    xq, xd, x_sums = quantize_tokens_lane_sums(x)
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, INT8_ROW_TILE)):
         r0 = tile * INT8_ROW_TILE
@@ -143,7 +144,7 @@ def _int8_rows_one_token_q4_0(
 
 @numba.njit(cache=True, nogil=True, parallel=True)
 def int8_matvec_q4_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
-    xq, xd, x_sums = quantize_tokens(x.reshape(1, x.shape[0]), 32)
+    xq, xd, x_sums = quantize_tokens_lane_sums(x.reshape(1, x.shape[0]))
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, INT8_ROW_TILE)):
         r0 = tile * INT8_ROW_TILE
@@ -286,7 +287,7 @@ def _int8_rows_q5_0(
 
 @numba.njit(cache=True, nogil=True, parallel=True)
 def int8_matvecs_q5_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
-    xq, xd, x_sums = quantize_tokens(x, 32)
+    xq, xd, x_sums = quantize_tokens_lane_sums(x)
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, INT8_ROW_TILE)):
         r0 = tile * INT8_ROW_TILE
@@ -323,7 +324,7 @@ def _int8_rows_one_token_q5_0(
 
 @numba.njit(cache=True, nogil=True, parallel=True)
 def int8_matvec_q5_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
-    xq, xd, x_sums = quantize_tokens(x.reshape(1, x.shape[0]), 32)
+    xq, xd, x_sums = quantize_tokens_lane_sums(x.reshape(1, x.shape[0]))
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, INT8_ROW_TILE)):
         r0 = tile * INT8_ROW_TILE
