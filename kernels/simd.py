@@ -76,6 +76,8 @@ VPDPWSSD = ("{vex} " if "avxvnni" in _target_features() else "") + "vpdpwssd $3,
 # 512-bit integer dot products (AVX-512 VNNI): the batched product takes 64 weights per instruction.
 WIDE_DOT = INT8_DOT == "vnni" and {"avx512vnni", "avx512bw"} <= _target_features()
 HAS_F16C = "f16c" in _target_features()
+# AVX-512's mask registers for 32 byte lanes: Q5_0's and Q5_1's 32 fifth bits select in one move (kmovd)
+MASK_REGISTERS = {"avx512bw", "avx512vl"} <= _target_features()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -340,7 +342,12 @@ def _legacy_block_intrinsic(layout, zero: int = 0):
             low = builder.and_(packed, ir.Constant(v16i8, [15] * 16))
             high = builder.lshr(packed, ir.Constant(v16i8, [4] * 16))
             q = builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(I32, 32), list(range(32))))
-        if has_qh:
+        if has_qh and MASK_REGISTERS:  # the 32 bits straight into a mask register
+            is_set = builder.bitcast(block.load(layout.qh, I32), ir.VectorType(I1, 32))
+            q = builder.or_(
+                q, builder.select(is_set, ir.Constant(V32I8, [16] * 32), ir.Constant(V32I8, None))
+            )
+        elif has_qh:
             # byte j of the 4 qh bytes to lanes 8j .. 8j + 7, then each lane tests its own bit
             bits = block.load(layout.qh, ir.VectorType(I8, 4))
             spread = builder.shuffle_vector(
