@@ -12,7 +12,9 @@ here: a 768 x 768 matrix in L2 ran no faster per byte than the 50257-row head fr
 
 Products of unsigned and signed bytes are what the hardware multiplies (vpdpbusd, pmaddubsw), so signed
 weights use the sign trick: dot(w, x) = dot(|w|, sign(w) x), with |w| <= 128 read as unsigned and x in
-[-127, 127] (pmaddubsw then never saturates: 2 * 128 * 127 < 2**15).
+[-127, 127] (pmaddubsw then never saturates: 2 * 128 * 127 < 2**15). Weights stored as unsigned u plus a
+power-of-two zero offset (Q4_0, Q5_0, Q3_K) skip it: dot(u - zero, x) = dot(u, x) - zero sum(x), the
+second term per lane of 4 from the token's lane sums, which start the integer dot product.
 
 `INT8_DOT` names the instruction set the intrinsics lower to on the target numba compiles for (AVX-512 VNNI,
 AVX-VNNI, or AVX2's pmaddubsw + pmaddwd), or is None when it has none of them: the kernel modules then
