@@ -53,6 +53,7 @@ from .simd import (
     accumulate_q6_k,
     prefetch_ahead,
     quantize_tokens,
+    quantize_tokens_lane_sums,
     quantize_tokens_q8_k,
     store_sums,
     zero_accumulators,
@@ -120,7 +121,21 @@ def _int8_rows_one_token_q2_k(
     blocks: np.ndarray, xq: np.ndarray, xd: np.ndarray, x_sums: np.ndarray, y: np.ndarray, r0: int, r1: int
 ) -> None:
     n_blocks = blocks.shape[1] // Q2_K.bytes
-    for r in range(r0, r1):
+    r = r0
+    # two rows at a time: each row's sum is one chain of dependent adds, whose latency bounds a row alone
+    while r + 2 <= r1:
+        prefetch_ahead(blocks, r)
+        prefetch_ahead(blocks, r + 1)
+        row0, row1 = blocks[r], blocks[r + 1]
+        acc0 = zero_accumulators(1)
+        acc1 = zero_accumulators(1)
+        for b in range(n_blocks):
+            acc0 = accumulate_q2_k(acc0, row0, xq, xd, x_sums, b, 0)
+            acc1 = accumulate_q2_k(acc1, row1, xq, xd, x_sums, b, 0)
+        store_sums(acc0, y, 0, r)
+        store_sums(acc1, y, 0, r + 1)
+        r += 2
+    if r < r1:
         prefetch_ahead(blocks, r)
         row = blocks[r]
         acc = zero_accumulators(1)
@@ -184,7 +199,7 @@ def _int8_rows_q3_k(
 
 @numba.njit(cache=True, nogil=True, parallel=True)
 def int8_matvecs_q3_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
-    xq, xd, x_sums = quantize_tokens(x, 32)
+    xq, xd, x_sums = quantize_tokens_lane_sums(x)
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, INT8_ROW_TILE)):
         r0 = tile * INT8_ROW_TILE
@@ -196,7 +211,21 @@ def _int8_rows_one_token_q3_k(
     blocks: np.ndarray, xq: np.ndarray, xd: np.ndarray, x_sums: np.ndarray, y: np.ndarray, r0: int, r1: int
 ) -> None:
     n_blocks = blocks.shape[1] // Q3_K.bytes
-    for r in range(r0, r1):
+    r = r0
+    # two rows at a time: each row's sum is one chain of dependent adds, whose latency bounds a row alone
+    while r + 2 <= r1:
+        prefetch_ahead(blocks, r)
+        prefetch_ahead(blocks, r + 1)
+        row0, row1 = blocks[r], blocks[r + 1]
+        acc0 = zero_accumulators(1)
+        acc1 = zero_accumulators(1)
+        for b in range(n_blocks):
+            acc0 = accumulate_q3_k(acc0, row0, xq, xd, x_sums, b, 0)
+            acc1 = accumulate_q3_k(acc1, row1, xq, xd, x_sums, b, 0)
+        store_sums(acc0, y, 0, r)
+        store_sums(acc1, y, 0, r + 1)
+        r += 2
+    if r < r1:
         prefetch_ahead(blocks, r)
         row = blocks[r]
         acc = zero_accumulators(1)
@@ -207,7 +236,7 @@ def _int8_rows_one_token_q3_k(
 
 @numba.njit(cache=True, nogil=True, parallel=True)
 def int8_matvec_q3_k(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
-    xq, xd, x_sums = quantize_tokens(x.reshape(1, x.shape[0]), 32)
+    xq, xd, x_sums = quantize_tokens_lane_sums(x.reshape(1, x.shape[0]))
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, INT8_ROW_TILE)):
         r0 = tile * INT8_ROW_TILE
@@ -272,7 +301,21 @@ def _int8_rows_one_token_q4_k(
     blocks: np.ndarray, xq: np.ndarray, xd: np.ndarray, x_sums: np.ndarray, y: np.ndarray, r0: int, r1: int
 ) -> None:
     n_blocks = blocks.shape[1] // Q4_K.bytes
-    for r in range(r0, r1):
+    r = r0
+    # two rows at a time: each row's sum is one chain of dependent adds, whose latency bounds a row alone
+    while r + 2 <= r1:
+        prefetch_ahead(blocks, r)
+        prefetch_ahead(blocks, r + 1)
+        row0, row1 = blocks[r], blocks[r + 1]
+        acc0 = zero_accumulators(1)
+        acc1 = zero_accumulators(1)
+        for b in range(n_blocks):
+            acc0 = accumulate_q4_k(acc0, row0, xq, xd, x_sums, b, 0)
+            acc1 = accumulate_q4_k(acc1, row1, xq, xd, x_sums, b, 0)
+        store_sums(acc0, y, 0, r)
+        store_sums(acc1, y, 0, r + 1)
+        r += 2
+    if r < r1:
         prefetch_ahead(blocks, r)
         row = blocks[r]
         acc = zero_accumulators(1)
@@ -348,7 +391,21 @@ def _int8_rows_one_token_q5_k(
     blocks: np.ndarray, xq: np.ndarray, xd: np.ndarray, x_sums: np.ndarray, y: np.ndarray, r0: int, r1: int
 ) -> None:
     n_blocks = blocks.shape[1] // Q5_K.bytes
-    for r in range(r0, r1):
+    r = r0
+    # two rows at a time: each row's sum is one chain of dependent adds, whose latency bounds a row alone
+    while r + 2 <= r1:
+        prefetch_ahead(blocks, r)
+        prefetch_ahead(blocks, r + 1)
+        row0, row1 = blocks[r], blocks[r + 1]
+        acc0 = zero_accumulators(1)
+        acc1 = zero_accumulators(1)
+        for b in range(n_blocks):
+            acc0 = accumulate_q5_k(acc0, row0, xq, xd, x_sums, b, 0)
+            acc1 = accumulate_q5_k(acc1, row1, xq, xd, x_sums, b, 0)
+        store_sums(acc0, y, 0, r)
+        store_sums(acc1, y, 0, r + 1)
+        r += 2
+    if r < r1:
         prefetch_ahead(blocks, r)
         row = blocks[r]
         acc = zero_accumulators(1)
@@ -424,7 +481,21 @@ def _int8_rows_one_token_q6_k(
     blocks: np.ndarray, xq: np.ndarray, xd: np.ndarray, x_sums: np.ndarray, y: np.ndarray, r0: int, r1: int
 ) -> None:
     n_blocks = blocks.shape[1] // Q6_K.bytes
-    for r in range(r0, r1):
+    r = r0
+    # two rows at a time: each row's sum is one chain of dependent adds, whose latency bounds a row alone
+    while r + 2 <= r1:
+        prefetch_ahead(blocks, r)
+        prefetch_ahead(blocks, r + 1)
+        row0, row1 = blocks[r], blocks[r + 1]
+        acc0 = zero_accumulators(1)
+        acc1 = zero_accumulators(1)
+        for b in range(n_blocks):
+            acc0 = accumulate_q6_k(acc0, row0, xq, xd, x_sums, b, 0)
+            acc1 = accumulate_q6_k(acc1, row1, xq, xd, x_sums, b, 0)
+        store_sums(acc0, y, 0, r)
+        store_sums(acc1, y, 0, r + 1)
+        r += 2
+    if r < r1:
         prefetch_ahead(blocks, r)
         row = blocks[r]
         acc = zero_accumulators(1)

@@ -51,6 +51,7 @@ from .simd import (
     accumulate_q8_0,
     prefetch_ahead,
     quantize_tokens,
+    quantize_tokens_lane_sums,
     store_sums,
     zero_accumulators,
 )
@@ -106,7 +107,7 @@ def _int8_rows_q4_0(
 
 @numba.njit(cache=True, nogil=True, parallel=True)
 def int8_matvecs_q4_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
-    xq, xd, x_sums = quantize_tokens(x, 32)
+    xq, xd, x_sums = quantize_tokens_lane_sums(x)
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, INT8_ROW_TILE)):
         r0 = tile * INT8_ROW_TILE
@@ -118,7 +119,21 @@ def _int8_rows_one_token_q4_0(
     blocks: np.ndarray, xq: np.ndarray, xd: np.ndarray, x_sums: np.ndarray, y: np.ndarray, r0: int, r1: int
 ) -> None:
     n_blocks = blocks.shape[1] // Q4_0.bytes
-    for r in range(r0, r1):
+    r = r0
+    # two rows at a time: each row's sum is one chain of dependent adds, whose latency bounds a row alone
+    while r + 2 <= r1:
+        prefetch_ahead(blocks, r)
+        prefetch_ahead(blocks, r + 1)
+        row0, row1 = blocks[r], blocks[r + 1]
+        acc0 = zero_accumulators(1)
+        acc1 = zero_accumulators(1)
+        for b in range(n_blocks):
+            acc0 = accumulate_q4_0(acc0, row0, xq, xd, x_sums, b, 0)
+            acc1 = accumulate_q4_0(acc1, row1, xq, xd, x_sums, b, 0)
+        store_sums(acc0, y, 0, r)
+        store_sums(acc1, y, 0, r + 1)
+        r += 2
+    if r < r1:
         prefetch_ahead(blocks, r)
         row = blocks[r]
         acc = zero_accumulators(1)
@@ -129,7 +144,7 @@ def _int8_rows_one_token_q4_0(
 
 @numba.njit(cache=True, nogil=True, parallel=True)
 def int8_matvec_q4_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
-    xq, xd, x_sums = quantize_tokens(x.reshape(1, x.shape[0]), 32)
+    xq, xd, x_sums = quantize_tokens_lane_sums(x.reshape(1, x.shape[0]))
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, INT8_ROW_TILE)):
         r0 = tile * INT8_ROW_TILE
@@ -194,7 +209,21 @@ def _int8_rows_one_token_q4_1(
     blocks: np.ndarray, xq: np.ndarray, xd: np.ndarray, x_sums: np.ndarray, y: np.ndarray, r0: int, r1: int
 ) -> None:
     n_blocks = blocks.shape[1] // Q4_1.bytes
-    for r in range(r0, r1):
+    r = r0
+    # two rows at a time: each row's sum is one chain of dependent adds, whose latency bounds a row alone
+    while r + 2 <= r1:
+        prefetch_ahead(blocks, r)
+        prefetch_ahead(blocks, r + 1)
+        row0, row1 = blocks[r], blocks[r + 1]
+        acc0 = zero_accumulators(1)
+        acc1 = zero_accumulators(1)
+        for b in range(n_blocks):
+            acc0 = accumulate_q4_1(acc0, row0, xq, xd, x_sums, b, 0)
+            acc1 = accumulate_q4_1(acc1, row1, xq, xd, x_sums, b, 0)
+        store_sums(acc0, y, 0, r)
+        store_sums(acc1, y, 0, r + 1)
+        r += 2
+    if r < r1:
         prefetch_ahead(blocks, r)
         row = blocks[r]
         acc = zero_accumulators(1)
@@ -258,7 +287,7 @@ def _int8_rows_q5_0(
 
 @numba.njit(cache=True, nogil=True, parallel=True)
 def int8_matvecs_q5_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
-    xq, xd, x_sums = quantize_tokens(x, 32)
+    xq, xd, x_sums = quantize_tokens_lane_sums(x)
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, INT8_ROW_TILE)):
         r0 = tile * INT8_ROW_TILE
@@ -270,7 +299,21 @@ def _int8_rows_one_token_q5_0(
     blocks: np.ndarray, xq: np.ndarray, xd: np.ndarray, x_sums: np.ndarray, y: np.ndarray, r0: int, r1: int
 ) -> None:
     n_blocks = blocks.shape[1] // Q5_0.bytes
-    for r in range(r0, r1):
+    r = r0
+    # two rows at a time: each row's sum is one chain of dependent adds, whose latency bounds a row alone
+    while r + 2 <= r1:
+        prefetch_ahead(blocks, r)
+        prefetch_ahead(blocks, r + 1)
+        row0, row1 = blocks[r], blocks[r + 1]
+        acc0 = zero_accumulators(1)
+        acc1 = zero_accumulators(1)
+        for b in range(n_blocks):
+            acc0 = accumulate_q5_0(acc0, row0, xq, xd, x_sums, b, 0)
+            acc1 = accumulate_q5_0(acc1, row1, xq, xd, x_sums, b, 0)
+        store_sums(acc0, y, 0, r)
+        store_sums(acc1, y, 0, r + 1)
+        r += 2
+    if r < r1:
         prefetch_ahead(blocks, r)
         row = blocks[r]
         acc = zero_accumulators(1)
@@ -281,7 +324,7 @@ def _int8_rows_one_token_q5_0(
 
 @numba.njit(cache=True, nogil=True, parallel=True)
 def int8_matvec_q5_0(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
-    xq, xd, x_sums = quantize_tokens(x.reshape(1, x.shape[0]), 32)
+    xq, xd, x_sums = quantize_tokens_lane_sums(x.reshape(1, x.shape[0]))
     rows = blocks.shape[0]
     for tile in prange(n_tiles(rows, INT8_ROW_TILE)):
         r0 = tile * INT8_ROW_TILE
@@ -346,7 +389,21 @@ def _int8_rows_one_token_q5_1(
     blocks: np.ndarray, xq: np.ndarray, xd: np.ndarray, x_sums: np.ndarray, y: np.ndarray, r0: int, r1: int
 ) -> None:
     n_blocks = blocks.shape[1] // Q5_1.bytes
-    for r in range(r0, r1):
+    r = r0
+    # two rows at a time: each row's sum is one chain of dependent adds, whose latency bounds a row alone
+    while r + 2 <= r1:
+        prefetch_ahead(blocks, r)
+        prefetch_ahead(blocks, r + 1)
+        row0, row1 = blocks[r], blocks[r + 1]
+        acc0 = zero_accumulators(1)
+        acc1 = zero_accumulators(1)
+        for b in range(n_blocks):
+            acc0 = accumulate_q5_1(acc0, row0, xq, xd, x_sums, b, 0)
+            acc1 = accumulate_q5_1(acc1, row1, xq, xd, x_sums, b, 0)
+        store_sums(acc0, y, 0, r)
+        store_sums(acc1, y, 0, r + 1)
+        r += 2
+    if r < r1:
         prefetch_ahead(blocks, r)
         row = blocks[r]
         acc = zero_accumulators(1)
@@ -422,7 +479,21 @@ def _int8_rows_one_token_q8_0(
     blocks: np.ndarray, xq: np.ndarray, xd: np.ndarray, x_sums: np.ndarray, y: np.ndarray, r0: int, r1: int
 ) -> None:
     n_blocks = blocks.shape[1] // Q8_0.bytes
-    for r in range(r0, r1):
+    r = r0
+    # two rows at a time: each row's sum is one chain of dependent adds, whose latency bounds a row alone
+    while r + 2 <= r1:
+        prefetch_ahead(blocks, r)
+        prefetch_ahead(blocks, r + 1)
+        row0, row1 = blocks[r], blocks[r + 1]
+        acc0 = zero_accumulators(1)
+        acc1 = zero_accumulators(1)
+        for b in range(n_blocks):
+            acc0 = accumulate_q8_0(acc0, row0, xq, xd, x_sums, b, 0)
+            acc1 = accumulate_q8_0(acc1, row1, xq, xd, x_sums, b, 0)
+        store_sums(acc0, y, 0, r)
+        store_sums(acc1, y, 0, r + 1)
+        r += 2
+    if r < r1:
         prefetch_ahead(blocks, r)
         row = blocks[r]
         acc = zero_accumulators(1)

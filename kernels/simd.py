@@ -12,7 +12,9 @@ here: a 768 x 768 matrix in L2 ran no faster per byte than the 50257-row head fr
 
 Products of unsigned and signed bytes are what the hardware multiplies (vpdpbusd, pmaddubsw), so signed
 weights use the sign trick: dot(w, x) = dot(|w|, sign(w) x), with |w| <= 128 read as unsigned and x in
-[-127, 127] (pmaddubsw then never saturates: 2 * 128 * 127 < 2**15).
+[-127, 127] (pmaddubsw then never saturates: 2 * 128 * 127 < 2**15). Weights stored as unsigned u plus a
+power-of-two zero offset (Q4_0, Q5_0, Q3_K) skip it: dot(u - zero, x) = dot(u, x) - zero sum(x), the
+second term per lane of 4 from the token's lane sums, which start the integer dot product.
 
 `INT8_DOT` names the instruction set the intrinsics lower to on the target numba compiles for (AVX-512 VNNI,
 AVX-VNNI, or AVX2's pmaddubsw + pmaddwd), or is None when it has none of them: the kernel modules then
@@ -77,6 +79,8 @@ VPDPWSSD = ("{vex} " if "avxvnni" in _target_features() else "") + "vpdpwssd $3,
 # 512-bit integer dot products (AVX-512 VNNI): the batched product takes 64 weights per instruction.
 WIDE_DOT = INT8_DOT == "vnni" and {"avx512vnni", "avx512bw"} <= _target_features()
 HAS_F16C = "f16c" in _target_features()
+# AVX-512's mask registers for 32 byte lanes: Q5_0's and Q5_1's 32 fifth bits select in one move (kmovd)
+MASK_REGISTERS = {"avx512bw", "avx512vl"} <= _target_features()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -98,15 +102,27 @@ def _call(builder, name: str, return_type: ir.Type, *args: ir.Value) -> ir.Value
     return builder.call(cgutils.get_or_insert_function(builder.module, function_type, name), args)
 
 
-def _dot_u8_s8(builder, unsigned: ir.Value, signed: ir.Value) -> ir.Value:
-    """<32 x i8> u8, <32 x i8> s8 -> <8 x i32>: lane i sums the products of bytes 4i .. 4i + 3."""
+def _dot_u8_s8(builder, unsigned: ir.Value, signed: ir.Value, start: ir.Value | None = None) -> ir.Value:
+    """<32 x i8> u8, <32 x i8> s8 -> <8 x i32>: lane i sums the products of bytes 4i .. 4i + 3, plus lane i
+    of `start` (<8 x i32>, default zero)."""
     if INT8_DOT == "vnni":
-        zero = ir.Constant(V8I32, None)
+        start = ir.Constant(V8I32, None) if start is None else start
         a, b = builder.bitcast(unsigned, V8I32), builder.bitcast(signed, V8I32)
-        return _call(builder, "llvm.x86.avx512.vpdpbusd.256", V8I32, zero, a, b)
+        return _call(builder, "llvm.x86.avx512.vpdpbusd.256", V8I32, start, a, b)
     pairs = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", V16I16, unsigned, signed)
     ones = ir.Constant(V16I16, [1] * 16)
-    return _call(builder, "llvm.x86.avx2.pmadd.wd", V8I32, pairs, ones)
+    lanes = _call(builder, "llvm.x86.avx2.pmadd.wd", V8I32, pairs, ones)
+    return lanes if start is None else builder.add(start, lanes)
+
+
+def _dot_offset_u8_s8(builder, block, unsigned: ir.Value, j: int, column: ir.Value, zero: int) -> ir.Value:
+    """<8 x i32>: dot(unsigned - zero, x) per lane of 4 bytes, x the 32 activations of token j from
+    `column`, exactly as the sign trick gives it, in fewer instructions: dot(u, x) - zero sum(x), the
+    second term per lane from the token's lane sums (quantize_tokens_lane_sums), which start the integer
+    dot product. zero is a power of two, u in [0, 2 zero) (pmaddubsw cannot saturate)."""
+    minus_sums = block.token("sums", j, builder.udiv(column, block.constant(4)), V8I32)
+    start = builder.shl(minus_sums, ir.Constant(V8I32, [zero.bit_length() - 1] * 8))
+    return _dot_u8_s8(builder, unsigned, block.token("xq", j, column, V32I8), start)
 
 
 def _dot_s8_s8(builder, weights: ir.Value, x: ir.Value) -> ir.Value:
@@ -245,9 +261,10 @@ def half_to_f32(typingctx, bits):
 # adds, for each token j of the accumulators, block b of the weight row `row` (u8[row_bytes]) times the
 # activations of token t + j: xq int8[n, cols] and xd f32[n, cols // 32] (x quantized per 32, as ggml's Q8_0),
 # x_sums f32[n, cols // size] the sums of the quantized activations per `size` values (the sums_size of
-# kernels.specialise; the types without a min ignore them) - or, for Q6_K, quantize_tokens_q8_k's
-# xd f32[n, cols // 256] and integer bsums int16[n, cols // 16] (ggml's Q8_K), which let the sub-block
-# scales apply in integers. The block's weights are unpacked once for all the tokens, and
+# kernels.specialise; Q8_0 ignores them), or for the types stored with a zero offset (Q4_0, Q5_0, Q3_K)
+# minus the sums of each 4 (quantize_tokens_lane_sums, int32[n, cols // 4]), or, for Q6_K,
+# quantize_tokens_q8_k's xd f32[n, cols // 256] and integer bsums int16[n, cols // 16] (ggml's Q8_K), which
+# let the sub-block scales apply in integers. The block's weights are unpacked once for all the tokens, and
 # each token gets exactly the operations of a group of one, so its sums do not depend on the group.
 
 
@@ -315,7 +332,7 @@ def _legacy_block_intrinsic(layout, zero: int = 0):
     """The intrinsic for one 32-weight block of a legacy type: d (q - zero) . x, plus m times the sum of
     the quantized x for the types with a min. Q8_0's bytes are signed weights; the 4/5-bit types' qs byte j
     holds weight j (low nibble) and j + 16 (high), and bit j of the little-endian u32 qh is weight j's fifth
-    bit."""
+    bit. The types with a zero (Q4_0, Q5_0) take the lane sums of quantize_tokens_lane_sums as x_sums."""
     has_m, has_qh = hasattr(layout, "m"), hasattr(layout, "qh")
     signed_bytes = layout is Q8_0
 
@@ -329,7 +346,12 @@ def _legacy_block_intrinsic(layout, zero: int = 0):
             low = builder.and_(packed, ir.Constant(v16i8, [15] * 16))
             high = builder.lshr(packed, ir.Constant(v16i8, [4] * 16))
             q = builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(I32, 32), list(range(32))))
-        if has_qh:
+        if has_qh and MASK_REGISTERS:  # the 32 bits straight into a mask register
+            is_set = builder.bitcast(block.load(layout.qh, I32), ir.VectorType(I1, 32))
+            q = builder.or_(
+                q, builder.select(is_set, ir.Constant(V32I8, [16] * 32), ir.Constant(V32I8, None))
+            )
+        elif has_qh:
             # byte j of the 4 qh bytes to lanes 8j .. 8j + 7, then each lane tests its own bit
             bits = block.load(layout.qh, ir.VectorType(I8, 4))
             spread = builder.shuffle_vector(
@@ -340,14 +362,16 @@ def _legacy_block_intrinsic(layout, zero: int = 0):
             q = builder.or_(
                 q, builder.select(is_set, ir.Constant(V32I8, [16] * 32), ir.Constant(V32I8, None))
             )
-        if zero:
-            q = builder.sub(q, ir.Constant(V32I8, [zero] * 32))
         d = block.half(layout.d)
         m = block.half(layout.m) if has_m else None
         acc = args[0]
         for j in range(tokens):
-            xs = block.token("xq", j, block.block_times(32), V32I8)
-            lanes = _dot_s8_s8(builder, q, xs) if zero or signed_bytes else _dot_u8_s8(builder, q, xs)
+            column = block.block_times(32)
+            if zero:
+                lanes = _dot_offset_u8_s8(builder, block, q, j, column, zero)
+            else:
+                xs = block.token("xq", j, column, V32I8)
+                lanes = _dot_s8_s8(builder, q, xs) if signed_bytes else _dot_u8_s8(builder, q, xs)
             scale = builder.fmul(d, block.token("xd", j, block.b, F32))
             value = _accumulate(builder, builder.extract_value(acc, j), lanes, _splat_f32(builder, scale))
             if has_m:
@@ -505,16 +529,16 @@ def _q6_k_block_intrinsic():
 accumulate_q6_k = _q6_k_block_intrinsic()
 
 
-def _k16_block_intrinsic(layout, integer_scales, chunk_weights, signed: bool, integer_mins=None):
+def _k16_block_intrinsic(layout, integer_scales, chunk_weights, zero: int = 0, integer_mins=None):
     """The intrinsic for one block of a K-quant with 16 sub-blocks of 16 weights (Q2_K, Q3_K):
     sum_i d sc_i xd[8b + i // 2] dot(q_i, xq_i), and for Q2_K (integer_mins given) - dmin sum_i m_i
-    x_sums[16b + i] (sums per 16, as ggml's bsums).
+    x_sums[16b + i] (sums per 16, as ggml's bsums); Q3_K (zero given) takes the lane sums of
+    quantize_tokens_lane_sums as x_sums.
 
     Chunk c holds weights 32c .. 32c + 31, sub-blocks 2c and 2c + 1. The callbacks get the IR builder and
     `bytes_at(k, type)`, a load of the block's bytes from k:
     - integer_scales(builder, bytes_at, h) -> <8 x i8> signed scales of sub-blocks 8h .. 8h + 7;
-    - chunk_weights(builder, bytes_at, c) -> <32 x i8> the weights of chunk c, signed (|q| <= 128) if
-      `signed`;
+    - chunk_weights(builder, bytes_at, c) -> <32 x i8> the weights of chunk c plus `zero`, unsigned;
     - integer_mins(builder, bytes_at, h) -> <8 x i8> unsigned mins of sub-blocks 8h .. 8h + 7."""
 
     def codegen(context, builder, signature, args, tokens: int):
@@ -552,8 +576,10 @@ def _k16_block_intrinsic(layout, integer_scales, chunk_weights, signed: bool, in
             for c in range(8):
                 h, j = divmod(c, 4)
                 column = builder.add(block.block_times(QK_K), block.constant(32 * c))
-                xs = block.token("xq", t, column, V32I8)
-                lanes = _dot_s8_s8(builder, weights[c], xs) if signed else _dot_u8_s8(builder, weights[c], xs)
+                if zero:
+                    lanes = _dot_offset_u8_s8(builder, block, weights[c], t, column, zero)
+                else:
+                    lanes = _dot_u8_s8(builder, weights[c], block.token("xq", t, column, V32I8))
                 # lanes 0-3 hold weights 0-15 (sub-block 2c), lanes 4-7 weights 16-31 (sub-block 2c + 1)
                 pick = ir.Constant(ir.VectorType(I32, 8), [2 * j] * 4 + [2 * j + 1] * 4)
                 partial[c % 2] = _accumulate(
@@ -585,7 +611,7 @@ def _q2_k_weights(builder, bytes_at, c: int) -> ir.Value:
 
 
 accumulate_q2_k = _k16_block_intrinsic(
-    Q2_K, integer_scales=_q2_k_scales, chunk_weights=_q2_k_weights, signed=False, integer_mins=_q2_k_mins
+    Q2_K, integer_scales=_q2_k_scales, chunk_weights=_q2_k_weights, integer_mins=_q2_k_mins
 )
 
 
@@ -600,16 +626,14 @@ def _q3_k_scales(builder, bytes_at, h: int) -> ir.Value:
 
 
 def _q3_k_weights(builder, bytes_at, c: int) -> ir.Value:
-    """Chunk c = 4h + j of Q3_K: the 2-bit fields j of qs[32h .. 32h + 31], minus 4 where bit c of hmask is
-    clear."""
+    """Chunk c = 4h + j of Q3_K plus 4: the 2-bit fields j of qs[32h .. 32h + 31], plus 4 where bit c of
+    hmask is set (the weights are these minus 4)."""
     low = _bits(builder, bytes_at(Q3_K.qs + 32 * (c // 4), V32I8), 2 * (c % 4), 3)
     high = builder.shl(_bits(builder, bytes_at(Q3_K.hmask, V32I8), c, 1), _bytes([2] * 32))
-    return builder.sub(builder.or_(low, high), _bytes([4] * 32))
+    return builder.or_(low, high)
 
 
-accumulate_q3_k = _k16_block_intrinsic(
-    Q3_K, integer_scales=_q3_k_scales, chunk_weights=_q3_k_weights, signed=True
-)
+accumulate_q3_k = _k16_block_intrinsic(Q3_K, integer_scales=_q3_k_scales, chunk_weights=_q3_k_weights, zero=4)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -869,15 +893,19 @@ def micro_kernel(typingctx, u, scales, mins, r, xq, xd, sums, totals, t, out, ze
 
 @numba.njit(inline="always")
 def _quantize_into(x: np.ndarray, q: np.ndarray, d: np.ndarray) -> None:
+    # every block's largest |x| first (into d), then the rounding: two loops LLVM vectorizes better than
+    # one that alternates them (a decode step's 768 / 3072 values 1.6x faster)
     for b in range(d.shape[0]):
         amax = np.float32(0)
         for k in range(QK8):
             amax = max(amax, abs(x[QK8 * b + k]))
-        scale = amax / np.float32(127)
+        d[b] = amax
+    for b in range(d.shape[0]):
+        amax = d[b]
         inverse = np.float32(127) / amax if amax > 0 else np.float32(0)
         for k in range(QK8):
             q[QK8 * b + k] = np.int8(np.int32(np.rint(x[QK8 * b + k] * inverse)))
-        d[b] = scale
+        d[b] = amax / np.float32(127)
 
 
 @numba.njit(cache=True, fastmath=True)
@@ -1085,6 +1113,24 @@ def quantize_tokens(x: np.ndarray, sums_size: int) -> tuple[np.ndarray, np.ndarr
                 total += np.int32(q[i, k])
             sums[i, g] = d[i, sums_size * g // QK8] * np.float32(total)
     return q, d, sums
+
+
+@numba.njit(cache=True, fastmath=True)
+def quantize_tokens_lane_sums(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x f32[n, cols] -> (q int8[n, cols], d f32[n, cols // 32], minus_sums int32[n, cols // 4]): each token
+    quantized as quantize_activations does, and minus the sum of each 4 consecutive q (one lane of an
+    integer dot product), for the weights stored with a zero offset (_dot_offset_u8_s8)."""
+    n, cols = x.shape
+    q = np.empty((n, cols), np.int8)
+    d = np.empty((n, cols // QK8), np.float32)
+    minus_sums = np.empty((n, cols // 4), np.int32)
+    for i in range(n):
+        q_row, sums_row = q[i], minus_sums[i]
+        _quantize_into(x[i], q_row, d[i])
+        for g in range(cols // 4):
+            total = np.int32(q_row[4 * g]) + np.int32(q_row[4 * g + 1])
+            sums_row[g] = -(total + np.int32(q_row[4 * g + 2]) + np.int32(q_row[4 * g + 3]))
+    return q, d, minus_sums
 
 
 @numba.njit(cache=True)  # no fastmath: -127 / max must round as ggml's does (_quantize_per_256_into)

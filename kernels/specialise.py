@@ -28,6 +28,7 @@ class Int8Type:
     name: str  # lower case: q4_0
     sums_size: int  # values per sum of quantized activations its min terms multiply (32 when it has none)
     per_256: bool = False  # activations quantized per 256 as ggml's Q8_K (else per 32, as its Q8_0)
+    lane_sums: bool = False  # weights stored plus a zero offset: x_sums are the lanes' sums of quantized x
 
     @property
     def layout(self) -> str:
@@ -37,17 +38,19 @@ class Int8Type:
         """The call that quantizes the tokens x f32[n, cols] for accumulate_<name>."""
         if self.per_256:
             return f"quantize_tokens_q8_k({x})"
+        if self.lane_sums:
+            return f"quantize_tokens_lane_sums({x})"
         return f"quantize_tokens({x}, {self.sums_size})"
 
 
 INT8_TYPES = [
-    Int8Type("q4_0", 32),
+    Int8Type("q4_0", 32, lane_sums=True),
     Int8Type("q4_1", 32),
-    Int8Type("q5_0", 32),
+    Int8Type("q5_0", 32, lane_sums=True),
     Int8Type("q5_1", 32),
     Int8Type("q8_0", 32),
     Int8Type("q2_k", 16),
-    Int8Type("q3_k", 32),
+    Int8Type("q3_k", 32, lane_sums=True),
     Int8Type("q4_k", 32),
     Int8Type("q5_k", 32),
     Int8Type("q6_k", 16, per_256=True),
@@ -180,7 +183,21 @@ def _int8_rows_one_token_{name}(
     blocks: np.ndarray, xq: np.ndarray, xd: np.ndarray, x_sums: np.ndarray, y: np.ndarray, r0: int, r1: int
 ) -> None:
     n_blocks = blocks.shape[1] // {layout}.bytes
-    for r in range(r0, r1):
+    r = r0
+    # two rows at a time: each row's sum is one chain of dependent adds, whose latency bounds a row alone
+    while r + 2 <= r1:
+        prefetch_ahead(blocks, r)
+        prefetch_ahead(blocks, r + 1)
+        row0, row1 = blocks[r], blocks[r + 1]
+        acc0 = zero_accumulators(1)
+        acc1 = zero_accumulators(1)
+        for b in range(n_blocks):
+            acc0 = accumulate_{name}(acc0, row0, xq, xd, x_sums, b, 0)
+            acc1 = accumulate_{name}(acc1, row1, xq, xd, x_sums, b, 0)
+        store_sums(acc0, y, 0, r)
+        store_sums(acc1, y, 0, r + 1)
+        r += 2
+    if r < r1:
         prefetch_ahead(blocks, r)
         row = blocks[r]
         acc = zero_accumulators(1)
