@@ -865,17 +865,64 @@ def micro_kernel(typingctx, u, scales, mins, r, xq, xd, sums, totals, t, out, ze
 # Activations
 
 
+@intrinsic
+def quantize_block(typingctx, x, q, offset):
+    """q[offset : offset + 32] = x[offset : offset + 32] quantized as ggml's quantize_row_q8_0_ref does, bit
+    for bit (q = rint(x 127 / amax)); returns the block's scale amax / 127. x f32 and q int8 are contiguous
+    1-D arrays. As vectors: the largest magnitude is the largest bit pattern without its sign bit (as
+    unsigned integers they order as the magnitudes do); written as a numba loop the 32 steps were unrolled
+    into scalar code. A NaN has the largest pattern: its block's scale is NaN, so the product is too."""
+    if not (
+        isinstance(x, types.Array)
+        and isinstance(q, types.Array)
+        and x.ndim == 1
+        and q.ndim == 1
+        and x.dtype == types.float32
+        and q.dtype == types.int8
+    ):
+        return None
+
+    def codegen(context, builder, signature, args):
+        x_type, q_type, _ = signature.args
+        x_, q_, offset_ = args
+        x_data = context.make_array(x_type)(context, builder, x_).data
+        q_data = context.make_array(q_type)(context, builder, q_).data
+        values = [
+            builder.load(
+                builder.bitcast(
+                    builder.gep(x_data, [builder.add(offset_, offset_.type(16 * h))]), V16F32.as_pointer()
+                ),
+                align=4,
+            )
+            for h in range(2)
+        ]
+        sign_off = ir.Constant(V16I32, [0x7FFFFFFF] * 16)
+        magnitudes = [builder.and_(builder.bitcast(v, V16I32), sign_off) for v in values]
+        wider = builder.icmp_unsigned(">", magnitudes[0], magnitudes[1])
+        largest_lanes = builder.select(wider, magnitudes[0], magnitudes[1])
+        largest = _call(builder, "llvm.vector.reduce.umax.v16i32", I32, largest_lanes)
+        amax = builder.bitcast(largest, F32)
+        limit = ir.Constant(F32, 127.0)
+        scale = builder.fdiv(amax, limit)
+        positive = builder.fcmp_ordered(">", amax, ir.Constant(F32, 0.0))
+        inverse = builder.select(positive, builder.fdiv(limit, amax), ir.Constant(F32, 0.0))
+        splat = builder.insert_element(ir.Constant(V16F32, ir.Undefined), inverse, ir.Constant(I32, 0))
+        splat = builder.shuffle_vector(splat, splat, ir.Constant(V16I32, None))
+        for h, v in enumerate(values):
+            rounded = _call(builder, "llvm.rint.v16f32", V16F32, builder.fmul(v, splat))
+            small = builder.trunc(builder.fptosi(rounded, V16I32), ir.VectorType(I8, 16))
+            target = builder.gep(q_data, [builder.add(offset_, offset_.type(16 * h))])
+            builder.store(small, builder.bitcast(target, ir.VectorType(I8, 16).as_pointer()), align=1)
+        return scale
+
+    return types.float32(x, q, offset), codegen
+
+
 @numba.njit(inline="always")
 def _quantize_into(x: np.ndarray, q: np.ndarray, d: np.ndarray) -> None:
+    """x f32[cols] -> q int8[cols], d f32[cols // 32] (both contiguous), as ggml's quantize_row_q8_0_ref."""
     for b in range(d.shape[0]):
-        amax = np.float32(0)
-        for k in range(QK8):
-            amax = max(amax, abs(x[QK8 * b + k]))
-        scale = amax / np.float32(127)
-        inverse = np.float32(127) / amax if amax > 0 else np.float32(0)
-        for k in range(QK8):
-            q[QK8 * b + k] = np.int8(np.int32(np.rint(x[QK8 * b + k] * inverse)))
-        d[b] = scale
+        d[b] = quantize_block(x, q, QK8 * b)
 
 
 @numba.njit(cache=True, fastmath=True)
