@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import numpy as np
@@ -128,6 +128,11 @@ class WeightMatrix:
             out = np.empty((self.rows, self.cols), dtype=np.float32)
         self.kernels.dequantize(self.blocks, out)
         return out
+
+    def row_subset(self, rows: slice | np.ndarray) -> WeightMatrix:
+        """The matrix of some of these rows (a slice: a view of the blocks; an index array: a copy)."""
+        blocks = self.blocks[rows]
+        return replace(self, rows=blocks.shape[0], blocks=blocks)
 
     def dequantize_rows(self, ids: np.ndarray) -> np.ndarray:  # -> f32[len(ids), cols]
         out = np.empty((len(ids), self.cols), dtype=np.float32)

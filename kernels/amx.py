@@ -3,13 +3,13 @@
 One tdpbssd multiplies 16 rows of 32 int8 weights by 32 int8 activations of 16 tokens (8192 multiply-adds,
 exact int32 sums), where a vpdpbusd does 64: the stored Q8_0 rows are the tile's first operand as they lie
 in the file (tileloadd takes any row stride), and the activations, quantized per 32 as ggml's Q8_0 does
-(simd._quantize_into, bit for bit), are the second, packed once per product in the layout tdpbssd reads
+(simd.quantize_group, bit for bit), are the second, packed once per product in the layout tdpbssd reads
 (4 bytes of each of 16 tokens per 64-byte row). Each 32-weight block has its own weight and activation
-scale, so every block's int32 tile goes to memory and is scaled into f32 accumulators with AVX-512; that,
-and the chain of load, multiply and store through the 8 tile registers, not the tile multiply, bound the
-speed: measured on one core (CPU time, 512 tokens), 1.4-2.2x kernels.tiles on the 50257 x 768 head and the
-layers' matrices. The result is the exact integer dot product of every block times its two scales, as
-kernels.tiles computes, summed in another order.
+scale, so every block's int32 tile goes to memory and is scaled with AVX-512 into 16 f32 accumulators
+that stay in registers for the whole row of blocks (16 weight rows x 16 tokens), then are transposed in
+registers and stored straight into the output rows. The tile store and the scaling, not the tile
+multiply, bound the speed. The result is the exact integer dot product of every block times its two
+scales, as kernels.tiles computes, summed in another order.
 
 The kernel needs the Linux permission for the tile data (arch_prctl ARCH_REQ_XCOMP_PERM, asked once per
 process in `available`); where the CPU or the kernel says no, gpt2cli uses kernels.tiles.
@@ -31,14 +31,13 @@ from . import layout
 from .common import n_tiles, read_f16
 from .simd import QK8, _quantize_into, _target_features
 
-I8, I16, I64 = ir.IntType(8), ir.IntType(16), ir.IntType(64)
-TILE_M = 16  # weight rows per tile
-TILE_N = 16  # tokens per tile
-# Each step multiplies two weight tiles by two token tiles into four results (all 8 tile registers): one
-# tile's chain of load, multiply and store waits on the last, and the four overlap.
-ROWS_PER_STEP = 2 * TILE_M
-TOKENS_PER_STEP = 2 * TILE_N
-A0, A1, B0, B1 = 4, 5, 6, 7  # tile registers; results in 0-3, C[2 m + h] = A_m B_h
+I8, I16, I32, I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+TILE = 16  # weight rows and tokens per tile product
+# Two of each tile (registers 0-5), block b in the pair b % 2: block b + 1's loads and multiply need not wait
+# for block b's tile store to drain.
+C_TILES, A_TILES, B_TILES = (0, 1), (2, 3), (4, 5)
+# Weight rows per task: its 16-row panels share each token tile loaded (from L2, then L1).
+TASK_ROWS = 4 * TILE
 
 ARCH_REQ_XCOMP_PERM = 0x1023
 XFEATURE_XTILEDATA = 18
@@ -69,8 +68,8 @@ def _tile(k: int) -> ir.Constant:
 
 @intrinsic
 def configure_tiles(typingctx):
-    """ldtilecfg on this thread: four 16 x 16 int32 results; A0, A1 16 rows of 32 weights; B0, B1 8 rows of
-    4 bytes of 16 tokens."""
+    """ldtilecfg on this thread: C 16 x 16 int32 results; A 16 rows of 32 weights; B 8 rows of 4 bytes of 16
+    tokens."""
 
     def codegen(context, builder, signature, args):
         config = cgutils.alloca_once(builder, ir.ArrayType(I8, 64))
@@ -82,7 +81,8 @@ def configure_tiles(typingctx):
             builder.store(ir.Constant(ty, value), pointer)
 
         put(0, 1, I8)  # palette 1
-        shapes = [(c, 16, 64) for c in range(4)] + [(A0, 16, 32), (A1, 16, 32), (B0, 8, 64), (B1, 8, 64)]
+        shapes = [(c, TILE, 64) for c in C_TILES] + [(a, TILE, QK8) for a in A_TILES]
+        shapes += [(b, QK8 // 4, 64) for b in B_TILES]
         for tile, rows, row_bytes in shapes:
             put(16 + 2 * tile, row_bytes, I16)
             put(48 + tile, rows, I8)
@@ -106,8 +106,25 @@ V16F32 = ir.VectorType(F32, 16)
 V16I32 = ir.VectorType(ir.IntType(32), 16)
 
 
+def _transposed(builder, rows: list[ir.Value]) -> list[ir.Value]:
+    """The 16 x 16 matrix whose row j is lane j of every vector in rows (16 V16F32): four stages, stage k
+    swapping bit k of the row index with bit k of the lane index by two-source shuffles."""
+    rows = list(rows)
+    for k in range(4):
+        step = 1 << k
+        for i in range(16):
+            if i & step:
+                continue
+            a, b = rows[i], rows[i | step]
+            low = [j if not j & step else 16 + j - step for j in range(16)]
+            high = [j + step if not j & step else 16 + j for j in range(16)]
+            rows[i] = builder.shuffle_vector(a, b, ir.Constant(V16I32, low))
+            rows[i | step] = builder.shuffle_vector(a, b, ir.Constant(V16I32, high))
+    return rows
+
+
 @intrinsic
-def accumulate_blocks(
+def panel_times_tokens(
     typingctx,
     weights,
     weights_offset,
@@ -117,21 +134,24 @@ def accumulate_blocks(
     weight_scales,
     token_scales,
     scratch,
-    acc,
+    out,
+    out_offset,
+    out_stride,
 ):
-    """acc f32[32, 32] += for each block b < len(weight_scales): 32 weight rows' block b (32 int8 at byte
-    weights_offset + 34 b of `weights`, rows weights_stride bytes apart) times 32 tokens' block b (two
-    512-byte tiles at byte tokens_offset + 1024 b of `tokens`), exact int32 dot products scaled by
-    weight_scales f32[blocks, 32] and token_scales f32[blocks, 32]. The int32 results of block b go through
-    scratch int32[2, 32, 32] (half b % 2, so that block b + 1's stores need not wait for block b's loads).
-    acc stays in memory (L1): 64 vectors do not fit the registers."""
-    arrays = (weights, tokens, weight_scales, token_scales, scratch, acc)
+    """16 rows of 16 f32 of `out`, row j at element out_offset + j out_stride (token j, weight rows along it)
+    = the sum over blocks b < len(weight_scales) of 16 weight rows' block b
+    (32 int8 at byte weights_offset + 34 b of `weights`, rows weights_stride bytes apart) times 16 tokens'
+    block b (a 512-byte tile at byte tokens_offset + 512 b of `tokens`), each block's exact int32 dot
+    products scaled by weight_scales f32[blocks, 16] and token_scales f32[blocks, 16]. Block b's int32
+    results go through scratch int32[2, 16, 16] (half b % 2) into 16 f32 accumulators that stay in
+    registers, one weight row's 16 tokens each, turned into token rows at the end."""
+    arrays = (weights, tokens, weight_scales, token_scales, scratch, out)
     if not all(isinstance(a, types.Array) for a in arrays):
         return None
 
     def codegen(context, builder, signature, args):
-        w_type, _, _, x_type, _, ws_type, ts_type, scratch_type, acc_type = signature.args
-        w_, w_offset, w_stride, x_, x_offset, ws_, ts_, scratch_, acc_ = args
+        w_type, _, _, x_type, _, ws_type, ts_type, scratch_type, out_type, _, _ = signature.args
+        w_, w_offset, w_stride, x_, x_offset, ws_, ts_, scratch_, out_, out_offset, out_stride = args
 
         def data(ty, value) -> ir.Value:
             return builder.bitcast(context.make_array(ty)(context, builder, value).data, I8.as_pointer())
@@ -142,67 +162,80 @@ def accumulate_blocks(
         def const(k: int) -> ir.Value:
             return ir.Constant(I64, k)
 
-        def load(base, offset, ty) -> ir.Value:
-            return builder.load(builder.bitcast(at(base, offset), ty.as_pointer()), align=4)
+        def pointer(base, offset, ty) -> ir.Value:
+            return builder.bitcast(at(base, offset), ty.as_pointer())
 
         w_base, x_base = data(w_type, w_), data(x_type, x_)
         ws_base, ts_base = data(ws_type, ws_), data(ts_type, ts_)
-        scratch_base, acc_base = data(scratch_type, scratch_), data(acc_type, acc_)
+        scratch_base, out_base = data(scratch_type, scratch_), data(out_type, out_)
         shape = cgutils.unpack_tuple(builder, context.make_array(ws_type)(context, builder, ws_).shape, 2)
         fma = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(V16F32, [V16F32] * 3), "llvm.fma.v16f32"
         )
+        # The accumulators live in an alloca that SROA turns into registers (constant indices only).
+        acc_slots = cgutils.alloca_once(builder, ir.ArrayType(V16F32, TILE))
+        builder.store(ir.Constant(ir.ArrayType(V16F32, TILE), None), acc_slots)
 
-        def half(b) -> ir.Value:  # block b's int32 results
-            return at(
-                scratch_base,
-                builder.mul(builder.and_(b, const(1)), const(4 * ROWS_PER_STEP * TOKENS_PER_STEP)),
-            )
+        def acc_pointer(i: int) -> ir.Value:
+            return builder.gep(acc_slots, [ir.Constant(I32, 0), ir.Constant(I32, i)])
 
-        def multiply(b) -> None:  # block b's four tiles of int32 results into its half of scratch
+        def multiply(b, pair: int) -> None:  # block b's int32 results into scratch half `pair`
             w_pointer = at(w_base, builder.add(w_offset, builder.mul(b, const(layout.Q8_0.bytes))))
-            x_pointer = at(x_base, builder.add(x_offset, builder.mul(b, const(1024))))
-            second_rows = builder.mul(w_stride, const(TILE_M))
-            _call(builder, "llvm.x86.tileloadd64", _tile(A0), w_pointer, w_stride)
-            _call(builder, "llvm.x86.tileloadd64", _tile(A1), at(w_pointer, second_rows), w_stride)
-            _call(builder, "llvm.x86.tileloadd64", _tile(B0), x_pointer, const(64))
-            _call(builder, "llvm.x86.tileloadd64", _tile(B1), at(x_pointer, const(512)), const(64))
-            for m, a in enumerate((A0, A1)):
-                for h, x in enumerate((B0, B1)):
-                    c = 2 * m + h
-                    _call(builder, "llvm.x86.tilezero", _tile(c))
-                    _call(builder, "llvm.x86.tdpbssd", _tile(c), _tile(a), _tile(x))
-                    out = at(half(b), const(TILE_M * 128 * m + 64 * h))
-                    _call(builder, "llvm.x86.tilestored64", _tile(c), out, const(128))
+            x_pointer = at(x_base, builder.add(x_offset, builder.mul(b, const(512))))
+            c, a, x = C_TILES[pair], A_TILES[pair], B_TILES[pair]
+            _call(builder, "llvm.x86.tileloadd64", _tile(a), w_pointer, w_stride)
+            _call(builder, "llvm.x86.tileloadd64", _tile(x), x_pointer, const(64))
+            _call(builder, "llvm.x86.tilezero", _tile(c))
+            _call(builder, "llvm.x86.tdpbssd", _tile(c), _tile(a), _tile(x))
 
-        def scale(b) -> None:  # acc += block b's int32 results times their scales
-            results = half(b)
-            token_scales = [
-                load(ts_base, builder.add(builder.mul(b, const(128)), const(64 * h)), V16F32)
-                for h in range(2)
-            ]
-            for i in range(2 * TILE_M):
-                w_scale = load(ws_base, builder.add(builder.mul(b, const(128)), const(4 * i)), F32)
+        def store(pair: int) -> None:
+            c = C_TILES[pair]
+            _call(builder, "llvm.x86.tilestored64", _tile(c), at(scratch_base, const(1024 * pair)), const(64))
+
+        def scale(b, pair: int) -> None:  # the accumulators += block b's int32 results times their scales
+            token_scales = builder.load(pointer(ts_base, builder.mul(b, const(64)), V16F32), align=4)
+            for i in range(TILE):
+                w_offset_i = builder.add(builder.mul(b, const(64)), const(4 * i))
+                w_scale = builder.load(pointer(ws_base, w_offset_i, F32))
                 splat = builder.insert_element(
-                    ir.Constant(V16F32, ir.Undefined), w_scale, ir.Constant(ir.IntType(32), 0)
+                    ir.Constant(V16F32, ir.Undefined), w_scale, ir.Constant(I32, 0)
                 )
                 splat = builder.shuffle_vector(splat, splat, ir.Constant(V16I32, None))
-                for h in range(2):
-                    sums = builder.sitofp(load(results, const(128 * i + 64 * h), V16I32), V16F32)
-                    acc_pointer = builder.bitcast(at(acc_base, const(128 * i + 64 * h)), V16F32.as_pointer())
-                    acc = builder.load(acc_pointer, align=4)
-                    product = builder.fmul(splat, token_scales[h])
-                    builder.store(builder.call(fma, [sums, product, acc]), acc_pointer, align=4)
+                sums = builder.load(pointer(scratch_base, const(1024 * pair + 64 * i), V16I32), align=64)
+                acc = builder.load(acc_pointer(i))
+                product = builder.fmul(splat, token_scales)
+                builder.store(builder.call(fma, [builder.sitofp(sums, V16F32), product, acc]), acc_pointer(i))
 
-        # Software-pipelined: the tiles of block b are computed while block b - 1's results, stored one
-        # block earlier, are scaled (scaling straight after the stores waited on them).
+        # Software-pipelined two blocks a pass: block b + 1's tiles are computed while block b's results,
+        # stored just before, are scaled (scaling straight after the store waited on it).
         blocks = shape[0]
-        multiply(const(0))
-        with cgutils.for_range(builder, builder.sub(blocks, const(1))) as loop:
-            b = builder.add(loop.index, const(1))
-            multiply(b)
-            scale(loop.index)
-        scale(builder.sub(blocks, const(1)))
+        multiply(const(0), 0)
+        store(0)
+        pairs = builder.udiv(builder.sub(blocks, const(1)), const(2))
+        with cgutils.for_range(builder, pairs) as loop:
+            b = builder.mul(loop.index, const(2))
+            multiply(builder.add(b, const(1)), 1)
+            scale(b, 0)
+            store(1)
+            multiply(builder.add(b, const(2)), 0)
+            scale(builder.add(b, const(1)), 1)
+            store(0)
+        last = builder.sub(blocks, const(1))
+        with builder.if_else(builder.icmp_unsigned("==", builder.urem(blocks, const(2)), const(0))) as (
+            even,
+            odd,
+        ):
+            with even:  # blocks - 2 computed, blocks - 1 not yet
+                multiply(last, 1)
+                scale(builder.sub(last, const(1)), 0)
+                store(1)
+                scale(last, 1)
+            with odd:
+                scale(last, 0)
+        rows = [builder.load(acc_pointer(i)) for i in range(TILE)]
+        for j, row in enumerate(_transposed(builder, rows)):
+            element = builder.add(out_offset, builder.mul(out_stride, const(j)))
+            builder.store(row, pointer(out_base, builder.mul(element, const(4)), V16F32), align=4)
         return context.get_dummy_value()
 
     signature = types.none(
@@ -214,66 +247,83 @@ def accumulate_blocks(
         weight_scales,
         token_scales,
         scratch,
-        acc,
+        out,
+        out_offset,
+        out_stride,
     )
     return signature, codegen
 
 
 @numba.njit(cache=True)
 def _pack_tokens(x: np.ndarray, i0: int, i1: int, packed: np.ndarray, scales: np.ndarray) -> None:
-    """Tokens i0:i1 (within one step of 32) of x f32[n, cols] quantized per 32 as ggml's Q8_0 into packed
-    int8[steps, blocks, 2, 8, 64] (as tdpbssd reads its second operand: token 32 s + 16 h + j's byte k of
-    block b at [s, b, h, k // 4, 4 j + k % 4]) and scales f32[steps, blocks, 32]."""
+    """Tokens i0:i1 (within one tile of 16) of x f32[n, cols] quantized per 32 as ggml's Q8_0 into packed
+    int8[tiles, blocks, 8, 64] (as tdpbssd reads its second operand: token 16 s + j's byte k of block b at
+    [s, b, k // 4, 4 j + k % 4]) and scales f32[tiles, blocks, 16]. The tile's tokens are quantized first,
+    then moved 4 bytes at a time, each 64-byte row of `packed` written whole."""
     cols = x.shape[1]
-    q = np.empty(cols, np.int8)
-    d = np.empty(cols // QK8, np.float32)
+    s = i0 // TILE
+    q = np.zeros((TILE, cols), np.int8)  # tokens past i1: zero
+    d = np.zeros((TILE, cols // QK8), np.float32)
     for i in range(i0, i1):
-        _quantize_into(x[i], q, d)
-        s, t = i // TOKENS_PER_STEP, i % TOKENS_PER_STEP
-        h, j = t // TILE_N, t % TILE_N
-        for b in range(cols // QK8):
-            scales[s, b, t] = d[b]
-            for k in range(QK8):
-                packed[s, b, h, k // 4, 4 * j + k % 4] = q[QK8 * b + k]
+        _quantize_into(x[i], q[i - i0], d[i - i0])
+    words = q.view(np.int32)  # [16, cols // 4]
+    packed_words = packed.view(np.int32)  # [tiles, blocks, 8, 16]
+    for b in range(cols // QK8):
+        for j in range(TILE):
+            scales[s, b, j] = d[j, b]
+        for r in range(QK8 // 4):
+            for j in range(TILE):
+                packed_words[s, b, r, j] = words[j, QK8 // 4 * b + r]
 
 
 @numba.njit(cache=True, fastmath=True)
 def _rows_times_tokens(blocks, r0: int, rows: int, packed, scales, n: int, y) -> None:
-    """y[:n, r0:r0 + rows] for rows <= 32 weight rows of Q8_0 blocks."""
+    """y[:n, r0:r0 + rows] for rows <= TASK_ROWS weight rows of Q8_0 blocks: each tile of tokens against
+    every 16-row panel in turn, so that it is loaded from L2 once."""
     blocks_per_row = packed.shape[1]
     row_bytes = blocks.shape[1]
-    if rows < ROWS_PER_STEP:  # the last rows: a zero-padded copy to load from
-        source = np.zeros((ROWS_PER_STEP, row_bytes), np.uint8)
+    panels = (rows + TILE - 1) // TILE
+    if rows < panels * TILE:  # the last rows: a zero-padded copy to load from
+        source = np.zeros((panels * TILE, row_bytes), np.uint8)
         source[:rows] = blocks[r0 : r0 + rows]
         first = 0
     else:
         source = blocks
         first = r0
-    weight_scales = np.empty((blocks_per_row, ROWS_PER_STEP), np.float32)
-    for b in range(blocks_per_row):
-        for i in range(ROWS_PER_STEP):
-            weight_scales[b, i] = read_f16(source[first + i], b * layout.Q8_0.bytes + layout.Q8_0.d)
-    scratch = np.empty((2, ROWS_PER_STEP, TOKENS_PER_STEP), np.int32)
-    acc = np.empty((ROWS_PER_STEP, TOKENS_PER_STEP), np.float32)
+    weight_scales = np.empty((panels, blocks_per_row, TILE), np.float32)
+    for p in range(panels):
+        for b in range(blocks_per_row):
+            for i in range(TILE):
+                weight_scales[p, b, i] = read_f16(
+                    source[first + TILE * p + i], b * layout.Q8_0.bytes + layout.Q8_0.d
+                )
+    scratch = np.empty((2, TILE, TILE), np.int32)
+    out = np.empty((TILE, TILE), np.float32)
     configure_tiles()
-    offset = first * row_bytes + layout.Q8_0.qs
     for s in range(packed.shape[0]):
-        acc[:] = 0
-        accumulate_blocks(
-            source,
-            offset,
-            row_bytes,
-            packed,
-            s * blocks_per_row * 1024,
-            weight_scales,
-            scales[s],
-            scratch,
-            acc,
-        )
-        t0 = s * TOKENS_PER_STEP
-        for j in range(min(TOKENS_PER_STEP, n - t0)):
-            for i in range(rows):
-                y[t0 + j, r0 + i] = acc[i, j]
+        t0 = s * TILE
+        tokens = min(TILE, n - t0)
+        for p in range(panels):
+            c0 = TILE * p
+            width = min(TILE, rows - c0)
+            whole = tokens == TILE and width == TILE  # straight into y, else through `out`
+            panel_times_tokens(
+                source,
+                (first + c0) * row_bytes + layout.Q8_0.qs,
+                row_bytes,
+                packed,
+                s * blocks_per_row * 512,
+                weight_scales[p],
+                scales[s],
+                scratch,
+                y if whole else out,
+                t0 * y.shape[1] + r0 + c0 if whole else 0,
+                y.shape[1] if whole else TILE,
+            )
+            if not whole:
+                for j in range(tokens):
+                    for i in range(width):
+                        y[t0 + j, r0 + c0 + i] = out[j, i]
     release_tiles()
 
 
@@ -282,13 +332,13 @@ def q8_0_matmul(blocks: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     """y f32[n, rows] = x f32[n, cols] W^T, W Q8_0 blocks u8[rows, row_bytes], x quantized per 32 as ggml's
     Q8_0."""
     n, cols = x.shape
-    steps = n_tiles(n, TOKENS_PER_STEP)
-    packed = np.zeros((steps, cols // QK8, 2, 8, 64), np.int8)
-    scales = np.zeros((steps, cols // QK8, TOKENS_PER_STEP), np.float32)
+    steps = n_tiles(n, TILE)
+    packed = np.zeros((steps, cols // QK8, QK8 // 4, 64), np.int8)
+    scales = np.zeros((steps, cols // QK8, TILE), np.float32)
     for step in prange(steps):
-        i0 = step * TOKENS_PER_STEP
-        _pack_tokens(x, i0, min(n, i0 + TOKENS_PER_STEP), packed, scales)
+        i0 = step * TILE
+        _pack_tokens(x, i0, min(n, i0 + TILE), packed, scales)
     rows = blocks.shape[0]
-    for tile in prange(n_tiles(rows, ROWS_PER_STEP)):
-        r0 = tile * ROWS_PER_STEP
-        _rows_times_tokens(blocks, r0, min(ROWS_PER_STEP, rows - r0), packed, scales, n, y)
+    for task in prange(n_tiles(rows, TASK_ROWS)):
+        r0 = task * TASK_ROWS
+        _rows_times_tokens(blocks, r0, min(TASK_ROWS, rows - r0), packed, scales, n, y)

@@ -317,3 +317,66 @@ def next_token_stats(
         log_prob[i] = target - top - log_total
         entropy[i] = log_total - moment / total
         rank[i] = above
+
+
+# The exponent bits of an f32: all set in an infinity or a NaN (tested on the bits: fastmath lets LLVM
+# assume that no float is either).
+F32_EXPONENT = np.uint32(0x7F800000)
+
+
+@numba.njit(cache=True, nogil=True, parallel=True, fastmath=True)
+def fold_next_token_stats(
+    logits: np.ndarray,
+    v0: int,
+    targets: np.ndarray,
+    rank_logits: np.ndarray,
+    top: np.ndarray,
+    total: np.ndarray,
+    moment: np.ndarray,
+    target_logit: np.ndarray,
+    above: np.ndarray,
+) -> int:
+    """next_token_stats a slice of the vocabulary at a time: fold the logits f32[m, c] of tokens v0 .. v0 + c
+    - 1 into each row's running statistics, so that the whole [m, vocab] never exists. Per row: top f32[m]
+    the largest logit so far (-inf before the first slice), total f64[m] the sum of e**(l - top), moment
+    f64[m] the sum of e**(l - top) (l - top) (both rescaled when top rises), target_logit f32[m] the
+    target's logit (from the slice that holds it), above int64[m] the logits other than the target's larger
+    than rank_logits f32[m] (the target's logit computed apart: the slices before the target's need it).
+    Returns the number of logits that are not finite."""
+    m, c = logits.shape
+    bits = logits.view(np.uint32)
+    wild = 0
+    for i in prange(m):
+        row = logits[i]
+        new_top = max(top[i], _row_max(row))
+        if total[i] > 0:
+            shift = float(top[i]) - float(new_top)  # <= 0
+            factor = math.exp(shift)
+            moment[i] = factor * (moment[i] + shift * total[i])
+            total[i] *= factor
+        top[i] = new_top
+        slice_total, slice_moment = 0.0, 0.0
+        for c0 in range(0, c, STATS_CHUNK):
+            part_total, part_moment = np.float32(0), np.float32(0)
+            for j in range(c0, min(c0 + STATS_CHUNK, c)):
+                shifted = row[j] - new_top
+                e = exp_nonpositive(shifted)
+                part_total += e
+                part_moment += e * shifted
+            slice_total += part_total
+            slice_moment += part_moment
+        total[i] += slice_total
+        moment[i] += slice_moment
+        count = np.int32(0)
+        odd = np.int32(0)
+        threshold = rank_logits[i]
+        for j in range(c):
+            count += np.int32(row[j] > threshold)
+            odd += np.int32(bits[i, j] & F32_EXPONENT == F32_EXPONENT)
+        t = targets[i] - v0
+        if 0 <= t < c:
+            target_logit[i] = row[t]
+            count -= np.int32(row[t] > threshold)
+        above[i] += count
+        wild += odd
+    return wild
