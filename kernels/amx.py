@@ -66,27 +66,31 @@ def _tile(k: int) -> ir.Constant:
     return ir.Constant(I8, k)
 
 
+def load_tile_config(builder, shapes: list[tuple[int, int, int]]) -> None:
+    """ldtilecfg, palette 1: each (tile register, rows, bytes per row) of shapes; the other tiles unused."""
+    config = cgutils.alloca_once(builder, ir.ArrayType(I8, 64))
+    builder.store(ir.Constant(ir.ArrayType(I8, 64), None), config)
+    base = builder.bitcast(config, I8.as_pointer())
+
+    def put(offset: int, value: int, ty: ir.IntType) -> None:
+        pointer = builder.bitcast(builder.gep(base, [ir.Constant(I64, offset)]), ty.as_pointer())
+        builder.store(ir.Constant(ty, value), pointer)
+
+    put(0, 1, I8)  # palette 1
+    for tile, rows, row_bytes in shapes:
+        put(16 + 2 * tile, row_bytes, I16)
+        put(48 + tile, rows, I8)
+    _call(builder, "llvm.x86.ldtilecfg", base)
+
+
 @intrinsic
 def configure_tiles(typingctx):
     """ldtilecfg on this thread: C 16 x 16 int32 results; A 16 rows of 32 weights; B 8 rows of 4 bytes of 16
     tokens."""
 
     def codegen(context, builder, signature, args):
-        config = cgutils.alloca_once(builder, ir.ArrayType(I8, 64))
-        builder.store(ir.Constant(ir.ArrayType(I8, 64), None), config)
-        base = builder.bitcast(config, I8.as_pointer())
-
-        def put(offset: int, value: int, ty: ir.IntType) -> None:
-            pointer = builder.bitcast(builder.gep(base, [ir.Constant(I64, offset)]), ty.as_pointer())
-            builder.store(ir.Constant(ty, value), pointer)
-
-        put(0, 1, I8)  # palette 1
         shapes = [(c, TILE, 64) for c in C_TILES] + [(a, TILE, QK8) for a in A_TILES]
-        shapes += [(b, QK8 // 4, 64) for b in B_TILES]
-        for tile, rows, row_bytes in shapes:
-            put(16 + 2 * tile, row_bytes, I16)
-            put(48 + tile, rows, I8)
-        _call(builder, "llvm.x86.ldtilecfg", base)
+        load_tile_config(builder, shapes + [(b, QK8 // 4, 64) for b in B_TILES])
         return context.get_dummy_value()
 
     return types.none(), codegen

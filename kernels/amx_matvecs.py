@@ -29,7 +29,7 @@ from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .amx import release_tiles
+from .amx import load_tile_config, release_tiles
 from .common import n_tiles
 from .layout import Q4_K, Q5_K, Q6_K, QK_K
 from .simd import V32I8, _bits, _bytes, _q4_k_scales_and_mins, quantize_tokens, quantize_tokens_q8_k
@@ -65,21 +65,9 @@ def configure_tiles(typingctx, sub_block):
     k = sub_block.literal_value
 
     def codegen(context, builder, signature, args):
-        config = cgutils.alloca_once(builder, ir.ArrayType(I8, 64))
-        builder.store(ir.Constant(ir.ArrayType(I8, 64), None), config)
-        base = builder.bitcast(config, I8.as_pointer())
-
-        def put(offset: int, value: int, ty: ir.IntType) -> None:
-            pointer = builder.bitcast(builder.gep(base, [ir.Constant(I64, offset)]), ty.as_pointer())
-            builder.store(ir.Constant(ty, value), pointer)
-
-        put(0, 1, I8)  # palette 1
         shapes = [(c, TILE_ROWS, 4 * TILE_TOKENS) for c in C_TILES]
         shapes += [(a, TILE_ROWS, k) for a in A_TILES] + [(b, k // 4, 4 * TILE_TOKENS) for b in B_TILES]
-        for tile, rows, row_bytes in shapes:
-            put(16 + 2 * tile, row_bytes, I16)
-            put(48 + tile, rows, I8)
-        _call(builder, "llvm.x86.ldtilecfg", ir.VoidType(), base)
+        load_tile_config(builder, shapes)
         return context.get_dummy_value()
 
     return types.none(sub_block), codegen

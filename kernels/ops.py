@@ -286,6 +286,23 @@ def _row_max(row: np.ndarray) -> np.float32:
 STATS_CHUNK = 256
 
 
+@numba.njit(inline="always", fastmath=True)
+def _shifted_exp_sums(row: np.ndarray, top: np.float32) -> tuple[float, float]:
+    """(sum of e**s, sum of e**s s) over s = row f32[k] - top (top >= max(row)), in f64 over f32 partial
+    sums of STATS_CHUNK terms."""
+    total, moment = 0.0, 0.0
+    for c0 in range(0, row.shape[0], STATS_CHUNK):
+        part_total, part_moment = np.float32(0), np.float32(0)
+        for j in range(c0, min(c0 + STATS_CHUNK, row.shape[0])):
+            shifted = row[j] - top
+            e = exp_nonpositive(shifted)
+            part_total += e
+            part_moment += e * shifted
+        total += part_total
+        moment += part_moment
+    return total, moment
+
+
 @numba.njit(cache=True, nogil=True, parallel=True, fastmath=True)
 def next_token_stats(
     logits: np.ndarray, targets: np.ndarray, log_prob: np.ndarray, entropy: np.ndarray, rank: np.ndarray
@@ -300,17 +317,8 @@ def next_token_stats(
         target = row[targets[i]]
         top = _row_max(row)
         above = np.int32(0)
-        total = 0.0
-        moment = 0.0  # sum of e**s s, s the shifted logits: H = log total - moment / total
-        for c0 in range(0, vocab, STATS_CHUNK):
-            part_total, part_moment = np.float32(0), np.float32(0)
-            for j in range(c0, min(c0 + STATS_CHUNK, vocab)):
-                shifted = row[j] - top
-                e = exp_nonpositive(shifted)
-                part_total += e
-                part_moment += e * shifted
-            total += part_total
-            moment += part_moment
+        # moment: sum of e**s s, s the shifted logits: H = log total - moment / total
+        total, moment = _shifted_exp_sums(row, top)
         for j in range(vocab):
             above += np.int32(row[j] > target)
         log_total = math.log(total)
@@ -355,16 +363,7 @@ def fold_next_token_stats(
             moment[i] = factor * (moment[i] + shift * total[i])
             total[i] *= factor
         top[i] = new_top
-        slice_total, slice_moment = 0.0, 0.0
-        for c0 in range(0, c, STATS_CHUNK):
-            part_total, part_moment = np.float32(0), np.float32(0)
-            for j in range(c0, min(c0 + STATS_CHUNK, c)):
-                shifted = row[j] - new_top
-                e = exp_nonpositive(shifted)
-                part_total += e
-                part_moment += e * shifted
-            slice_total += part_total
-            slice_moment += part_moment
+        slice_total, slice_moment = _shifted_exp_sums(row, new_top)
         total[i] += slice_total
         moment[i] += slice_moment
         count = np.int32(0)
