@@ -85,3 +85,16 @@ def test_activations_round_per_16():
 
 def test_float_types_have_no_int8_matmul():
     assert all(kernels_for(t).int8_matmul is None for t in FLOAT_TYPES)
+
+
+def test_activations_round_per_32_as_ggml_q8_0():
+    """simd.quantize_activations (the matvecs' and AMX's rounding) against ggml's formula, bit for bit: ties
+    of rint, an all-zero block."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(4096).astype(np.float32)
+    x[32:64] = 0.0
+    x[64:96] = np.round(rng.uniform(-126, 126, 32) * 2) / 2
+    x[64] = 127  # 127 / max is 1: the halves are ties
+    q, d = simd.quantize_activations(x)
+    np.testing.assert_array_equal(np.repeat(d, 32).astype(np.float64) * q, rounded(x[None], 32)[0])
+    assert not q[32:64].any() and d[1] == 0 and np.array_equal(q[64:96], np.rint(x[64:96]))
