@@ -32,7 +32,16 @@ from numba.extending import intrinsic
 from .amx import load_tile_config, release_tiles
 from .common import n_tiles
 from .layout import Q4_K, Q5_K, Q6_K, QK_K
-from .simd import V32I8, _bits, _bytes, _q4_k_scales_and_mins, quantize_tokens, quantize_tokens_q8_k
+from .simd import (
+    V32I8,
+    _bits,
+    _bytes,
+    _call,
+    _q4_k_scales_and_mins,
+    _splat_f32,
+    quantize_tokens,
+    quantize_tokens_q8_k,
+)
 
 I1, I8, I16, I32, I64 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 F32 = ir.FloatType()
@@ -45,11 +54,6 @@ ROWS_PER_TASK = 64  # rows per parallel task: enough to amortize the tile config
 C_TILES = (0, 1, 2, 3)  # results, in turn, so that a sub-block's product need not wait for the last's store
 A_TILES = (4, 5)
 B_TILES = (6, 7)
-
-
-def _call(builder, name: str, return_type: ir.Type, *args: ir.Value) -> ir.Value:
-    function_type = ir.FunctionType(return_type, [a.type for a in args])
-    return builder.call(cgutils.get_or_insert_function(builder.module, function_type, name), args)
 
 
 def _tile(k: int) -> ir.Constant:
@@ -157,11 +161,6 @@ def _tile_products(builder, tile: _Tile, b, half, paired: bool) -> None:
 K4_NAMES = ("blocks", "first", "packed", "xd", "sums", "abuf", "fbuf", "cbuf", "acc")
 
 
-def _splat8(builder, value: ir.Value) -> ir.Value:
-    single = builder.insert_element(ir.Constant(V8F32, ir.Undefined), value, ir.Constant(I32, 0))
-    return builder.shuffle_vector(single, single, ir.Constant(ir.VectorType(I32, 8), None))
-
-
 def _k4_tile_intrinsic(layout, paired: bool):
     """The tile intrinsic of Q4_K or Q5_K (8 sub-blocks of 32 per block; Q5_K: bit j of qh[k] the fifth bit
     of sub-block j's weight k):
@@ -202,9 +201,9 @@ def _k4_tile_intrinsic(layout, paired: bool):
                     d = builder.fpext(load(layout.d, ir.HalfType()), F32)
                     minus_dmin = builder.fneg(builder.fpext(load(layout.dmin, ir.HalfType()), F32))
                     scales, mins = _q4_k_scales_and_mins(builder, load(layout.scales, ir.VectorType(I8, 16)))
-                    scales = builder.fmul(builder.uitofp(scales, V8F32), _splat8(builder, d))
+                    scales = builder.fmul(builder.uitofp(scales, V8F32), _splat_f32(builder, d))
                     tile.store(scales, "fbuf", fbuf_at(half, 0, r), 4)
-                    minus_mins = builder.fmul(builder.uitofp(mins, V8F32), _splat8(builder, minus_dmin))
+                    minus_mins = builder.fmul(builder.uitofp(mins, V8F32), _splat_f32(builder, minus_dmin))
                     tile.store(minus_mins, "fbuf", fbuf_at(half, 1, r), 4)
                     for j in range(8):
                         nibbles = _bits(builder, load(layout.qs + 32 * (j // 2), V32I8), 4 * (j % 2), 15)
